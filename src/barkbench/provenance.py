@@ -1,0 +1,88 @@
+"""Where a number comes from: hardware, library versions, git commit."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), **{
+        p: _version(p) for p in ("torch", "transformers", "accelerate", "optimum", "barkbench",
+                                 "torchao", "bitsandbytes", "flash_attn")}}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\(r\)|\(tm\)|cpu|@.*$|processor", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"cpu_model": cpu_model(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+            "cpu_threads": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+            "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_driver": None,
+            "gpu_compute_capability": None, "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, gpu_compute_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_bytes=props.total_memory)
+        try:
+            info["gpu_driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+    info["id"] = hardware_id(device)
+    return info
+
+
+def hardware_id(device: torch.device) -> str:
+    """Folder name of a machine's results, e.g. cpu-intel-xeon-platinum-8481c-2c or cuda-nvidia-h100."""
+    if device.type == "cuda":
+        return "cuda-" + _slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}t"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)

@@ -1,0 +1,63 @@
+"""The run result: a JSON document validated against `schemas/run.schema.json`, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "not_applicable", "failed")
+
+
+@lru_cache(maxsize=None)
+def schema() -> dict:
+    return json.loads(resources.files("barkbench").joinpath("schemas/run.schema.json").read_text())
+
+
+def validate(result: dict) -> None:
+    jsonschema.validate(result, schema())
+
+
+def _default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj: dict) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, default=_default) + "\n").encode())
+
+
+def write_result(path, result: dict) -> None:
+    validate(result)
+    write_json(path, result)
+
+
+def load_result(path) -> dict:
+    result = json.loads(Path(path).read_text())
+    validate(result)
+    return result

@@ -1,0 +1,115 @@
+"""Latency, per-stage and memory trackers. One clock abstraction serves all of them:
+CUDA events (after a synchronize) on a GPU, perf_counter on the CPU."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import psutil
+import torch
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+    @contextmanager
+    def measure(self, sink: list):
+        """Append the seconds spent in the block to `sink`."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = self.mark()
+        yield
+        sink.append(self.seconds(start, self.mark()))
+
+
+# BarkModel.generate calls these four methods in turn; (attribute path, tokens of the output).
+STAGES = {
+    "semantic": (("semantic", "generate"), lambda out: out.shape[-1]),
+    # coarse returns (codes, output_lengths) when the caller asks for output lengths
+    "coarse": (("coarse_acoustics", "generate"), lambda out: (out[0] if isinstance(out, tuple) else out).shape[-1]),
+    "fine": (("fine_acoustics", "generate"), lambda out: out.shape[-1] * out.shape[-2]),
+    "decode": ((None, "codec_decode"), lambda out: sum(int(a.shape[-1]) for a in out)),
+}
+
+
+class StageTracker:
+    """Times each Bark stage of one generate call by wrapping the sub-model methods on the instance
+    (no profiler, no change to the model). Tokens: semantic tokens, coarse tokens (both codebooks
+    interleaved), fine codes (frames x codebooks), decoded audio samples."""
+
+    def __init__(self, model, clock: Clock):
+        self.model, self.clock = model, clock
+        self.seconds: dict[str, list] = {s: [] for s in STAGES}
+        self.tokens: dict[str, list] = {s: [] for s in STAGES}
+
+    def _wrap(self, stage, owner, name, count):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            with self.clock.measure(self.seconds[stage]):
+                out = original(*args, **kwargs)
+            self.tokens[stage].append(int(count(out)))
+            return out
+
+        setattr(owner, name, timed)
+
+    def __enter__(self):
+        for stage, ((attr, name), count) in STAGES.items():
+            owner = getattr(self.model, attr) if attr else self.model
+            self._wrap(stage, owner, name, count)
+        return self
+
+    def __exit__(self, *exc):
+        for (attr, name), _ in STAGES.values():
+            owner = getattr(self.model, attr) if attr else self.model
+            owner.__dict__.pop(name, None)  # back to the class method
+        return False
+
+    def as_dict(self) -> dict:
+        return {s: {"seconds": self.seconds[s], "tokens": self.tokens[s]} for s in STAGES}
+
+
+class PeakRSS:
+    """Samples the process RSS in a background thread (CPU peak memory of the timed calls)."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self.peak = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        return False
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
