@@ -25,9 +25,19 @@ def model_slug(model: str) -> str:
     return model.replace("/", "--").replace(":", "--")
 
 
+SPECIAL_DIRS = ("fidelity", "repro", "overhead")
+
+
 def find_run_jsons(results_dir) -> list[Path]:
-    """Run JSONs under `results/<hardware>/<model>/<variant>/bs<N>.json` (not fidelity/ nor repro/)."""
-    return sorted(p for p in Path(results_dir).glob("*/*/*/bs*.json") if p.parent.name not in ("fidelity", "repro"))
+    """Run JSONs under `results/<hardware>/<model>/<variant>/bs<N>.json` (not fidelity/, repro/ nor overhead/)."""
+    return sorted(p for p in Path(results_dir).glob("*/*/*/bs*.json") if p.parent.name not in SPECIAL_DIRS)
+
+
+def find_inputs(results_dir) -> dict[str, list[Path]]:
+    """Everything the report reads from the results layout: runs, fidelity, repro and overhead JSONs."""
+    r = Path(results_dir)
+    return {"runs": find_run_jsons(r), "fidelity": sorted(r.glob("*/*/fidelity/*.json")),
+            "repro": sorted(r.glob("*/*/repro/*/rep*.json")), "overhead": sorted(r.glob("*/*/overhead/*/bs*.json"))}
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -144,6 +154,7 @@ def run_row(data: dict, path=None) -> dict:
         "length_mode": proto.get("length_mode"),
         "max_new_tokens": proto.get("max_new_tokens"),
         "warmup": proto.get("warmup"),
+        "instrumented": data.get("instrumented", True),
         "n": summ.get("n", len(lat)) if lat or summ else 0,
     }
     for key in ("median", "mean", "std", "cv", "p10", "p90", "ci95_low", "ci95_high"):
@@ -204,6 +215,24 @@ def json_list(row, column: str = "latency_s") -> list:
 def latencies(row) -> list[float]:
     """Per-iteration latencies of a runs-table row."""
     return [float(x) for x in json_list(row, "latency_s")]
+
+
+def load_fidelity(paths) -> pd.DataFrame:
+    """One row per `results/<hardware>/<model>/fidelity/<variant>.json`; hardware and model come from the path."""
+    rows = []
+    for p in map(Path, paths):
+        with open(p, encoding="utf-8") as fh:
+            d = json.load(fh)
+        row = {"hardware": p.parents[2].name, "model_slug": p.parents[1].name, "variant": d.get("variant", p.stem),
+               "baseline": d.get("baseline"), "status": d.get("status"), "reason": d.get("reason"),
+               "within_tolerance": d.get("within_tolerance"), "violations": "; ".join(d.get("violations") or []),
+               "waveform_snr_db": d.get("waveform_snr_db"), "tolerance": json.dumps(d.get("tolerance") or {})}
+        for stage in ("semantic", "coarse", "fine"):
+            lg = (d.get("logits") or {}).get(stage) or {}
+            row[f"{stage}_max_abs"], row[f"{stage}_max_rel"] = lg.get("max_abs"), lg.get("max_rel")
+            row[f"{stage}_agreement"] = ((d.get("tokens") or {}).get(stage) or {}).get("agreement")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- tables

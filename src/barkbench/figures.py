@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from barkbench.aggregate import STAGES, json_list, model_slug, read_runs_csv, variant_order  # noqa: E402
+from barkbench.aggregate import STAGES, json_list, load_fidelity, model_slug, read_runs_csv, variant_order  # noqa: E402
 
 DPI = 110
 FIGURES = ("latency.png", "memory.png", "throughput.png", "pareto.png", "stages.png", "lengths.png")
@@ -222,13 +222,16 @@ def lengths_figure(runs: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
-def make_figures(runs, out_dir, fidelity_df: pd.DataFrame | None = None) -> list[Path]:
+def make_figures(runs, out_dir, fidelity_df=None) -> list[Path]:
     """Write latency, memory, throughput, pareto, stages and lengths PNGs into `out_dir`.
 
-    `runs` is the runs table (DataFrame from `aggregate.load_runs`) or a path to `runs.csv`.
+    `runs` is the runs table (DataFrame from `aggregate.load_runs`) or a path to `runs.csv`; `fidelity_df` is
+    None, a DataFrame from `aggregate.load_fidelity`, or a list of fidelity JSON paths (may be empty).
     Only ok runs are plotted. Returns the six paths (always all six, in `FIGURES` order).
     """
     df = runs if isinstance(runs, pd.DataFrame) else read_runs_csv(runs)
+    if fidelity_df is not None and not isinstance(fidelity_df, pd.DataFrame):
+        fidelity_df = load_fidelity(fidelity_df) if len(fidelity_df) else None
     out = Path(out_dir)
     sns.set_theme(style="whitegrid", context="notebook")
     return [

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from barkbench.aggregate import (BASELINE, STAGES, absolute_markdown_df, absolute_table, find_run_jsons, fmt_num,
-                                 fmt_pct, load_runs, md_escape, model_slug, relative_markdown_df, relative_table,
-                                 to_pipe_table, variant_order)
+from barkbench.aggregate import (BASELINE, STAGES, absolute_markdown_df, absolute_table, find_inputs, fmt_num,
+                                 fmt_pct, latencies, load_fidelity, load_runs, md_escape, model_slug,
+                                 relative_markdown_df, relative_table, to_pipe_table, variant_order)
 from barkbench.figures import FIGURES, make_figures
-from barkbench.stats import summarize
+from barkbench.stats import relative_change
 
 REPRO_TOLERANCE = 0.05  # max relative spread of per-rep medians to call a variant reproducible
 
@@ -60,23 +60,6 @@ def _read_json(path) -> dict:
         return json.load(fh)
 
 
-def load_fidelity(paths) -> pd.DataFrame:
-    """One row per `results/<hardware>/<model>/fidelity/<variant>.json`; hardware and model come from the path."""
-    rows = []
-    for p in map(Path, paths):
-        d = _read_json(p)
-        row = {"hardware": p.parents[2].name, "model_slug": p.parents[1].name, "variant": d.get("variant", p.stem),
-               "baseline": d.get("baseline"), "status": d.get("status"), "reason": d.get("reason"),
-               "within_tolerance": d.get("within_tolerance"), "violations": "; ".join(d.get("violations") or []),
-               "waveform_snr_db": d.get("waveform_snr_db"), "tolerance": json.dumps(d.get("tolerance") or {})}
-        for stage in ("semantic", "coarse", "fine"):
-            lg = (d.get("logits") or {}).get(stage) or {}
-            row[f"{stage}_max_abs"], row[f"{stage}_max_rel"] = lg.get("max_abs"), lg.get("max_rel")
-            row[f"{stage}_agreement"] = ((d.get("tokens") or {}).get(stage) or {}).get("agreement")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def repro_table(paths) -> pd.DataFrame:
     """Per (hardware, model, variant, batch size): per-rep medians, relative spread (max/min − 1), CI overlap."""
     reps = load_runs(paths)
@@ -92,20 +75,22 @@ def repro_table(paths) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _load_overhead(overhead) -> pd.DataFrame | None:
-    """Instrumentation overhead: a DataFrame, or a CSV/JSON file (list of records or a flat dict)."""
-    if overhead is None or isinstance(overhead, pd.DataFrame):
-        return overhead
-    p = Path(overhead)
-    if not p.exists():
-        return None
-    if p.suffix == ".csv":
-        return pd.read_csv(p)
-    data = _read_json(p)
-    if isinstance(data, dict):
-        return pd.DataFrame({"quantity": list(data), "value": [json.dumps(v) if isinstance(v, (dict, list)) else v
-                                                               for v in data.values()]})
-    return pd.DataFrame(data)
+def overhead_table(plain_paths, runs: pd.DataFrame) -> pd.DataFrame:
+    """Stage-timer overhead: instrumented runs vs plain runs (`instrumented: false`) of the same configuration."""
+    plain = load_runs(plain_paths)
+    rows = []
+    for _, p in plain[plain["status"] == "ok"].iterrows():
+        m = runs[(runs["hardware"] == p["hardware"]) & (runs["model"] == p["model"]) & (runs["variant"] == p["variant"])
+                 & (runs["batch_size"] == p["batch_size"]) & (runs["status"] == "ok")]
+        if m.empty:
+            continue
+        rc = relative_change(latencies(p), latencies(m.iloc[0]))
+        rows.append({"hardware": p["hardware"], "model": p["model"], "variant": p["variant"],
+                     "batch_size": p["batch_size"], "plain_median_s": p["latency_median"],
+                     "instrumented_median_s": m.iloc[0]["latency_median"], "overhead_pct": 100 * rc["change"],
+                     "ci95_low_pct": 100 * rc["ci95_low"], "ci95_high_pct": 100 * rc["ci95_high"],
+                     "within_noise": rc["within_noise"]})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- fragments
@@ -370,31 +355,43 @@ def repro_md(rep: pd.DataFrame | None) -> str:
 def overhead_md(df: pd.DataFrame | None) -> str:
     if df is None or df.empty:
         return ""
-    cells = df.map(lambda x: md_escape(fmt_num(x, 4) if isinstance(x, float) else x))
-    cells.columns = [md_escape(c) for c in cells.columns]
-    return "## Instrumentation overhead\n\n" + to_pipe_table(cells)
+    cells = pd.DataFrame({
+        "hardware": df["hardware"].map(md_escape), "model": df["model"].map(md_escape),
+        "batch size": df["batch_size"].astype(str), "variant": df["variant"].map(md_escape),
+        "plain median s": df["plain_median_s"].map(fmt_num), "instrumented median s": df["instrumented_median_s"].map(fmt_num),
+        "overhead [95 % CI]": [f"{fmt_pct(c)} [{fmt_pct(lo)}, {fmt_pct(hi)}]" for c, lo, hi in
+                               zip(df["overhead_pct"], df["ci95_low_pct"], df["ci95_high_pct"])],
+        "within noise": df["within_noise"].map({True: "yes", False: "no"})})
+    return ("## Instrumentation overhead\n\nLatency of the instrumented runs (per-stage timers on) against plain runs "
+            "without stage timers, same configuration.\n\n" + to_pipe_table(cells))
 
 
-def write_fragments(gen_dir, build, run_paths, figure_names, fidelity=None, repro=None, overhead=None,
-                    reference=None) -> list[Path]:
-    """Write every `_generated/*.md` fragment the .qmd includes; optional ones are empty without inputs."""
+def write_fragments(gen_dir, build, run_paths, figure_names, fidelity=None, repro=None, overhead_paths=(),
+                    reference=None, config=None) -> list[Path]:
+    """Write every `_generated/*.md` fragment the .qmd includes; optional ones are empty without inputs.
+
+    WAVs of ok runs are copied to `<build>/audio/` for embedding.
+    """
     gen_dir = Path(gen_dir)
     gen_dir.mkdir(parents=True, exist_ok=True)
     raw = [_read_json(p) for p in run_paths]
     runs = load_runs(run_paths)
     rel = relative_table(runs)
+    protocol = protocol_md(raw)
+    if config is not None and Path(config).is_file():
+        protocol += f"\nConfiguration file `{Path(config).name}`:\n\n````\n{Path(config).read_text().strip()}\n````\n"
     fragments = {
         "warning": warning_md(raw),
         "findings": findings_md(runs, rel, fidelity),
         "unavailable": unavailable_md(runs),
-        "protocol": protocol_md(raw),
+        "protocol": protocol,
         "provenance": provenance_md(raw),
         "tables": tables_md(runs),
         "figures": figures_md(figure_names),
         "stages": stages_md(runs),
         "fidelity": fidelity_md(fidelity),
         "repro": repro_md(repro),
-        "overhead": overhead_md(overhead),
+        "overhead": overhead_md(overhead_table(overhead_paths, runs) if overhead_paths else None),
         "comparison": comparison_md(reference, runs, rel),
         "audio": audio_md(runs, Path(build)),
     }
@@ -414,24 +411,32 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def render_report(qmd_path, out_html, run_paths, figures_dir=None, *, fidelity_paths=(), repro_paths=(),
-                  overhead=None, reference_csv=None, title: str | None = None, renderer: str | None = None,
-                  keep_build: bool = False) -> Path:
-    """Render `qmd_path` with data from `run_paths` into the self-contained HTML file `out_html`.
+def render_report(qmd_path, results_dir, out_html, *, config=None, run_paths=None, figures_dir=None,
+                  fidelity_paths=None, repro_paths=None, overhead_paths=None, reference_csv=None,
+                  title: str | None = None, renderer: str | None = None, keep_build: bool = False) -> Path:
+    """Render `qmd_path` with the data under `results_dir` into the self-contained HTML file `out_html`.
 
-    - run_paths: run JSONs (`results/<hw>/<model>/<variant>/bs<N>.json`); their WAVs are embedded.
-    - figures_dir: folder holding the six PNGs of `figures.make_figures`; when None they are drawn here.
-    - fidelity_paths / repro_paths: optional fidelity JSONs and repro run JSONs (sections appear only if given).
-    - overhead: optional instrumentation-overhead table (DataFrame, CSV or JSON path).
+    Inputs not given explicitly are found in the results layout (`aggregate.find_inputs`): run JSONs
+    `<hw>/<model>/<variant>/bs<N>.json` (their WAVs are embedded), `fidelity/*.json`, `repro/<variant>/rep<K>.json`,
+    and plain (`instrumented: false`) runs `overhead/<variant>/bs<N>.json`; optional sections appear only with data.
+    - figures_dir: folder with the PNGs of `figures.make_figures`; default `<results_dir>/figures` when it holds
+      them, else they are drawn here.
+    - config: optional config file, shown verbatim in the protocol section.
     - reference_csv: published 2023 results; default `<qmd folder>/reference/published_results.csv`.
     - renderer: "quarto" or "pandoc"; default `find_renderer()`.
     The build happens in a temporary folder beside `out_html`; the result is moved into place atomically.
     """
     qmd_path, out_html = Path(qmd_path), Path(out_html)
     src = qmd_path.parent
-    run_paths = [Path(p) for p in run_paths]
+    found = find_inputs(results_dir) if results_dir is not None else {}
+    run_paths = [Path(p) for p in (run_paths if run_paths is not None else found.get("runs", []))]
+    fidelity_paths = fidelity_paths if fidelity_paths is not None else found.get("fidelity", [])
+    repro_paths = repro_paths if repro_paths is not None else found.get("repro", [])
+    overhead_paths = overhead_paths if overhead_paths is not None else found.get("overhead", [])
     if not run_paths:
-        raise ValueError("no run JSONs given")
+        raise ValueError(f"no run JSONs found in {results_dir}")
+    if figures_dir is None and results_dir is not None and all((Path(results_dir) / "figures" / n).is_file() for n in FIGURES):
+        figures_dir = Path(results_dir) / "figures"
     renderer = renderer or find_renderer()
     out_html.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=".report-build-", dir=out_html.parent))
@@ -440,9 +445,10 @@ def render_report(qmd_path, out_html, run_paths, figures_dir=None, *, fidelity_p
         shutil.copyfile(src / "report.css", build / "report.css")
         (build / "filters").mkdir()
         shutil.copyfile(src / "filters" / "quarto-compat.lua", build / "filters" / "quarto-compat.lua")
+        fidelity = load_fidelity(fidelity_paths) if fidelity_paths else None
         figs = build / "figures"
         if figures_dir is None:
-            make_figures(load_runs(run_paths), figs, load_fidelity(fidelity_paths) if fidelity_paths else None)
+            make_figures(load_runs(run_paths), figs, fidelity)
         else:
             figs.mkdir()
             for name in FIGURES:
@@ -450,11 +456,9 @@ def render_report(qmd_path, out_html, run_paths, figures_dir=None, *, fidelity_p
                     shutil.copyfile(Path(figures_dir) / name, figs / name)
         names = [n[:-4] for n in FIGURES if (figs / n).is_file()]
         reference_csv = Path(reference_csv) if reference_csv else src / "reference" / "published_results.csv"
-        write_fragments(build / "_generated", build, run_paths, names,
-                        fidelity=load_fidelity(fidelity_paths) if fidelity_paths else None,
-                        repro=repro_table(repro_paths) if repro_paths else None,
-                        overhead=_load_overhead(overhead),
-                        reference=pd.read_csv(reference_csv) if reference_csv.is_file() else None)
+        write_fragments(build / "_generated", build, run_paths, names, fidelity=fidelity,
+                        repro=repro_table(repro_paths) if repro_paths else None, overhead_paths=overhead_paths,
+                        reference=pd.read_csv(reference_csv) if reference_csv.is_file() else None, config=config)
         if renderer == "quarto":
             cmd = ["quarto", "render", "report.qmd", "--to", "html", "--output", "report.html"]
             cmd += ["-M", f"title:{title}"] if title else []
@@ -471,11 +475,3 @@ def render_report(qmd_path, out_html, run_paths, figures_dir=None, *, fidelity_p
         if not keep_build:
             shutil.rmtree(build, ignore_errors=True)
     return out_html
-
-
-def render_from_results(results_dir, out_html, qmd_path, figures_dir=None, overhead=None, **kwargs) -> Path:
-    """`render_report` with inputs discovered from the results layout (runs, fidelity/, repro/)."""
-    results = Path(results_dir)
-    return render_report(qmd_path, out_html, find_run_jsons(results), figures_dir,
-                         fidelity_paths=sorted(results.glob("*/*/fidelity/*.json")),
-                         repro_paths=sorted(results.glob("*/*/repro/*/rep*.json")), overhead=overhead, **kwargs)

@@ -1,0 +1,96 @@
+"""Shared fixtures: a factory for run JSONs (matching the engine's schema) and a small results tree."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:  # let the tests run from a checkout without installing the package
+    sys.path.insert(0, str(SRC))
+
+from barkbench.stats import summarize  # noqa: E402
+
+PROMPTS = ["Let's try generating speech, with Bark, a text-to-speech model", "Wow, batching is so great!"]
+
+
+def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reason=None, hardware="cpu-test-xeon",
+                  model="suno/bark-small", weights="synthetic", device="cpu", optimizations=None, peak_rss_mb=1000.0,
+                  cuda_peak_mb=None, length_mode="fixed", semantic_tokens=None, results_dir=None, wav=True,
+                  subdir=None, rep=None) -> Path:
+    """Write `results/<hardware>/<model-slug>/<variant>/bs<N>.json` (plus a tiny WAV when ok) and return its path.
+
+    With `rep=K`, the file goes to `.../repro/<variant>/rep<K>.json` instead.
+    """
+    results = Path(results_dir) if results_dir else Path(tmp_path) / "results"
+    slug = model.replace("/", "--").replace(":", "--")
+    folder = results / hardware / slug / (subdir or variant) if rep is None else results / hardware / slug / "repro" / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"bs{batch_size}" if rep is None else f"rep{rep}"
+    if optimizations is None:
+        optimizations = [] if variant == "eager" else variant.split("+")
+    ok = status == "ok"
+    n = len(latencies)
+    lat = [float(x) for x in latencies]
+    sem = semantic_tokens if semantic_tokens is not None else [64] * n
+    stage_share = {"semantic": 0.4, "coarse": 0.4, "fine": 0.15, "decode": 0.05}
+    wav_name = None
+    if ok and wav:
+        wav_name = f"{name}.wav"
+        t = np.linspace(0, 0.05, 1200, endpoint=False)
+        wavfile.write(folder / wav_name, 24000, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    data = {
+        "schema_version": 1,
+        "status": status,
+        "reason": reason,
+        "error": None if status != "failed" else {"type": "RuntimeError", "message": reason or "", "traceback": "..."},
+        "model": {"requested": model, "id": "synthetic:bark-small" if weights == "synthetic" else model,
+                  "weights": weights, "architecture": "bark-small", "parameters": 1000, "weights_bytes": 4_000_000},
+        "variant": {"name": variant, "optimizations": optimizations},
+        "device": {"type": device, "name": "Test CPU" if device == "cpu" else "Test GPU"},
+        "hardware": {"id": hardware, "cpu_model": "Intel Test Xeon", "cpu_cores": 2, "ram_bytes": 8 * 2**30,
+                     "gpu_name": None if device == "cpu" else "NVIDIA Test", "gpu_driver": None,
+                     "gpu_compute_capability": None, "torch_threads": 2},
+        "versions": {"python": "3.11.0", "torch": "2.0.0", "transformers": "4.40.0", "accelerate": "0.30.0",
+                     "optimum": None, "barkbench": "0.1.0"},
+        "git_commit": "abc1234", "config_hash": "cafe",
+        "protocol": {"warmup": 1, "iterations": n or 5, "batch_size": batch_size, "max_new_tokens": 64,
+                     "length_mode": length_mode, "do_sample": True, "fine_temperature": 0.4,
+                     "coarse_temperature": 0.8, "seed": 0, "prompts": PROMPTS[:1] * batch_size},
+        "timing": {"load_s": 1.5, "warmup_s": [lat[0]] if lat else [], "compile_s": None} if ok else None,
+        "iterations": {
+            "latency_s": lat,
+            "audio_s": [2.0] * n,
+            "semantic_tokens": sem,
+            "stages": {st: {"seconds": [x * f for x in lat], "tokens": [100] * n} for st, f in stage_share.items()},
+        } if ok else None,
+        "summary": {"latency_s": summarize(lat)} if ok else None,
+        "memory": {"peak_rss_bytes": int(peak_rss_mb * 1e6), "rss_after_load_bytes": int(peak_rss_mb * 0.8e6),
+                   "cuda_peak_allocated_bytes": int(cuda_peak_mb * 1e6) if cuda_peak_mb else None,
+                   "cuda_peak_reserved_bytes": None, "weights_bytes": 4_000_000} if ok else None,
+        "throughput": {"samples_per_s": batch_size / float(np.median(lat)), "audio_s_per_s": 2.0 * batch_size / float(np.median(lat)),
+                       "rtf": float(np.median(lat)) / (2.0 * batch_size)} if ok else None,
+        "audio": {"sample_rate": 24000, "wav": wav_name},
+        "started_at": "2024-01-01T00:00:00", "finished_at": "2024-01-01T00:01:00",
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def results_tree(tmp_path):
+    """A small results tree: eager/sdpa/sdpa+fp16 at bs 1 and 2, one not_applicable and one failed run."""
+    paths = [
+        make_run_json(tmp_path, "eager", 1, [10.0] * 5),
+        make_run_json(tmp_path, "sdpa", 1, [5.0] * 5, peak_rss_mb=800.0),
+        make_run_json(tmp_path, "eager", 2, [12.0, 12.5, 11.8, 12.2, 12.1]),
+        make_run_json(tmp_path, "sdpa", 2, [9.0, 9.4, 8.8, 9.1, 9.2], peak_rss_mb=900.0),
+        make_run_json(tmp_path, "fp16", 1, [], status="not_applicable", reason="not applicable on cpu: needs CUDA"),
+        make_run_json(tmp_path, "offload", 1, [], status="failed", reason="RuntimeError: boom"),
+    ]
+    return tmp_path / "results", paths

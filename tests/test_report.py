@@ -1,0 +1,112 @@
+"""Report rendering with pandoc (the fallback used when quarto is absent)."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from barkbench.aggregate import find_run_jsons
+from barkbench.figures import FIGURES
+from barkbench.render import find_renderer, render_report
+from conftest import make_run_json
+
+QMD = Path(__file__).resolve().parents[1] / "report" / "report.qmd"
+
+
+def _fidelity(results, variant, within):
+    folder = results / "cpu-test-xeon" / "suno--bark-small" / "fidelity"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"status": "ok", "reason": None, "variant": variant, "baseline": "eager",
+            "tolerance": {"logits_max_abs": 1e-3, "logits_max_rel": 1e-2, "min_token_agreement": 0.9,
+                          "min_snr_db": 20.0, "note": "test tolerance"},
+            "logits": {s: {"max_abs": 1e-4 if within else 0.5, "max_rel": 1e-3} for s in ("semantic", "coarse", "fine")},
+            "tokens": {s: {"prefix": 8, "length": 8, "agreement": 1.0} for s in ("semantic", "coarse")},
+            "waveform_snr_db": 35.0, "within_tolerance": within,
+            "violations": [] if within else ["semantic logits max_abs 0.5 > 0.001"]}
+    (folder / f"{variant}.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    from conftest import make_run_json as mk
+
+    paths = [
+        mk(tmp, "eager", 1, [10.0] * 5, length_mode="natural", semantic_tokens=[60, 62, 64, 66, 70]),
+        mk(tmp, "sdpa", 1, [5.0] * 5, peak_rss_mb=800.0, length_mode="natural", semantic_tokens=[60, 61, 64, 66, 68]),
+        mk(tmp, "eager", 2, [12.0, 12.5, 11.8], length_mode="natural"),
+        mk(tmp, "sdpa", 2, [9.0, 9.4, 8.8], length_mode="natural"),
+        mk(tmp, "fp16", 1, [], status="not_applicable", reason="not applicable on cpu: needs CUDA"),
+        mk(tmp, "offload", 1, [], status="failed", reason="RuntimeError: boom"),
+    ]
+    results = tmp / "results"
+    for k in range(3):
+        mk(tmp, "eager", 1, [10.0 + 0.1 * k, 10.1 + 0.1 * k], rep=k)
+    _fidelity(results, "sdpa", within=False)
+    plain = mk(tmp, "eager", 1, [9.0, 9.1, 9.2], subdir="overhead/eager")
+    data = json.loads(plain.read_text())
+    data["instrumented"] = False
+    plain.write_text(json.dumps(data))
+    html = render_report(QMD, results, tmp / "out" / "report.html", renderer="pandoc")
+    return html.read_text(encoding="utf-8"), paths, tmp
+
+
+def test_renderer_detection():
+    assert find_renderer() in ("quarto", "pandoc")
+
+
+def test_report_is_self_contained(report):
+    html, _, tmp = report
+    assert not re.search(r'<img[^>]+src="(?!data:)', html)  # no external images
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == len(FIGURES)
+    assert not list((tmp / "out").glob(".report-build-*"))  # build folder cleaned up
+
+
+def test_audio_per_ok_run(report):
+    html, paths, _ = report
+    ok_runs = sum(json.loads(Path(p).read_text())["status"] == "ok" for p in paths)
+    assert ok_runs == 4
+    assert html.count("<audio") == ok_runs
+    assert len(re.findall(r'<audio[^>]+src="data:audio/', html)) == ok_runs
+
+
+def test_tables_and_sections(report):
+    html, _, _ = report
+    assert "Absolute numbers" in html and "latency s, median [95 % CI]" in html
+    assert "Change vs eager" in html and "\u221250.0 %" in html
+    assert "not applicable on cpu: needs CUDA" in html and "RuntimeError: boom" in html
+    assert "Optimizing Bark using" in html and "bettertransformer" in html  # 2023 comparison
+    assert 'id="reproducibility"' in html and "10.05, 10.15, 10.25" in html
+    assert 'id="fidelity-vs-eager"' in html and "NO" in html
+    assert 'id="instrumentation-overhead"' in html and "9.10" in html
+    assert "Intel Test Xeon" in html and "abc1234" in html  # provenance
+    assert "Let&#39;s try generating speech" in html or "Let’s try generating speech" in html  # protocol prompts
+    assert "{{&lt;" not in html and "{{<" not in html  # every include expanded
+
+
+def test_synthetic_warning_and_callouts(report):
+    html, _, _ = report
+    warning = re.search(r'<div class="callout callout-warning">(.*?)</div>\s*</div>', html, re.S)
+    assert warning, "synthetic-weights warning callout missing"
+    assert "audio is noise" in warning.group(1) and "synthetic:bark-small" in warning.group(1)
+    assert html.index('class="callout callout-warning"') < html.index('id="key-findings"')  # at the top
+    assert 'class="callout callout-important"' in html  # failed/not-applicable list
+    assert 'class="callout-title"' in html
+
+
+def test_figure_references_resolved(report):
+    html, _, _ = report
+    assert "@fig-" not in html
+    assert re.search(r'<a href="#fig-latency"[^>]*>Figure 1</a>', html)
+    assert 'id="fig-latency"' in html and "Figure 1:" in html
+    assert "Figure 6" in html
+
+
+def test_no_synthetic_warning_with_hub_weights(tmp_path):
+    paths = [make_run_json(tmp_path, "eager", 1, [1.0, 1.1], weights="hub")]
+    out = render_report(QMD, tmp_path / "results", tmp_path / "r.html", renderer="pandoc")
+    html = out.read_text(encoding="utf-8")
+    assert 'id="reproducibility"' not in html and 'id="fidelity-vs-eager"' not in html  # optional sections absent
+    assert 'id="instrumentation-overhead"' not in html
+    assert 'class="callout callout-warning"' not in html and "Synthetic weights" not in html
+    assert find_run_jsons(tmp_path / "results") == paths
