@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-with", default=None, help=argparse.SUPPRESS)
     add_protocol_args(run)
 
+    hw = sub.add_parser("hardware", help="print this machine's hardware id and device type as JSON")
+    hw.add_argument("--device", default="auto")
+
     build = sub.add_parser("build-synthetic", help="build (once) a synthetic checkpoint offline")
     build.add_argument("architecture", choices=list(models.ARCHITECTURES))
 
@@ -113,6 +116,14 @@ def main(argv=None) -> int:
             summary = result["summary"]
             detail = (f"median {summary['latency_s']['median']:.3f} s" if summary else result["reason"])
             print(f"{args.variant} bs{protocol.batch_size}: {result['status']} ({detail})", file=sys.stderr)
+            return 0
+        if args.command == "hardware":
+            import json
+
+            from .provenance import hardware_id, resolve_device
+
+            device = resolve_device(args.device)
+            print(json.dumps({"id": hardware_id(device), "device": device.type}))
             return 0
         if args.command == "build-synthetic":
             print(models.build_synthetic(args.architecture))

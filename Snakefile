@@ -1,0 +1,26 @@
+# barkbench: benchmark Bark TTS inference optimizations and render the report.
+#   snakemake --cores 1 report
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/quality.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        REPORT,
+
+
+rule report:
+    input:
+        REPORT,

@@ -1,0 +1,25 @@
+# One self-contained HTML report: quarto when on PATH, pandoc (pypandoc-binary) otherwise.
+
+
+rule render_report:
+    input:
+        qmd="report/report.qmd",
+        assets=["report/report.css", "report/filters/quarto-compat.lua", "report/reference/published_results.csv"],
+        tables=rules.aggregate.output,
+        figures=rules.figures.output,
+        runs=run_jsons(),
+        fidelity=fidelity_jsons(),
+        repro=repro_jsons(),
+        overhead=overhead_jsons(),
+        config=workflow.configfiles,
+    output:
+        REPORT,
+    params:
+        results_dir=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        "../../envs/barkbench.yaml"
+    log:
+        f"{RESULTS}/logs/report.log",
+    shell:
+        "python -m barkbench render --qmd {input.qmd:q} --results-dir {params.results_dir} --out {output:q}"
+        " --config {input.config[0]:q} 2> {log:q}"
