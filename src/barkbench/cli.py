@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     run.add_argument("--offline-fallback", choices=["synthetic"], default=None,
                      help="run the synthetic architecture when a hub id is neither reachable nor cached")
+    run.add_argument("--threads", type=_positive("threads"), default=None,
+                     help="torch intra-op threads (default: all physical cores, whatever OMP_NUM_THREADS says)")
     run.add_argument("--no-stage-timing", action="store_true", help="plain run without per-stage timers")
     run.add_argument("--config-hash", default=None, help=argparse.SUPPRESS)
     run.add_argument("--fail-with", default=None, help=argparse.SUPPRESS)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             from .runner import RunRequest, run
 
             result = run(RunRequest(args.model, args.variant, protocol, args.device, args.offline_fallback,
-                                    not args.no_stage_timing, args.config_hash, args.fail_with), args.out)
+                                    not args.no_stage_timing, args.config_hash, args.fail_with, args.threads), args.out)
             summary = result["summary"]
             detail = (f"median {summary['latency_s']['median']:.3f} s" if summary else result["reason"])
             print(f"{args.variant} bs{protocol.batch_size}: {result['status']} ({detail})", file=sys.stderr)

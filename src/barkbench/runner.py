@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 import traceback
@@ -10,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -28,6 +30,7 @@ class RunRequest:
     instrument_stages: bool = True
     config_hash: str | None = None
     fail_with: str | None = None  # inject a failure inside the run (tests, and checking a workflow goes on)
+    threads: int | None = None  # None: all physical cores (schedulers often export OMP_NUM_THREADS=1)
 
 
 def _now() -> str:
@@ -162,6 +165,7 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
     _quiet_transformers()
     variant = variants.parse(req.variant)
     device = provenance.resolve_device(req.device)
+    torch.set_num_threads(req.threads or psutil.cpu_count(logical=False) or os.cpu_count())
     out_json = Path(out_json)
     result = base_result(req, device, variant)
     wav = None
