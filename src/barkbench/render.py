@@ -107,13 +107,17 @@ def warning_md(raw: list[dict]) -> str:
     synth = [r for r in raw if (r.get("model") or {}).get("weights") == "synthetic"]
     if not synth:
         return ""
-    lines = ["Weights are random: **audio is noise, only speed and memory are meaningful**."]
-    for req, used in sorted({(r["model"].get("requested"), r["model"].get("id")) for r in synth}):
-        if req != used:
-            lines.append(f"- model requested `{req}`, ran `{used}` because the hub was unreachable")
+    used = sorted({r["model"].get("id") for r in synth})
+    lines = [f"**These results were measured with SYNTHETIC weights ({', '.join(f'`{u}`' for u in used)}): "
+             "the exact architecture of the Bark checkpoint with RANDOM weights. The audio samples are noise.** "
+             "Latency (in fixed length mode every call decodes the same number of tokens), memory and "
+             "throughput are meaningful and comparable with real weights; what the model says is not."]
+    for req, ran in sorted({(r["model"].get("requested"), r["model"].get("id")) for r in synth}):
+        if req != ran:
+            lines.append(f"- model requested `{req}`, ran `{ran}`: the hub was unreachable and nothing was cached")
     if len(lines) > 1:
         lines.insert(1, "")
-    return _callout("warning", "Synthetic weights", "\n".join(lines))
+    return _callout("warning", "Synthetic weights: audio is noise", "\n".join(lines))
 
 
 def _ci_text(r) -> str:
