@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,10 @@ if str(SRC) not in sys.path:  # let the tests run from a checkout without instal
     sys.path.insert(0, str(SRC))
 
 from barkbench.stats import summarize  # noqa: E402
+
+# No network in tests: set before huggingface_hub / transformers are imported (they read it at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 PROMPTS = ["Let's try generating speech, with Bark, a text-to-speech model", "Wow, batching is so great!"]
 
@@ -94,3 +99,47 @@ def results_tree(tmp_path):
         make_run_json(tmp_path, "offload", 1, [], status="failed", reason="RuntimeError: boom"),
     ]
     return tmp_path / "results", paths
+
+
+# --- engine fixtures (synthetic:tiny only; tests of models, variants, runner, CLI, fidelity) ---
+
+TINY = "synthetic:tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def barkbench_cache(tmp_path_factory):
+    """A session-wide synthetic checkpoint cache (BARKBENCH_CACHE) and an offline hub for every test."""
+    cache = tmp_path_factory.mktemp("barkbench-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BARKBENCH_CACHE", str(cache))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield cache
+
+
+# torch intra-op threads of the engine tests (in-process and `--threads` of CLI runs). One thread: the
+# machine is shared with benchmarks, and with two OpenMP threads a busy neighbour core stalls every
+# parallel region (a tiny generation went from 0.3 s to 13 s); with one it is at worst shared fairly.
+TORCH_THREADS = 1
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    yield TORCH_THREADS
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(barkbench_cache, torch_threads):
+    """The synthetic:tiny checkpoint folder, built once per session into the session cache
+    (and torch on TORCH_THREADS threads for the tests that run it)."""
+    from barkbench import models
+
+    path = models.build_synthetic("tiny")
+    assert path.parent == barkbench_cache
+    return path

@@ -6,6 +6,7 @@ PATH; otherwise pandoc (from pypandoc-binary) with `filters/quarto-compat.lua`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -214,7 +215,7 @@ def provenance_md(raw: list[dict]) -> str:
         v = r.get("versions") or {}
         sw = {"hardware id": md_escape(h.get("id")), **{k: md_escape(v.get(k) or "") for k in
               ("python", "torch", "transformers", "accelerate", "optimum", "barkbench")},
-              "git commit": md_escape(r.get("git_commit") or ""), "config hash": md_escape(r.get("config_hash") or "")}
+              "git commit": md_escape(r.get("git_commit") or "")}
         sw_rows[tuple(sw.values())] = sw
     return ("Hardware:\n\n" + to_pipe_table(pd.DataFrame(list(hw_rows.values())))
             + "\nSoftware:\n\n" + to_pipe_table(pd.DataFrame(list(sw_rows.values()))))
@@ -383,7 +384,10 @@ def write_fragments(gen_dir, build, run_paths, figure_names, fidelity=None, repr
     rel = relative_table(runs)
     protocol = protocol_md(raw)
     if config is not None and Path(config).is_file():
-        protocol += f"\nConfiguration file `{Path(config).name}`:\n\n````\n{Path(config).read_text().strip()}\n````\n"
+        text = Path(config).read_text()
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        protocol += (f"\nEffective configuration (config hash `{digest}`, sha256 of this text):\n\n"
+                     f"````yaml\n{text.strip()}\n````\n")
     fragments = {
         "warning": warning_md(raw),
         "findings": findings_md(runs, rel, fidelity),

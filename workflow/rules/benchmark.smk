@@ -10,7 +10,6 @@ rule benchmark:
         protocol=lambda wc: protocol_args(wc.bs),
         fallback=FALLBACK,
         device=config["device"],
-        config_hash=CONFIG_HASH,
     conda:
         "../../envs/barkbench.yaml"
     log:
@@ -21,5 +20,5 @@ rule benchmark:
         runtime=60,
     shell:
         "python -m barkbench run --model {params.model} --variant {wildcards.variant:q} --device {params.device}"
-        " {params.fallback} {params.protocol} --config-hash {params.config_hash} --out {output.json:q}"
+        " {params.fallback} {params.protocol} --out {output.json:q}"
         " 2> {log:q}"

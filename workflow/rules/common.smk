@@ -1,4 +1,3 @@
-import hashlib
 import os
 import json
 import subprocess
@@ -41,7 +40,6 @@ HARDWARE = config.get("hardware", MACHINE["id"])
 ON_GPU = MACHINE["device"] == "cuda"
 PROTOCOL = {**config["protocol"]["cuda" if ON_GPU else "cpu"], **config["protocol"]["sampling"]}
 MODELS = {bb_models.slug(m): m for m in config["models"]}
-CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 FALLBACK = "" if config["offline_fallback"] == "none" else f"--offline-fallback {config['offline_fallback']}"
 
 

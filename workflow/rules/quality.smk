@@ -31,7 +31,6 @@ use rule benchmark as reproducibility with:
         protocol=lambda wc: protocol_args(config["reproducibility"]["batch_size"]),
         fallback=FALLBACK,
         device=config["device"],
-        config_hash=CONFIG_HASH,
     conda:
         "../../envs/barkbench.yaml"
     log:
@@ -46,7 +45,6 @@ use rule benchmark as overhead with:
         protocol=lambda wc: protocol_args(wc.bs) + " --no-stage-timing",
         fallback=FALLBACK,
         device=config["device"],
-        config_hash=CONFIG_HASH,
     conda:
         "../../envs/barkbench.yaml"
     log:

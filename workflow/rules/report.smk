@@ -11,7 +11,7 @@ rule render_report:
         fidelity=fidelity_jsons(),
         repro=repro_jsons(),
         overhead=overhead_jsons(),
-        config=workflow.configfiles,
+        config=f"{RESULTS}/config.yaml",
     output:
         REPORT,
     params:
@@ -22,4 +22,15 @@ rule render_report:
         f"{RESULTS}/logs/report.log",
     shell:
         "python -m barkbench render --qmd {input.qmd:q} --results-dir {params.results_dir} --out {output:q}"
-        " --config {input.config[0]:q} 2> {log:q}"
+        " --config {input.config:q} 2> {log:q}"
+
+
+rule effective_config:
+    # The merged configuration of this run (config/config.yaml plus any --configfile), for the report.
+    output:
+        f"{RESULTS}/config.yaml",
+    params:
+        text=yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+    run:
+        with open(output[0], "w", encoding="utf-8") as handle:
+            handle.write(params.text)

@@ -1,0 +1,165 @@
+"""The command line as a user runs it (`python -m barkbench`): bad arguments give exit code 2 and one
+line on stderr, and nothing is written; a failing run is recorded and exits 0."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from barkbench import results
+from conftest import TINY, TORCH_THREADS
+
+GOOD = ["--model", TINY, "--variant", "sdpa", "--device", "cpu", "--iterations", "1", "--warmup", "0",
+        "--max-new-tokens", "8", "--threads", str(TORCH_THREADS)]
+
+
+def _with(args, **changes):
+    """GOOD with some options replaced (value None: option removed)."""
+    args = list(args)
+    for option, value in changes.items():
+        flag = "--" + option.replace("_", "-")
+        i = args.index(flag)
+        if value is None:
+            del args[i:i + 2]
+        else:
+            args[i + 1] = value
+    return args
+
+
+# Run as a user would, in a subprocess.
+BAD = {
+    "unknown-optimization": (["run", *_with(GOOD, variant="sdpa+turbo")], "turbo"),
+    "iterations-0": (["run", *_with(GOOD, iterations="0")], "iterations"),
+    "batch-size-0": (["run", *GOOD, "--batch-size", "0"], "batch-size"),
+    "unknown-model": (["run", *_with(GOOD, model="synthetic:nope")], "synthetic:nope"),
+    "length-mode-bogus": (["run", *GOOD, "--length-mode", "bogus"], "bogus"),
+    "hub-model-offline-uncached": (["run", *_with(GOOD, model="suno/bark-small", variant="eager")],
+                                   "synthetic:bark-small"),
+}
+
+# The same error path, checked in-process through cli.main (each subprocess costs a torch import).
+BAD_IN_PROCESS = {
+    "conflicting-optimizations": (["run", *_with(GOOD, variant="fp16+bf16")], "fp16"),
+    "iterations-not-a-number": (["run", *_with(GOOD, iterations="three")], "three"),
+    "warmup-negative": (["run", *_with(GOOD, warmup="-1")], "warmup"),
+    "threads-0": (["run", *_with(GOOD, threads="0")], "threads"),
+    "unknown-device": (["run", *_with(GOOD, device="tpu")], "tpu"),
+    "missing-model": (["run", *_with(GOOD, model=None)], "--model"),
+    "unknown-command": (["benchmark"], "benchmark"),
+    "no-command": ([], "command"),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, barkbench_cache, tiny_checkpoint):
+    """Every CLI call of this module, run a few at a time (each one mostly imports torch)."""
+    import os
+
+    from conftest import SRC
+
+    tmp = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "BARKBENCH_CACHE": str(barkbench_cache), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"),  # an empty Hugging Face cache
+           "OMP_NUM_THREADS": str(TORCH_THREADS),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env.pop("HF_HUB_CACHE", None)
+    calls = {}
+    for name, (argv, _) in BAD.items():
+        out = tmp / name / "res" / "bs1.json"
+        calls[name] = (argv + ["--out", str(out)] if argv and "--out" not in argv else argv, out)
+    calls["help"] = (["--help"], None)
+    calls["run-help"] = (["run", "--help"], None)
+    calls["fail-with"] = (["run", *GOOD, "--out", str(tmp / "failed" / "bs1.json"), "--fail-with", "boom"],
+                          tmp / "failed" / "bs1.json")
+    calls["ok"] = (["run", *GOOD, "--greedy", "--prompt", "Hello world", "--out", str(tmp / "ok" / "bs1.json")],
+                   tmp / "ok" / "bs1.json")
+
+    def call(item):
+        name, (argv, out) = item
+        proc = subprocess.run([sys.executable, "-m", "barkbench", *argv], capture_output=True, text=True, env=env,
+                              cwd=tmp, timeout=300)
+        return name, (proc, out)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(call, calls.items()))
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_arguments_exit_2_with_one_line(cli_runs, name):
+    proc, out = cli_runs[name]
+    expected = BAD[name][1]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("barkbench: error:")
+    assert expected in lines[0]
+    assert proc.stdout == ""
+    if out is not None:
+        assert not out.exists()
+        assert not out.parent.exists()  # not even the folder
+
+
+@pytest.mark.parametrize("name", list(BAD_IN_PROCESS))
+def test_bad_arguments_in_process(name, tmp_path, capsys):
+    from barkbench import cli
+
+    argv, expected = BAD_IN_PROCESS[name]
+    out = tmp_path / "res" / "bs1.json"
+    code = cli.main(argv + ["--out", str(out)] if argv[:1] == ["run"] else argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("barkbench: error:"), captured.err
+    assert expected in lines[0]
+    assert captured.out == ""
+    assert not out.parent.exists()
+
+
+def test_top_level_help(cli_runs):
+    proc, _ = cli_runs["help"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: barkbench")
+    for command in ("run", "hardware", "build-synthetic", "aggregate", "figures", "fidelity", "render"):
+        assert command in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_help(cli_runs):
+    proc, _ = cli_runs["run-help"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: barkbench run")
+    for option in ("--model", "--variant", "--out", "--batch-size", "--iterations", "--warmup",
+                   "--max-new-tokens", "--length-mode", "--offline-fallback", "--threads"):
+        assert option in proc.stdout
+    assert "--fail-with" not in proc.stdout  # test hook, hidden
+
+
+def test_forced_failure_exits_0_and_records_it(cli_runs):
+    proc, out = cli_runs["fail-with"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "sdpa bs1: failed (RuntimeError: boom)" in proc.stderr.strip().splitlines()[-1]
+    result = results.load_result(out)
+    assert result["status"] == "failed"
+    assert result["reason"] == "RuntimeError: boom"
+    assert result["error"]["message"] == "boom"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]
+
+
+def test_successful_run(cli_runs):
+    proc, out = cli_runs["ok"]
+    assert proc.returncode == 0, proc.stderr
+    assert "sdpa bs1: ok (median " in proc.stderr.strip().splitlines()[-1]
+    result = results.load_result(out)
+    assert result["status"] == "ok"
+    assert result["protocol"]["prompts"] == ["Hello world"]
+    assert result["protocol"]["do_sample"] is False
+    assert result["protocol"]["iterations"] == 1 and result["protocol"]["warmup"] == 0
+    assert result["hardware"]["torch_threads"] == TORCH_THREADS
+    assert result["iterations"]["semantic_tokens"] == [8]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json", "bs1.wav"]
+    assert json.loads(out.read_text())["model"]["id"] == TINY

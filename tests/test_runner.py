@@ -1,0 +1,345 @@
+"""One benchmark run end to end on synthetic:tiny: the result document, its numbers, its files."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from scipy.io import wavfile
+
+from barkbench import models, results, runner, stats, trackers
+from barkbench.protocol import Protocol
+from conftest import TINY, TORCH_THREADS
+
+MAX_NEW = 8
+
+
+def _protocol(**overrides):
+    base = dict(warmup=1, iterations=3, batch_size=1, max_new_tokens=MAX_NEW, length_mode="fixed")
+    return Protocol(**{**base, **overrides})
+
+
+def _request(variant, proto, model=TINY, **kwargs):
+    return runner.RunRequest(model, variant, proto, device="cpu", threads=TORCH_THREADS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sdpa_run(tiny_checkpoint, tmp_path_factory):
+    """sdpa, batch 1, 1 warm-up + 3 timed calls, sampled decoding (the study's default), fixed length."""
+    folder = tmp_path_factory.mktemp("run") / "results" / "sdpa"
+    out = folder / "bs1.json"
+    proto = _protocol()
+    result = runner.run(_request("sdpa", proto, config_hash="abc123"), out)
+    return result, out, proto
+
+
+def test_result_validates_and_matches_the_file(sdpa_run):
+    result, out, _ = sdpa_run
+    assert result["status"] == "ok", result["reason"]
+    results.validate(result)
+    on_disk = results.load_result(out)  # validates too
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["config_hash"] == "abc123"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_result_describes_the_run(sdpa_run):
+    result, _, proto = sdpa_run
+    assert result["model"]["requested"] == TINY
+    assert result["model"]["id"] == TINY
+    assert result["model"]["weights"] == "synthetic"
+    assert result["model"]["architecture"] == "tiny"
+    assert result["model"]["parameters"] > 0
+    assert result["model"]["weights_bytes"] >= 4 * result["model"]["parameters"]
+    assert result["variant"]["name"] == "sdpa" and result["variant"]["optimizations"] == ["sdpa"]
+    assert result["device"]["type"] == "cpu"
+    assert result["protocol"] == proto.to_dict()
+    assert result["instrumented"] is True
+    assert result["timing"]["load_s"] > 0
+    assert len(result["timing"]["warmup_s"]) == 1 and result["timing"]["compile_s"] is None
+    assert result["memory"]["peak_rss_bytes"] > 0 and result["memory"]["rss_after_load_bytes"] > 0
+    assert result["memory"]["cuda_peak_allocated_bytes"] is None
+    assert result["memory"]["weights_bytes"] == result["model"]["weights_bytes"]
+    assert result["hardware"]["torch_threads"] >= 1
+    assert result["started_at"] <= result["finished_at"]
+
+
+def test_summary_is_recomputable_from_the_iterations(sdpa_run):
+    result, out, proto = sdpa_run
+    latencies = result["iterations"]["latency_s"]
+    assert len(latencies) == proto.iterations
+    assert all(x > 0 for x in latencies)
+    assert result["summary"]["latency_s"] == stats.summarize(latencies)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["summary"]["latency_s"] == stats.summarize(on_disk["iterations"]["latency_s"])
+
+
+def test_throughput_is_consistent(sdpa_run):
+    result, _, proto = sdpa_run
+    median = float(np.median(result["iterations"]["latency_s"]))
+    audio = float(np.mean(result["iterations"]["audio_s"]))
+    assert result["summary"]["latency_s"]["median"] == pytest.approx(median, rel=1e-12)
+    tp = result["throughput"]
+    assert tp["samples_per_s"] == pytest.approx(proto.batch_size / median, rel=1e-9)
+    assert tp["audio_s_per_s"] == pytest.approx(proto.batch_size * audio / median, rel=1e-9)
+    assert tp["rtf"] == pytest.approx(median / (proto.batch_size * audio), rel=1e-9)
+    assert tp["rtf"] * tp["audio_s_per_s"] == pytest.approx(1.0)
+
+
+def test_wav_beside_the_json(sdpa_run):
+    result, out, _ = sdpa_run
+    wav = out.with_suffix(".wav")
+    assert result["audio"] == {"sample_rate": 24_000, "wav": wav.name}
+    rate, data = wavfile.read(wav)
+    assert rate == 24_000
+    assert data.ndim == 1 and data.size > 0 and data.dtype == np.float32
+    assert np.isfinite(data).all() and np.abs(data).max() > 0
+    # the sample is the first call's first waveform, cut at its length
+    assert data.size == round(result["iterations"]["audio_s"][0] * 24_000)
+
+
+def test_fixed_length_mode_decodes_max_new_tokens_every_time(sdpa_run):
+    result, _, proto = sdpa_run
+    assert result["iterations"]["semantic_tokens"] == [MAX_NEW] * proto.iterations
+    assert result["iterations"]["stages"]["semantic"]["tokens"] == [MAX_NEW] * proto.iterations
+    # the same length every call: the same audio duration too
+    assert len(set(result["iterations"]["audio_s"])) == 1 and result["iterations"]["audio_s"][0] > 0
+
+
+def test_stage_seconds_are_positive_and_within_the_latency(sdpa_run):
+    result, _, proto = sdpa_run
+    it = result["iterations"]
+    assert set(it["stages"]) == {"semantic", "coarse", "fine", "decode"}
+    for stage, record in it["stages"].items():
+        assert len(record["seconds"]) == proto.iterations, stage
+        assert len(record["tokens"]) == proto.iterations, stage
+        assert all(s > 0 for s in record["seconds"]), stage
+        assert all(t > 0 for t in record["tokens"]), stage
+    for i, latency in enumerate(it["latency_s"]):
+        assert sum(record["seconds"][i] for record in it["stages"].values()) <= latency
+    # decode "tokens" are audio samples: one call's audio
+    assert it["stages"]["decode"]["tokens"][0] == round(it["audio_s"][0] * 24_000)
+
+
+def test_no_temporary_files_left(sdpa_run):
+    _, out, _ = sdpa_run
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json", "bs1.wav"]
+
+
+def test_batch_of_two(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bs2.json"
+    proto = _protocol(warmup=0, iterations=1, batch_size=2, do_sample=False)
+    result = runner.run(_request("sdpa", proto), out)
+    assert result["status"] == "ok", result["reason"]
+    results.validate(result)
+    assert result["hardware"]["torch_threads"] == TORCH_THREADS
+    assert result["protocol"]["batch_size"] == 2
+    assert result["protocol"]["prompts"] == proto.prompts
+    assert result["iterations"]["semantic_tokens"] == [MAX_NEW]
+    median = result["summary"]["latency_s"]["median"]
+    assert result["throughput"]["samples_per_s"] == pytest.approx(2 / median, rel=1e-9)
+    assert result["iterations"]["stages"]["decode"]["tokens"][0] == pytest.approx(
+        2 * result["iterations"]["audio_s"][0] * 24_000)
+    rate, data = wavfile.read(out.with_suffix(".wav"))
+    assert rate == 24_000 and data.size > 0
+
+
+def test_uninstrumented_run(tiny_checkpoint, tmp_path):
+    out = tmp_path / "plain.json"
+    proto = _protocol(warmup=0, iterations=1, do_sample=False)
+    result = runner.run(_request("eager", proto, instrument_stages=False), out)
+    assert result["status"] == "ok", result["reason"]
+    results.validate(result)
+    assert result["instrumented"] is False
+    assert result["iterations"]["stages"] is None
+    assert result["iterations"]["semantic_tokens"] == []
+    assert result["summary"]["latency_s"]["n"] == 1
+    assert out.with_suffix(".wav").is_file()
+
+
+def test_protocol_generate_kwargs():
+    fixed = Protocol(max_new_tokens=8).generate_kwargs()
+    assert fixed["semantic_max_new_tokens"] == fixed["semantic_min_new_tokens"] == 8
+    assert fixed["return_output_lengths"] is True
+    assert "semantic_min_new_tokens" not in Protocol(max_new_tokens=8, length_mode="natural").generate_kwargs()
+    assert Protocol(batch_size=3, prompts=["a", "b"]).batch_prompts() == ["a", "b", "a"]
+    for bad in ({"iterations": 0}, {"batch_size": 0}, {"max_new_tokens": 0}, {"warmup": -1},
+                {"length_mode": "bogus"}, {"prompts": []}):
+        with pytest.raises(ValueError):
+            Protocol(**bad)
+
+
+class _EosAfter(torch.nn.Module):
+    """Wraps the semantic head: from the (after+1)-th call on, the EOS token wins by far."""
+
+    def __init__(self, head, after):
+        super().__init__()
+        self.head, self.after, self.calls = head, after, 0
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        self.calls += 1
+        if self.calls > self.after:
+            logits[..., models.SEMANTIC_GENERATION["eos_token_id"]] += 100.0
+        return logits
+
+
+def test_fixed_length_mode_overrides_an_early_eos(tiny_checkpoint, tmp_path, monkeypatch):
+    real_load = models.load
+
+    def load_with_early_eos(source, **kwargs):
+        loaded = real_load(source, **kwargs)
+        loaded.model.semantic.lm_head = _EosAfter(loaded.model.semantic.lm_head, after=3)
+        return loaded
+
+    monkeypatch.setattr(models, "load", load_with_early_eos)
+    tokens = {}
+    for mode in ("natural", "fixed"):
+        proto = _protocol(warmup=0, iterations=1, length_mode=mode, do_sample=False)
+        result = runner.run(_request("eager", proto), tmp_path / f"{mode}.json")
+        assert result["status"] == "ok", result["reason"]
+        tokens[mode] = (result["iterations"]["semantic_tokens"][0], result["iterations"]["audio_s"][0])
+    assert tokens["natural"][0] < MAX_NEW  # the model stopped early on its own...
+    assert tokens["fixed"][0] == MAX_NEW  # ...but fixed mode decodes max_new_tokens regardless
+    assert tokens["natural"][1] < tokens["fixed"][1]
+
+
+def test_forced_failure_is_recorded(tiny_checkpoint, tmp_path):
+    out = tmp_path / "failed" / "bs1.json"
+    proto = _protocol(warmup=0, iterations=1)
+    result = runner.run(_request("sdpa", proto, fail_with="boom"), out)
+    assert result["status"] == "failed"
+    assert result["reason"] == "RuntimeError: boom"
+    assert result["error"]["type"] == "RuntimeError" and result["error"]["message"] == "boom"
+    assert "boom" in result["error"]["traceback"] and "Traceback" in result["error"]["traceback"]
+    for key in ("timing", "iterations", "summary", "memory", "throughput", "audio"):
+        assert result[key] is None, key
+    on_disk = results.load_result(out)
+    assert on_disk["status"] == "failed" and on_disk["error"]["message"] == "boom"
+    assert on_disk["model"]["id"] == TINY  # what it tried to run is still recorded
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]  # no WAV, no temp file
+
+
+def test_unresolvable_model_raises_and_writes_nothing(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "x" / "bs1.json"
+    with pytest.raises(models.ModelSourceError, match="synthetic:bark-small"):
+        runner.run(_request("eager", _protocol(), model="suno/bark-small"), out)
+    assert not out.exists()
+
+
+def test_not_applicable_hub_model_never_loads(tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("a not-applicable run must not load the model")
+
+    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(models, "resolve", no_load)
+    out = tmp_path / "fp16.json"
+    result = runner.run(_request("sdpa+fp16", _protocol(), model="suno/bark"), out)
+    assert result["status"] == "not_applicable"
+    assert result["reason"].startswith("not applicable on cpu: fp16")
+    assert result["model"] == {"requested": "suno/bark", "id": "suno/bark", "weights": None, "architecture": "bark"}
+    assert results.load_result(out)["status"] == "not_applicable"
+
+
+def test_threads_request_sets_torch_threads(tmp_path):
+    import psutil
+
+    try:
+        # a run that does not load anything still sets the threads first and records them
+        default = runner.run(runner.RunRequest(TINY, "fp16", _protocol(), device="cpu"), tmp_path / "a.json")
+        assert default["hardware"]["torch_threads"] == (psutil.cpu_count(logical=False) or os.cpu_count())
+        three = runner.run(runner.RunRequest(TINY, "fp16", _protocol(), device="cpu", threads=3), tmp_path / "b.json")
+        assert three["hardware"]["torch_threads"] == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(TORCH_THREADS)
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    results.write_atomic(path, b"old")
+    with pytest.raises(TypeError):
+        results.write_atomic(path, "not bytes")  # fails half-way, after the temporary file exists
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_write_result_refuses_an_invalid_document(tmp_path, sdpa_run):
+    result, _, _ = sdpa_run
+    path = tmp_path / "r.json"
+    bad = {**result, "status": "great"}
+    with pytest.raises(Exception, match="great"):
+        results.write_result(path, bad)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    missing = {k: v for k, v in result.items() if k != "summary"}
+    with pytest.raises(Exception, match="summary"):
+        results.validate(missing)
+    ok_without_iterations = {**result, "iterations": None}
+    with pytest.raises(Exception):
+        results.validate(ok_without_iterations)  # status ok demands the measurements
+    results.write_result(path, result)
+    assert results.load_result(path) == json.loads(json.dumps(result))
+    assert not [p for p in os.listdir(tmp_path) if p != "r.json"]
+
+
+# --- stage tracker ---------------------------------------------------------------------------------
+
+class _Stage:
+    def __init__(self, out):
+        self.out = out
+
+    def generate(self, *args, **kwargs):
+        return self.out
+
+
+class _FakeBark:
+    def __init__(self):
+        self.semantic = _Stage(torch.zeros(2, 8))
+        self.coarse_acoustics = _Stage((torch.zeros(2, 24), torch.tensor([24, 20])))
+        self.fine_acoustics = _Stage(torch.zeros(2, 8, 12))  # (batch, codebooks, frames)
+
+    def codec_decode(self, codes, lengths=None):
+        return [torch.zeros(3840), torch.zeros(3200)]
+
+    def generate(self):
+        sem = self.semantic.generate()
+        coarse = self.coarse_acoustics.generate(sem)
+        fine = self.fine_acoustics.generate(coarse)
+        return self.codec_decode(fine)
+
+
+def test_stage_tracker_counts_and_unwraps():
+    model = _FakeBark()
+    clock = trackers.Clock(torch.device("cpu"))
+    with trackers.StageTracker(model, clock) as tracker:
+        model.generate()
+        model.generate()
+        assert "generate" in model.semantic.__dict__ and "codec_decode" in model.__dict__
+    record = tracker.as_dict()
+    assert {s: r["tokens"] for s, r in record.items()} == {
+        "semantic": [8, 8], "coarse": [24, 24], "fine": [96, 96], "decode": [7040, 7040]}
+    assert all(len(r["seconds"]) == 2 and all(x >= 0 for x in r["seconds"]) for r in record.values())
+    # back to the class methods: nothing timed any more
+    for owner, name in ((model.semantic, "generate"), (model.coarse_acoustics, "generate"),
+                        (model.fine_acoustics, "generate"), (model, "codec_decode")):
+        assert name not in owner.__dict__
+    model.generate()
+    assert tracker.as_dict()["semantic"]["tokens"] == [8, 8]
+
+
+def test_clock_measure_appends_seconds():
+    clock = trackers.Clock(torch.device("cpu"))
+    sink = []
+    with clock.measure(sink):
+        sum(range(1000))
+    with clock.measure(sink):
+        pass
+    assert len(sink) == 2 and all(isinstance(x, float) and x >= 0 for x in sink)
