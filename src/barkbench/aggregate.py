@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from barkbench.results import slug, write_atomic
 from barkbench.stats import relative_change, summarize
 
 BASELINE = "eager"
@@ -20,9 +19,7 @@ MINUS = "\u2212"
 
 # ---------------------------------------------------------------- small helpers
 
-def model_slug(model: str) -> str:
-    """Folder name of a requested model: `/` and `:` replaced by `--`."""
-    return model.replace("/", "--").replace(":", "--")
+model_slug = slug
 
 
 SPECIAL_DIRS = ("fidelity", "repro", "overhead")
@@ -41,19 +38,8 @@ def find_inputs(results_dir) -> dict[str, list[Path]]:
 
 
 def atomic_write_text(path, text: str) -> Path:
-    """Write `text` to a temporary file in the same folder, then `os.replace` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    write_atomic(path, text.encode("utf-8"))
+    return Path(path)
 
 
 def _isnum(x) -> bool:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .results import slug  # noqa: F401  (re-exported: the workflow names result folders with it)
+
 HUB_MODELS = {"suno/bark-small": "bark-small", "suno/bark": "bark"}
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 1234
@@ -82,11 +84,6 @@ class LoadedModel:
 
 def known_models() -> list[str]:
     return sorted(HUB_MODELS) + [SYNTHETIC_PREFIX + a for a in ARCHITECTURES]
-
-
-def slug(model_id: str) -> str:
-    """Folder-safe name of a model id (suno/bark-small -> suno--bark-small)."""
-    return model_id.replace("/", "--").replace(":", "--")
 
 
 def cache_dir() -> Path:

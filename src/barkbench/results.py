@@ -24,6 +24,11 @@ def validate(result: dict) -> None:
     jsonschema.validate(result, schema())
 
 
+def slug(model_id: str) -> str:
+    """Folder-safe name of a model id in the results layout (suno/bark-small -> suno--bark-small)."""
+    return model_id.replace("/", "--").replace(":", "--")
+
+
 def _default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
