@@ -66,7 +66,7 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
         "protocol": {"warmup": 1, "iterations": n or 5, "batch_size": batch_size, "max_new_tokens": 64,
                      "length_mode": length_mode, "do_sample": True, "fine_temperature": 0.4,
                      "coarse_temperature": 0.8, "seed": 0, "prompts": PROMPTS[:1] * batch_size},
-        "timing": {"load_s": 1.5, "warmup_s": [lat[0]] if lat else [], "compile_s": None} if ok else None,
+        "timing": {"load_s": 1.5, "warmup_s": [lat[0]] if lat else [], "compile_s": None, "stage_timer_overhead_s": 2e-5} if ok else None,
         "iterations": {
             "latency_s": lat,
             "audio_s": [2.0] * n,

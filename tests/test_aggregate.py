@@ -79,10 +79,10 @@ def test_aggregate_writes_tables_and_keeps_non_ok_rows(results_tree, tmp_path):
     assert set(relative["status"]) == {"ok", "not_applicable", "failed"}
 
     rel_md = out["relative_md"].read_text()
-    assert "| sdpa | \u221250.0 % [\u221250.0 %, \u221250.0 %] | no |" in rel_md
+    assert "| sdpa | \u221250.0 % [\u221250.0 %, \u221250.0 %] | 2.00× | no |" in rel_md
     assert "not applicable on cpu: needs CUDA" in rel_md
     abs_md = out["absolute_md"].read_text()
-    assert "| 1 | eager | ok | 5 | 10.00 [10.00, 10.00] | 1000 |" in abs_md
+    assert "| 1 | eager | ok | 5 | 10.00 [10.00, 10.00] | 0.0 % | 1000 |" in abs_md
     assert abs_md.count("\n|---") == 1  # one table for the one hardware/model
     runs = pd.read_csv(out["runs"])
     assert len(runs) == len(paths)

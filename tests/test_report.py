@@ -79,6 +79,7 @@ def test_tables_and_sections(report):
     assert 'id="reproducibility"' in html and "10.05, 10.15, 10.25" in html
     assert 'id="fidelity-vs-eager"' in html and "NO" in html
     assert 'id="instrumentation-overhead"' in html and "9.10" in html
+    assert "under the 1 % budget" in html  # direct stage-timer cost stated
     assert "Intel Test Xeon" in html and "abc1234" in html  # provenance
     assert "Let&#39;s try generating speech" in html or "Let’s try generating speech" in html  # protocol prompts
     assert "{{&lt;" not in html and "{{<" not in html  # every include expanded

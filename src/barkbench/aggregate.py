@@ -118,7 +118,8 @@ def run_row(data: dict, path=None) -> dict:
     if device == "cuda" and cuda is not None:
         peak, kind = cuda, "cuda_peak_allocated"
     else:
-        peak, kind = rss, ("peak_rss" if rss is not None else None)
+        anon = mem.get("peak_anon_rss_bytes")
+        peak, kind = (anon, "peak_anon_rss") if anon is not None else (rss, "peak_rss" if rss is not None else None)
     thr = data.get("throughput") or {}
     timing = data.get("timing") or {}
     sem = [int(x) for x in (it.get("semantic_tokens") or [])]
@@ -166,6 +167,7 @@ def run_row(data: dict, path=None) -> dict:
         "semantic_len_max": max(sem) if sem else np.nan,
         "load_s": timing.get("load_s", np.nan),
         "compile_s": timing.get("compile_s", np.nan),
+        "stage_timer_overhead_s": timing.get("stage_timer_overhead_s", np.nan),
         "wav": wav,
         "latency_s": json.dumps(lat),  # per-iteration values, JSON-encoded so the CSV round-trips
         "semantic_lengths": json.dumps(sem),
@@ -229,10 +231,11 @@ GROUP = ["hardware", "model", "batch_size"]
 def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Absolute numbers per (hardware, model, batch size, variant); non-ok rows kept with empty numbers."""
     cols = GROUP + ["variant", "status", "reason", "n", "latency_median", "latency_ci95_low", "latency_ci95_high",
-                    "peak_memory_mb", "memory_kind", "samples_per_s", "rtf"]
+                    "latency_cv", "peak_memory_mb", "memory_kind", "samples_per_s", "rtf", "compile_s"]
     out = runs[cols].copy()
     bad = out["status"] != "ok"
-    num = ["n", "latency_median", "latency_ci95_low", "latency_ci95_high", "peak_memory_mb", "samples_per_s", "rtf"]
+    num = ["n", "latency_median", "latency_ci95_low", "latency_ci95_high", "latency_cv", "peak_memory_mb",
+           "samples_per_s", "rtf", "compile_s"]
     out[num] = out[num].astype(float)
     out.loc[bad, num] = np.nan
     out["n"] = out["n"].astype("Int64")
@@ -254,20 +257,21 @@ def relative_table(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
             row = {k: r[k] for k in GROUP + ["variant", "status", "reason"]}
             row.update(latency_change_pct=np.nan, latency_change_ci95_low_pct=np.nan,
                        latency_change_ci95_high_pct=np.nan, within_noise=None, memory_change_pct=np.nan,
-                       throughput_change_pct=np.nan, note="")
+                       throughput_change_pct=np.nan, speedup=np.nan, note="")
             if r["status"] != "ok":
                 row["note"] = r["status"]
             elif base is None:
                 row["note"] = f"no ok {baseline} run"
             elif r["variant"] == baseline:
                 row.update(latency_change_pct=0.0, latency_change_ci95_low_pct=0.0, latency_change_ci95_high_pct=0.0,
-                           memory_change_pct=0.0, throughput_change_pct=0.0, note="baseline")
+                           memory_change_pct=0.0, throughput_change_pct=0.0, speedup=1.0, note="baseline")
             else:
                 rc = relative_change(latencies(base), latencies(r))
                 row.update(latency_change_pct=100 * rc["change"], latency_change_ci95_low_pct=100 * rc["ci95_low"],
                            latency_change_ci95_high_pct=100 * rc["ci95_high"], within_noise=rc["within_noise"],
                            memory_change_pct=100 * (r["peak_memory_mb"] / base["peak_memory_mb"] - 1),
-                           throughput_change_pct=100 * (r["samples_per_s"] / base["samples_per_s"] - 1))
+                           throughput_change_pct=100 * (r["samples_per_s"] / base["samples_per_s"] - 1),
+                           speedup=base["latency_median"] / r["latency_median"])
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,9 +290,11 @@ def absolute_markdown_df(abs_df: pd.DataFrame) -> pd.DataFrame:
         "status": [md_escape(_status_cell(s, r)) for s, r in zip(abs_df["status"], abs_df["reason"])],
         "n": [str(int(x)) if _isnum(x) else "" for x in abs_df["n"]],
         "latency s, median [95 % CI]": lat,
+        "CV": abs_df["latency_cv"].map(lambda x: f"{100 * x:.1f} %" if _isnum(x) else ""),
         "peak memory MB": abs_df["peak_memory_mb"].map(lambda x: fmt_num(x, 0)),
         "throughput samples/s": abs_df["samples_per_s"].map(lambda x: fmt_num(x, 3)),
         "RTF": abs_df["rtf"].map(lambda x: fmt_num(x, 2)),
+        "compile s": abs_df["compile_s"].map(lambda x: fmt_num(x, 1) if _isnum(x) else ""),
     })
 
 
@@ -305,6 +311,7 @@ def relative_markdown_df(rel_df: pd.DataFrame) -> pd.DataFrame:
         "batch size": rel_df["batch_size"].astype(int).astype(str),
         "variant": rel_df["variant"].map(md_escape),
         "latency change [95 % CI]": lat,
+        "speed-up": rel_df["speedup"].map(lambda x: f"{fmt_num(x)}×" if _isnum(x) else ""),
         "within noise": noise,
         "peak memory change": rel_df["memory_change_pct"].map(fmt_pct),
         "throughput change": rel_df["throughput_change_pct"].map(fmt_pct),

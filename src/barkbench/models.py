@@ -6,6 +6,8 @@ as a hub checkpoint, so a benchmark exercises identical code either way.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 import tempfile
@@ -218,12 +220,36 @@ def load(source: ModelSource, **from_pretrained_kwargs) -> LoadedModel:
     return LoadedModel(model, processor, source, {"path_kind": source.weights})
 
 
+def materialize(model: torch.nn.Module) -> None:
+    """Copy parameters and buffers into process memory. `from_pretrained` leaves fp32 CPU weights as views
+    of the memory-mapped checkpoint, resident only once touched and counted as file pages, while a
+    converted dtype lives in anonymous memory: without this, CPU memory of variants is not comparable."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so RSS means live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes held by parameters and buffers (quantized packed weights included via state_dict)."""
     total = 0
     for value in model.state_dict().values():
         if isinstance(value, torch.Tensor):
             total += value.numel() * value.element_size()
+    for module in model.modules():  # torch.ao dynamic quantized Linear keeps its int8 weight packed
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
     return total
 
 

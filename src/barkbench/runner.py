@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import models, provenance, results, stats, variants
 from .protocol import Protocol
-from .trackers import Clock, PeakRSS, StageTracker, rss_bytes
+from .trackers import Clock, PeakRSS, StageTracker, rss_bytes, stage_timer_cost
 
 
 @dataclass
@@ -85,9 +85,12 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
     loaded = models.load(source, **variant.load_kwargs(device))
     model, processor = loaded.model, loaded.processor
     ctx = variants.Context(device=device)
+    if device.type == "cpu":
+        models.materialize(model)
     if not variant.places_model:
         model.to(device)
     variant.apply(model, ctx)
+    models.release_memory()
     load_s = time.perf_counter() - load_start
     result["variant"]["notes"] = ctx.notes
     result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
@@ -144,11 +147,13 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
         compile_s = max(0.0, warmup_s[0] - median)  # first call minus a steady-state call
     audio_mean = float(np.mean(audio_s))
     result.update(
-        timing={"load_s": load_s, "warmup_s": warmup_s, "compile_s": compile_s},
+        timing={"load_s": load_s, "warmup_s": warmup_s, "compile_s": compile_s,
+                "stage_timer_overhead_s": stage_timer_cost(clock) if stages else None},
         iterations={"latency_s": latencies, "audio_s": audio_s, "semantic_tokens": semantic_tokens,
                     "stages": stages.as_dict() if stages else None},
         summary={"latency_s": stats.summarize(latencies)},
-        memory={"peak_rss_bytes": int(rss.peak), "rss_after_load_bytes": int(rss_after_load),
+        memory={"peak_rss_bytes": int(rss.peak), "peak_anon_rss_bytes": rss.peak_anon,
+                "rss_after_load_bytes": int(rss_after_load),
                 "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
                 "weights_bytes": result["model"]["weights_bytes"]},
