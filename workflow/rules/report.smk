@@ -29,6 +29,8 @@ rule effective_config:
     # The merged configuration of this run (config/config.yaml plus any --configfile), for the report.
     output:
         f"{RESULTS}/config.yaml",
+    log:
+        f"{RESULTS}/logs/effective_config.log",
     params:
         text=yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
     run:
