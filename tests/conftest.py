@@ -26,7 +26,8 @@ PROMPTS = ["Let's try generating speech, with Bark, a text-to-speech model", "Wo
 def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reason=None, hardware="cpu-test-xeon",
                   model="suno/bark-small", weights="synthetic", device="cpu", optimizations=None, peak_rss_mb=1000.0,
                   cuda_peak_mb=None, length_mode="fixed", semantic_tokens=None, results_dir=None, wav=True,
-                  subdir=None, rep=None) -> Path:
+                  subdir=None, rep=None, machine=None, max_new_tokens=64, versions=None, git_commit="abc1234",
+                  instrumented=True) -> Path:
     """Write `results/<hardware>/<model-slug>/<variant>/bs<N>.json` (plus a tiny WAV when ok) and return its path.
 
     With `rep=K`, the file goes to `.../repro/<variant>/rep<K>.json` instead.
@@ -49,7 +50,7 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
         t = np.linspace(0, 0.05, 1200, endpoint=False)
         wavfile.write(folder / wav_name, 24000, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
     data = {
-        "schema_version": 1,
+        "schema_version": 2,
         "status": status,
         "reason": reason,
         "error": None if status != "failed" else {"type": "RuntimeError", "message": reason or "", "traceback": "..."},
@@ -57,16 +58,20 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
                   "weights": weights, "architecture": "bark-small", "parameters": 1000, "weights_bytes": 4_000_000},
         "variant": {"name": variant, "optimizations": optimizations},
         "device": {"type": device, "name": "Test CPU" if device == "cpu" else "Test GPU"},
-        "hardware": {"id": hardware, "cpu_model": "Intel Test Xeon", "cpu_cores": 2, "ram_bytes": 8 * 2**30,
+        "hardware": {"id": machine or hardware, "cpu_model": "Intel Test Xeon", "cpu_features": ["avx2", "avx512f"], "cpu_cores": 2, "ram_bytes": 8 * 2**30,
                      "gpu_name": None if device == "cpu" else "NVIDIA Test", "gpu_driver": None,
                      "gpu_compute_capability": None, "torch_threads": 2},
-        "versions": {"python": "3.11.0", "torch": "2.0.0", "transformers": "4.40.0", "accelerate": "0.30.0",
-                     "optimum": None, "barkbench": "0.1.0"},
-        "git_commit": "abc1234", "config_hash": "cafe",
-        "protocol": {"warmup": 1, "iterations": n or 5, "batch_size": batch_size, "max_new_tokens": 64,
+        "versions": versions or {"python": "3.11.0", "torch": "2.0.0", "transformers": "4.40.0", "accelerate": "0.30.0",
+                                 "optimum": None, "barkbench": "0.1.0"},
+        "git_commit": git_commit, "config_hash": "cafe", "retry_of": None, "instrumented": instrumented,
+        "protocol": {"warmup": 1, "min_iterations": 2, "max_iterations": 10, "budget_s": 20.0, "time_limit_s": 400.0,
+                     "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                      "length_mode": length_mode, "do_sample": True, "fine_temperature": 0.4,
-                     "coarse_temperature": 0.8, "seed": 0, "prompts": PROMPTS[:1] * batch_size},
-        "timing": {"load_s": 1.5, "warmup_s": [lat[0]] if lat else [], "compile_s": None, "stage_timer_overhead_s": 2e-5} if ok else None,
+                     "coarse_temperature": 0.8, "seed": 0, "prompts": PROMPTS},
+        "timing": {"load_s": 1.5, "warmup_s": [lat[0] * 1.2], "first_call_s": lat[0] * 1.2,
+                   "first_call_overhead_s": lat[0] * 0.2, "compile_s": None, "stopped_by": "budget",
+                   "timed_s": sum(lat), "job_s": sum(lat) * 1.5, "time_limit_s": 400.0,
+                   "time_limit_source": "protocol", "stage_timer_overhead_s": 2e-5} if ok else None,
         "iterations": {
             "latency_s": lat,
             "audio_s": [2.0] * n,

@@ -12,8 +12,8 @@ import pytest
 from barkbench import results
 from conftest import TINY, TORCH_THREADS
 
-GOOD = ["--model", TINY, "--variant", "sdpa", "--device", "cpu", "--iterations", "1", "--warmup", "0",
-        "--max-new-tokens", "8", "--threads", str(TORCH_THREADS)]
+GOOD = ["--model", TINY, "--variant", "sdpa", "--device", "cpu", "--min-iterations", "1", "--max-iterations", "1",
+        "--warmup", "1", "--max-new-tokens", "8", "--threads", str(TORCH_THREADS)]
 
 
 def _with(args, **changes):
@@ -32,7 +32,8 @@ def _with(args, **changes):
 # Run as a user would, in a subprocess.
 BAD = {
     "unknown-optimization": (["run", *_with(GOOD, variant="sdpa+turbo")], "turbo"),
-    "iterations-0": (["run", *_with(GOOD, iterations="0")], "iterations"),
+    "min-iterations-0": (["run", *_with(GOOD, min_iterations="0")], "min-iterations must be >= 1 (got 0)"),
+    "fine-temperature-0": (["run", *GOOD, "--fine-temperature", "0"], "fine-temperature must be > 0 (got 0.0)"),
     "batch-size-0": (["run", *GOOD, "--batch-size", "0"], "batch-size"),
     "unknown-model": (["run", *_with(GOOD, model="synthetic:nope")], "synthetic:nope"),
     "length-mode-bogus": (["run", *GOOD, "--length-mode", "bogus"], "bogus"),
@@ -43,8 +44,17 @@ BAD = {
 # The same error path, checked in-process through cli.main (each subprocess costs a torch import).
 BAD_IN_PROCESS = {
     "conflicting-optimizations": (["run", *_with(GOOD, variant="fp16+bf16")], "fp16"),
-    "iterations-not-a-number": (["run", *_with(GOOD, iterations="three")], "three"),
-    "warmup-negative": (["run", *_with(GOOD, warmup="-1")], "warmup"),
+    "iterations-not-a-number": (["run", *_with(GOOD, max_iterations="three")], "three"),
+    "warmup-0": (["run", *_with(GOOD, warmup="0")], "warmup must be >= 1 (got 0)"),
+    "seed-negative": (["run", *GOOD, "--seed", "-1"], "seed must be >= 0 (got -1)"),
+    "max-new-tokens-too-many": (["run", *_with(GOOD, max_new_tokens="100000")],
+                                "max-new-tokens must be <= 768 (got 100000)"),
+    "min-above-max": (["run", *_with(GOOD, min_iterations="5", max_iterations="2")],
+                      "max-iterations must be >= min-iterations (got 2 < 5)"),
+    "coarse-temperature-negative": (["run", *GOOD, "--coarse-temperature", "-0.5"], "coarse-temperature must be > 0"),
+    "budget-negative": (["run", *GOOD, "--budget-s", "-1"], "budget-s must be >= 0"),
+    "time-limit-0": (["run", *GOOD, "--time-limit-s", "0"], "time-limit-s must be > 0"),
+    "budget-nan": (["run", *GOOD, "--budget-s", "nan"], "budget-s must be a finite number"),
     "threads-0": (["run", *_with(GOOD, threads="0")], "threads"),
     "unknown-device": (["run", *_with(GOOD, device="tpu")], "tpu"),
     "missing-model": (["run", *_with(GOOD, model=None)], "--model"),
@@ -74,8 +84,8 @@ def cli_runs(tmp_path_factory, barkbench_cache, tiny_checkpoint):
     calls["run-help"] = (["run", "--help"], None)
     calls["fail-with"] = (["run", *GOOD, "--out", str(tmp / "failed" / "bs1.json"), "--fail-with", "boom"],
                           tmp / "failed" / "bs1.json")
-    calls["ok"] = (["run", *GOOD, "--greedy", "--prompt", "Hello world", "--out", str(tmp / "ok" / "bs1.json")],
-                   tmp / "ok" / "bs1.json")
+    calls["ok"] = (["run", *GOOD, "--greedy", "--prompt", "Hello world", "--retry-of", "sdpa-bs1-1",
+                    "--out", str(tmp / "ok" / "bs1.json")], tmp / "ok" / "bs1.json")
 
     def call(item):
         name, (argv, out) = item
@@ -104,9 +114,14 @@ def test_bad_arguments_exit_2_with_one_line(cli_runs, name):
 
 
 @pytest.mark.parametrize("name", list(BAD_IN_PROCESS))
-def test_bad_arguments_in_process(name, tmp_path, capsys):
-    from barkbench import cli
+def test_bad_arguments_in_process(name, tmp_path, capsys, monkeypatch):
+    from barkbench import cli, models
 
+    def no_load(*a, **k):  # had it been called, the run would be recorded failed: a file, and exit 0
+        raise AssertionError("bad arguments must be refused before any model is loaded")
+
+    monkeypatch.setattr(models, "resolve", no_load)
+    monkeypatch.setattr(models, "load", no_load)
     argv, expected = BAD_IN_PROCESS[name]
     out = tmp_path / "res" / "bs1.json"
     code = cli.main(argv + ["--out", str(out)] if argv[:1] == ["run"] else argv)
@@ -132,10 +147,13 @@ def test_run_help(cli_runs):
     proc, _ = cli_runs["run-help"]
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: barkbench run")
-    for option in ("--model", "--variant", "--out", "--batch-size", "--iterations", "--warmup",
-                   "--max-new-tokens", "--length-mode", "--offline-fallback", "--threads"):
+    for option in ("--model", "--variant", "--out", "--batch-size", "--min-iterations", "--max-iterations",
+                   "--budget-s", "--time-limit-s", "--warmup", "--max-new-tokens", "--length-mode", "--greedy",
+                   "--fine-temperature", "--coarse-temperature", "--seed", "--prompt", "--offline-fallback",
+                   "--threads"):
         assert option in proc.stdout
-    assert "--fail-with" not in proc.stdout  # test hook, hidden
+    assert "--iterations " not in proc.stdout and "--do-sample" not in proc.stdout
+    assert "--fail-with" not in proc.stdout and "--retry-of" not in proc.stdout  # hidden
 
 
 def test_forced_failure_exits_0_and_records_it(cli_runs):
@@ -158,7 +176,10 @@ def test_successful_run(cli_runs):
     assert result["status"] == "ok"
     assert result["protocol"]["prompts"] == ["Hello world"]
     assert result["protocol"]["do_sample"] is False
-    assert result["protocol"]["iterations"] == 1 and result["protocol"]["warmup"] == 0
+    assert result["protocol"]["min_iterations"] == result["protocol"]["max_iterations"] == 1
+    assert result["protocol"]["warmup"] == 1 and result["protocol"]["budget_s"] == 600.0
+    assert result["timing"]["stopped_by"] == "max_iterations"
+    assert result["retry_of"] == "sdpa-bs1-1"
     assert result["hardware"]["torch_threads"] == TORCH_THREADS
     assert result["iterations"]["semantic_tokens"] == [8]
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json", "bs1.wav"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from barkbench.aggregate import find_run_jsons
-from barkbench.figures import FIGURES
+from barkbench.aggregate import aggregate
+from barkbench.figures import FIGURES, make_figures
 from barkbench.render import find_renderer, render_report
 from conftest import make_run_json
 
@@ -16,7 +16,11 @@ QMD = Path(__file__).resolve().parents[1] / "report" / "report.qmd"
 def _fidelity(results, variant, within):
     folder = results / "cpu-test-xeon" / "suno--bark-small" / "fidelity"
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"status": "ok", "reason": None, "variant": variant, "baseline": "eager",
+    data = {"schema_version": 2, "status": "ok", "reason": None, "variant": variant, "baseline": "eager",
+            "model": {"requested": "suno/bark-small", "id": "synthetic:bark-small", "weights": "synthetic"},
+            "device": "cpu", "hardware": {"id": "cpu-test-xeon"}, "versions": {"torch": "2.0.0", "transformers": "4.40.0"},
+            "git_commit": "abc1234", "tokens_compared": 8, "error": None, "started_at": "2024-01-01T00:00:00",
+            "finished_at": "2024-01-01T00:01:00",
             "tolerance": {"logits_max_abs": 1e-3, "logits_max_rel": 1e-2, "min_token_agreement": 0.9,
                           "min_snr_db": 20.0, "note": "test tolerance"},
             "logits": {s: {"max_abs": 1e-4 if within else 0.5, "max_rel": 1e-3} for s in ("semantic", "coarse", "fine")},
@@ -24,6 +28,14 @@ def _fidelity(results, variant, within):
             "waveform_snr_db": 35.0, "within_tolerance": within,
             "violations": [] if within else ["semantic logits max_abs 0.5 > 0.001"]}
     (folder / f"{variant}.json").write_text(json.dumps(data))
+    return folder / f"{variant}.json"
+
+
+def _render(tmp, results, runs, out, fidelity=(), repro=(), overhead=()):
+    tables = aggregate(results, tmp / "tables", "eager", runs, fidelity, repro, overhead,
+                       reference=QMD.parent / "reference" / "published_results.csv")
+    make_figures(tables["runs"], tmp / "figures", tables["fidelity"])
+    return render_report(QMD, tmp / "tables", tmp / "figures", out, renderer="pandoc")
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +52,12 @@ def report(tmp_path_factory):
         mk(tmp, "offload", 1, [], status="failed", reason="RuntimeError: boom"),
     ]
     results = tmp / "results"
-    for k in range(3):
-        mk(tmp, "eager", 1, [10.0 + 0.1 * k, 10.1 + 0.1 * k], rep=k)
-    _fidelity(results, "sdpa", within=False)
-    plain = mk(tmp, "eager", 1, [9.0, 9.1, 9.2], subdir="overhead/eager")
-    data = json.loads(plain.read_text())
-    data["instrumented"] = False
-    plain.write_text(json.dumps(data))
-    html = render_report(QMD, results, tmp / "out" / "report.html", renderer="pandoc")
+    repro = [mk(tmp, "eager", 1, [10.0 + 0.1 * k, 10.1 + 0.1 * k], rep=k) for k in range(3)]
+    fidelity = [_fidelity(results, "sdpa", within=False)]
+    plain = mk(tmp, "eager", 1, [9.0, 9.1, 9.2, 9.0, 9.1], subdir="overhead/eager", instrumented=False)
+    stale = mk(tmp, "sdpa+int8", 1, [1.0, 1.0])  # in the folder, not declared: never reported
+    html = _render(tmp, results, paths, tmp / "out" / "report.html", fidelity, repro, [plain])
+    assert stale.is_file()
     return html.read_text(encoding="utf-8"), paths, tmp
 
 
@@ -72,12 +82,14 @@ def test_audio_per_ok_run(report):
 
 def test_tables_and_sections(report):
     html, _, _ = report
-    assert "Absolute numbers" in html and "latency s, median [95 % CI]" in html
+    assert "Absolute numbers" in html and "latency s, median [interval]" in html
     assert "Change vs eager" in html and "\u221250.0 %" in html
+    assert "n too small" in html and "95 % CI]" not in html  # n <= 5 everywhere: no 95 % interval shown
+    assert "sdpa+int8" not in html  # a JSON in the results folder that this run does not declare
     assert "not applicable on cpu: needs CUDA" in html and "RuntimeError: boom" in html
     assert "Optimizing Bark using" in html and "bettertransformer" in html  # 2023 comparison
     assert 'id="reproducibility"' in html and "10.05, 10.15, 10.25" in html
-    assert 'id="fidelity-vs-eager"' in html and "NO" in html
+    assert 'id="fidelity-vs-the-baseline"' in html and "NO" in html
     assert 'id="instrumentation-overhead"' in html and "9.10" in html
     assert "under the 1 % budget" in html  # direct stage-timer cost stated
     assert "Intel Test Xeon" in html and "abc1234" in html  # provenance
@@ -105,9 +117,15 @@ def test_figure_references_resolved(report):
 
 def test_no_synthetic_warning_with_hub_weights(tmp_path):
     paths = [make_run_json(tmp_path, "eager", 1, [1.0, 1.1], weights="hub")]
-    out = render_report(QMD, tmp_path / "results", tmp_path / "r.html", renderer="pandoc")
-    html = out.read_text(encoding="utf-8")
-    assert 'id="reproducibility"' not in html and 'id="fidelity-vs-eager"' not in html  # optional sections absent
-    assert 'id="instrumentation-overhead"' not in html
+    html = _render(tmp_path, tmp_path / "results", paths, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="reproducibility"' not in html and 'id="fidelity-vs-the-baseline"' not in html  # optional sections
+    assert 'id="instrumentation-overhead"' not in html and 'id="across-hardware"' not in html
     assert 'class="callout callout-warning"' not in html and "Synthetic weights" not in html
-    assert find_run_jsons(tmp_path / "results") == paths
+
+
+def test_two_hardware_folders_one_report(tmp_path):
+    paths = [make_run_json(tmp_path, v, 1, [x * f for x in (1.0, 1.1, 0.9, 1.05, 0.95, 1.0)], hardware=hw)
+             for hw, f in (("cpu-a-2t", 10.0), ("cuda-b", 1.0)) for v in ("eager", "sdpa")]
+    html = _render(tmp_path, tmp_path / "results", paths, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="across-hardware"' in html and html.count("cpu-a-2t · suno/bark-small") >= 2
+    assert "cuda-b · suno/bark-small" in html

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ MAX_NEW = 8
 
 
 def _protocol(**overrides):
-    base = dict(warmup=1, iterations=3, batch_size=1, max_new_tokens=MAX_NEW, length_mode="fixed")
+    base = dict(warmup=1, min_iterations=1, max_iterations=3, budget_s=1e6, batch_size=1, max_new_tokens=MAX_NEW,
+                length_mode="fixed")
     return Protocol(**{**base, **overrides})
 
 
@@ -28,7 +30,8 @@ def _request(variant, proto, model=TINY, **kwargs):
 
 @pytest.fixture(scope="module")
 def sdpa_run(tiny_checkpoint, tmp_path_factory):
-    """sdpa, batch 1, 1 warm-up + 3 timed calls, sampled decoding (the study's default), fixed length."""
+    """sdpa, batch 1, 1 warm-up + 3 timed calls (max_iterations, budget never reached), sampled decoding
+    (the study's default), fixed length."""
     folder = tmp_path_factory.mktemp("run") / "results" / "sdpa"
     out = folder / "bs1.json"
     proto = _protocol()
@@ -59,7 +62,16 @@ def test_result_describes_the_run(sdpa_run):
     assert result["protocol"] == proto.to_dict()
     assert result["instrumented"] is True
     assert result["timing"]["load_s"] > 0
-    assert len(result["timing"]["warmup_s"]) == 1 and result["timing"]["compile_s"] is None
+    timing = result["timing"]
+    assert len(timing["warmup_s"]) == 1 and timing["first_call_s"] == timing["warmup_s"][0]
+    assert timing["first_call_overhead_s"] == pytest.approx(
+        timing["warmup_s"][0] - float(np.median(result["iterations"]["latency_s"])))
+    assert timing["compile_s"] is None and timing["compile_cache"] is None
+    assert timing["stopped_by"] == "max_iterations"
+    assert timing["timed_s"] == pytest.approx(sum(result["iterations"]["latency_s"]))
+    assert timing["job_s"] >= timing["load_s"] + timing["warmup_s"][0] + timing["timed_s"]
+    assert timing["time_limit_s"] == proto.time_limit_s and timing["time_limit_source"] == "protocol"
+    assert result["retry_of"] is None
     assert result["memory"]["peak_rss_bytes"] > 0 and result["memory"]["rss_after_load_bytes"] > 0
     assert result["memory"]["cuda_peak_allocated_bytes"] is None
     assert result["memory"]["weights_bytes"] == result["model"]["weights_bytes"]
@@ -70,7 +82,7 @@ def test_result_describes_the_run(sdpa_run):
 def test_summary_is_recomputable_from_the_iterations(sdpa_run):
     result, out, proto = sdpa_run
     latencies = result["iterations"]["latency_s"]
-    assert len(latencies) == proto.iterations
+    assert len(latencies) == proto.max_iterations
     assert all(x > 0 for x in latencies)
     assert result["summary"]["latency_s"] == stats.summarize(latencies)
     on_disk = json.loads(out.read_text())
@@ -103,8 +115,8 @@ def test_wav_beside_the_json(sdpa_run):
 
 def test_fixed_length_mode_decodes_max_new_tokens_every_time(sdpa_run):
     result, _, proto = sdpa_run
-    assert result["iterations"]["semantic_tokens"] == [MAX_NEW] * proto.iterations
-    assert result["iterations"]["stages"]["semantic"]["tokens"] == [MAX_NEW] * proto.iterations
+    assert result["iterations"]["semantic_tokens"] == [MAX_NEW] * proto.max_iterations
+    assert result["iterations"]["stages"]["semantic"]["tokens"] == [MAX_NEW] * proto.max_iterations
     # the same length every call: the same audio duration too
     assert len(set(result["iterations"]["audio_s"])) == 1 and result["iterations"]["audio_s"][0] > 0
 
@@ -114,8 +126,8 @@ def test_stage_seconds_are_positive_and_within_the_latency(sdpa_run):
     it = result["iterations"]
     assert set(it["stages"]) == {"semantic", "coarse", "fine", "decode"}
     for stage, record in it["stages"].items():
-        assert len(record["seconds"]) == proto.iterations, stage
-        assert len(record["tokens"]) == proto.iterations, stage
+        assert len(record["seconds"]) == proto.max_iterations, stage
+        assert len(record["tokens"]) == proto.max_iterations, stage
         assert all(s > 0 for s in record["seconds"]), stage
         assert all(t > 0 for t in record["tokens"]), stage
     for i, latency in enumerate(it["latency_s"]):
@@ -131,7 +143,7 @@ def test_no_temporary_files_left(sdpa_run):
 
 def test_batch_of_two(tiny_checkpoint, tmp_path):
     out = tmp_path / "bs2.json"
-    proto = _protocol(warmup=0, iterations=1, batch_size=2, do_sample=False)
+    proto = _protocol(max_iterations=1, batch_size=2, do_sample=False)
     result = runner.run(_request("sdpa", proto), out)
     assert result["status"] == "ok", result["reason"]
     results.validate(result)
@@ -149,7 +161,7 @@ def test_batch_of_two(tiny_checkpoint, tmp_path):
 
 def test_uninstrumented_run(tiny_checkpoint, tmp_path):
     out = tmp_path / "plain.json"
-    proto = _protocol(warmup=0, iterations=1, do_sample=False)
+    proto = _protocol(max_iterations=1, do_sample=False)
     result = runner.run(_request("eager", proto, instrument_stages=False), out)
     assert result["status"] == "ok", result["reason"]
     results.validate(result)
@@ -166,14 +178,238 @@ def test_protocol_generate_kwargs():
     assert fixed["return_output_lengths"] is True
     assert "semantic_min_new_tokens" not in Protocol(max_new_tokens=8, length_mode="natural").generate_kwargs()
     assert Protocol(batch_size=3, prompts=["a", "b"]).batch_prompts() == ["a", "b", "a"]
-    for bad in ({"iterations": 0}, {"batch_size": 0}, {"max_new_tokens": 0}, {"warmup": -1},
-                {"length_mode": "bogus"}, {"prompts": []}):
-        with pytest.raises(ValueError):
-            Protocol(**bad)
+
+
+def test_protocol_defaults_are_the_2023_gpu_study():
+    p = Protocol()
+    assert (p.warmup, p.min_iterations, p.max_iterations, p.budget_s, p.time_limit_s) == (2, 2, 100, 600.0, 3600.0)
+    assert (p.batch_size, p.max_new_tokens, p.length_mode, p.do_sample) == (1, 256, "fixed", True)
+    assert (p.fine_temperature, p.coarse_temperature, p.seed) == (0.4, 0.8, 0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"warmup": 0}, "warmup must be >= 1 (got 0)"),
+    ({"min_iterations": 0}, "min-iterations must be >= 1"),
+    ({"min_iterations": 5, "max_iterations": 2}, "max-iterations must be >= min-iterations (got 2 < 5)"),
+    ({"budget_s": -1.0}, "budget-s must be >= 0"),
+    ({"time_limit_s": 0.0}, "time-limit-s must be > 0"),
+    ({"time_limit_s": float("nan")}, "time-limit-s must be a finite number"),
+    ({"batch_size": 0}, "batch-size must be >= 1"),
+    ({"max_new_tokens": 0}, "max-new-tokens must be >= 1"),
+    ({"max_new_tokens": 100000}, "max-new-tokens must be <= 768 (got 100000)"),
+    ({"length_mode": "bogus"}, "length-mode must be one of fixed, natural (got 'bogus')"),
+    ({"fine_temperature": 0.0}, "fine-temperature must be > 0 (got 0.0)"),
+    ({"coarse_temperature": -1.0}, "coarse-temperature must be > 0"),
+    ({"seed": -1}, "seed must be >= 0 (got -1)"),
+    ({"seed": 1.5}, "seed must be of type integer"),
+    ({"do_sample": "yes"}, "do-sample must be of type boolean"),
+    ({"prompts": []}, "prompts needs at least 1 item"),
+    ({"prompts": ["a", 3]}, "prompts must be of type string"),
+])
+def test_protocol_rejects_bad_values_naming_the_option(bad, message):
+    with pytest.raises(ValueError, match="^" + __import__("re").escape(message)):
+        Protocol(**bad)
+
+
+def test_protocol_json_schema_is_generated_from_the_dataclass():
+    import dataclasses
+
+    import jsonschema
+
+    schema = Protocol.json_schema()
+    names = [f.name for f in dataclasses.fields(Protocol)]
+    assert list(schema["properties"]) == names and schema["required"] == names
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["fine_temperature"]["exclusiveMinimum"] == 0
+    assert schema["properties"]["max_new_tokens"]["maximum"] == 768
+    assert schema["properties"]["length_mode"]["enum"] == ["fixed", "natural"]
+    assert all(prop["description"] for prop in schema["properties"].values())
+    jsonschema.validate(Protocol().to_dict(), schema)
+    for bad in ({"fine_temperature": 0.0}, {"seed": -1}, {"max_new_tokens": 100000}, {"warmup": 0},
+                {"length_mode": "bogus"}, {"iterations": 3}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**Protocol().to_dict(), **bad}, schema)
+    # the run schema takes its protocol from here; the workflow config's per-device block leaves some out
+    assert results.schema()["properties"]["protocol"] == schema
+    device_block = Protocol.json_schema(exclude=("batch_size", "prompts", "do_sample", "fine_temperature",
+                                                 "coarse_temperature", "seed"))
+    assert set(device_block["properties"]) == set(device_block["required"]) == {
+        "warmup", "min_iterations", "max_iterations", "budget_s", "time_limit_s", "max_new_tokens", "length_mode"}
+
+
+# --- stopping rules and time limits ----------------------------------------------------------------
+
+def test_zero_budget_stops_at_min_iterations(tiny_checkpoint, tmp_path):
+    proto = _protocol(min_iterations=2, max_iterations=10, budget_s=0.0, do_sample=False)
+    result = runner.run(_request("sdpa", proto, retry_of="sdpa-bs1-try1"), tmp_path / "b.json")
+    assert result["status"] == "ok", result["reason"]
+    assert len(result["iterations"]["latency_s"]) == 2 and result["summary"]["latency_s"]["n"] == 2
+    assert result["timing"]["stopped_by"] == "budget"
+    assert result["retry_of"] == "sdpa-bs1-try1"
+    assert results.load_result(tmp_path / "b.json")["retry_of"] == "sdpa-bs1-try1"
+
+
+def test_stop_reason():
+    proto = Protocol(min_iterations=2, max_iterations=4, budget_s=10.0, time_limit_s=100.0)
+    job = runner.Job(100.0, "protocol")
+    assert runner.stop_reason(proto, [], job) is None
+    assert runner.stop_reason(proto, [50.0], job) is None  # min_iterations first, whatever the budget
+    assert runner.stop_reason(proto, [1.0, 1.0], job) is None
+    assert runner.stop_reason(proto, [1.0] * 4, job) == "max_iterations"
+    assert runner.stop_reason(proto, [6.0, 4.0], job) == "budget"
+    job.start -= 98.5  # 98.5 s into the 100 s job
+    long = Protocol(min_iterations=2, max_iterations=9, budget_s=99.0)
+    assert runner.stop_reason(long, [2.0, 2.0], job) == "time_limit"  # the next 2 s call would cross it
+    assert runner.stop_reason(long, [1.0, 1.0], job) is None  # a 1 s call still fits
+    assert runner.stop_reason(Protocol(min_iterations=3, max_iterations=9), [2.0, 2.0], job) is None  # min first
+
+
+def _slow_decode(monkeypatch, sleep_on_call: int, calls: list):
+    """Every generate call decodes its audio once: the `sleep_on_call`-th (1-based, warm-up included)
+    sleeps until the time limit interrupts it, after the semantic, coarse and fine stages ran."""
+    real_load = models.load
+
+    def load(source, **kwargs):
+        loaded = real_load(source, **kwargs)
+        quantizer = loaded.model.codec_model.quantizer
+        real_decode = quantizer.decode
+
+        def decode(*args, **kw):
+            calls.append(time.perf_counter())
+            if len(calls) == sleep_on_call:
+                time.sleep(120)
+            return real_decode(*args, **kw)
+
+        quantizer.decode = decode
+        return loaded
+
+    monkeypatch.setattr(models, "load", load)
+
+
+LIMIT_S = 4.0  # load and a few tiny calls take ~1.5 s; the limit then fires in the sleeping call
+
+
+def test_time_limit_during_warm_up_is_recorded_failed(tiny_checkpoint, tmp_path, monkeypatch):
+    import signal
+
+    calls = []
+    _slow_decode(monkeypatch, 1, calls)
+    out = tmp_path / "slow" / "bs1.json"
+    handler = signal.getsignal(signal.SIGALRM)
+    start = time.perf_counter()
+    result = runner.run(_request("sdpa", _protocol(time_limit_s=LIMIT_S, do_sample=False)), out)
+    assert time.perf_counter() - start < LIMIT_S + 5  # interrupted, not slept out
+    assert result["status"] == "failed"
+    assert result["reason"].startswith("time limit 4.0 s reached during warm-up/compilation (first call still "
+                                       "running after "), result["reason"]
+    assert result["error"]["type"] == "TimeLimitExceeded"
+    assert result["timing"] is None and result["iterations"] is None and result["audio"] is None
+    assert results.load_result(out)["status"] == "failed"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]
+    assert signal.getsignal(signal.SIGALRM) is handler  # disarmed, previous handler back
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("min_iterations", [1, 2])
+def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, min_iterations):
+    """The third call (warm-up, timed 1, timed 2) never ends: with min 1 the first timed call is kept,
+    with min 2 the run fails saying where it stood."""
+    calls = []
+    _slow_decode(monkeypatch, 3, calls)
+    proto = _protocol(min_iterations=min_iterations, max_iterations=100, time_limit_s=LIMIT_S, do_sample=False)
+    result = runner.run(_request("sdpa", proto), tmp_path / "r.json")
+    if min_iterations == 2:
+        assert result["status"] == "failed"
+        assert result["reason"] == "time limit 4.0 s reached after 1 of min 2 timed calls"
+        return
+    assert result["status"] == "ok", result["reason"]
+    assert result["timing"]["stopped_by"] == "time_limit"
+    n = len(result["iterations"]["latency_s"])
+    assert n == 1 and len(result["iterations"]["audio_s"]) == 1
+    # the interrupted call had timed its semantic, coarse and fine stages: dropped
+    assert all(len(r["seconds"]) == len(r["tokens"]) == 1 for r in result["iterations"]["stages"].values())
+    assert result["iterations"]["semantic_tokens"] == [MAX_NEW]
+    assert result["timing"]["job_s"] >= LIMIT_S
+    assert (tmp_path / "r.wav").is_file()
+
+
+def test_deadline_in_the_past_fails_without_loading(tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("an exhausted run budget must not load the model")
+
+    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(models, "resolve", no_load)
+    monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 10))
+    out = tmp_path / "late.json"
+    result = runner.run(_request("sdpa", _protocol()), out)
+    assert result["status"] == "failed"
+    assert result["reason"].startswith("run budget exhausted before this job started (deadline ")
+    assert result["model"]["id"] == TINY and result["timing"] is None
+    assert results.load_result(out)["status"] == "failed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json"]
+
+
+def test_deadline_caps_the_time_limit(monkeypatch):
+    proto = Protocol(time_limit_s=3600.0)
+    now = 1_000_000.0
+    monkeypatch.delenv(runner.DEADLINE_ENV, raising=False)
+    job = runner.job_time_limit(proto, now)
+    assert (job.limit_s, job.limit_source) == (3600.0, "protocol")
+    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 600))
+    job = runner.job_time_limit(proto, now)
+    assert (job.limit_s, job.limit_source) == (600.0, "run deadline")
+    assert job.exceeded("after 1 of min 2 timed calls").args[0] == (
+        "time limit 600 s (run deadline) reached after 1 of min 2 timed calls")
+    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 7200))
+    assert runner.job_time_limit(proto, now).limit_source == "protocol"
+    monkeypatch.setenv(runner.DEADLINE_ENV, "tomorrow")
+    with pytest.raises(ValueError, match="BARKBENCH_DEADLINE"):
+        runner.job_time_limit(proto, now)
+
+
+def test_compile_variant_runs_with_a_cold_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """torch.compile stubbed out (a real compile takes ~30 s): the run labels compile time as cold and
+    compiles against a fresh per-run inductor cache that is removed afterwards."""
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update({k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "warm"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    result = runner.run(_request("sdpa+compile", _protocol(max_iterations=2, do_sample=False)), tmp_path / "c.json")
+    assert result["status"] == "ok", result["reason"]
+    timing = result["timing"]
+    assert timing["compile_cache"] == runner.COLD_CACHE
+    assert timing["compile_s"] == pytest.approx(max(0.0, timing["first_call_overhead_s"]))
+    inductor = seen["TORCHINDUCTOR_CACHE_DIR"]
+    assert inductor and inductor != str(tmp_path / "warm") and seen["TRITON_CACHE_DIR"]
+    assert not os.path.exists(os.path.dirname(inductor))  # removed after the run
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "warm")  # environment restored
+    assert "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_time_limit_outside_the_main_thread_is_not_armed():
+    import threading
+
+    box = {}
+
+    def body():
+        with trackers.TimeLimit(0.01) as limit:
+            time.sleep(0.05)
+        box["armed"] = limit.armed
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert box == {"armed": False}
 
 
 class _EosAfter(torch.nn.Module):
-    """Wraps the semantic head: from the (after+1)-th call on, the EOS token wins by far."""
+    """Wraps the semantic head: from the (after+1)-th step of each generate call on (its first step
+    sees the whole prompt, the next ones one token), the EOS token wins by far."""
 
     def __init__(self, head, after):
         super().__init__()
@@ -181,7 +417,7 @@ class _EosAfter(torch.nn.Module):
 
     def forward(self, hidden):
         logits = self.head(hidden)
-        self.calls += 1
+        self.calls = 1 if hidden.shape[1] > 1 else self.calls + 1
         if self.calls > self.after:
             logits[..., models.SEMANTIC_GENERATION["eos_token_id"]] += 100.0
         return logits
@@ -198,7 +434,7 @@ def test_fixed_length_mode_overrides_an_early_eos(tiny_checkpoint, tmp_path, mon
     monkeypatch.setattr(models, "load", load_with_early_eos)
     tokens = {}
     for mode in ("natural", "fixed"):
-        proto = _protocol(warmup=0, iterations=1, length_mode=mode, do_sample=False)
+        proto = _protocol(max_iterations=1, length_mode=mode, do_sample=False)
         result = runner.run(_request("eager", proto), tmp_path / f"{mode}.json")
         assert result["status"] == "ok", result["reason"]
         tokens[mode] = (result["iterations"]["semantic_tokens"][0], result["iterations"]["audio_s"][0])
@@ -209,7 +445,7 @@ def test_fixed_length_mode_overrides_an_early_eos(tiny_checkpoint, tmp_path, mon
 
 def test_forced_failure_is_recorded(tiny_checkpoint, tmp_path):
     out = tmp_path / "failed" / "bs1.json"
-    proto = _protocol(warmup=0, iterations=1)
+    proto = _protocol(max_iterations=1)
     result = runner.run(_request("sdpa", proto, fail_with="boom"), out)
     assert result["status"] == "failed"
     assert result["reason"] == "RuntimeError: boom"

@@ -116,7 +116,7 @@ def test_registry_has_the_study_optimizations():
 
 @pytest.mark.parametrize("name", list(_registry_params()))
 def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoint, tmp_path):
-    protocol = Protocol(warmup=0, iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
+    protocol = Protocol(warmup=1, min_iterations=1, max_iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
     out = tmp_path / name / "bs1.json"
     result = runner.run(runner.RunRequest(TINY, name, protocol, device="cpu", threads=TORCH_THREADS), out)
     results.validate(result)

@@ -39,9 +39,8 @@ def test_schema_knows_exactly_the_registry():
 
 @pytest.mark.parametrize("path,value,message", [
     (("variants",), ["eager", "turbo"], "turbo"),
-    (("batch_sizes",), [0], "0"),
-    (("protocol", "cpu", "iterations"), 0, "0"),
-    (("protocol", "cuda", "length_mode"), "whatever", "whatever"),
+    (("batch_sizes", "cpu"), [0], "0"),
+    (("batch_sizes",), [1, 8], "batch_sizes"),
     (("device",), "tpu", "tpu"),
     (("models",), ["suno/bark-huge"], "bark-huge"),
     (("prompts",), [], "prompts"),
@@ -72,34 +71,91 @@ def _snakemake(cwd: Path, *args, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("bad", ["variants: [eager, fp16+bf16]\n", "variants: [eager, sdpa\n",
-                                 "batch_sizes: [1, -8]\n"])
-def test_bad_config_stops_before_any_job(tmp_path, bad):
+@pytest.mark.parametrize("bad,message", [
+    ("variants: [eager, fp16+bf16]\n", "fp16"),
+    ("variants: [eager, sdpa\n", ""),
+    ("batch_sizes: {cpu: [1, -8]}\n", "-8"),
+    ("protocol: {cpu: {min_iterations: 0}}\n", "protocol.cpu.min_iterations"),
+    ("protocol: {cuda: {length_mode: whatever}}\n", "protocol.cuda.length_mode"),
+    ("protocol: {cpu: {iterations: 3}}\n", "protocol.cpu"),
+    ("protocol: {sampling: {fine_temperature: 0}}\n", "protocol.sampling.fine_temperature"),
+    ("baseline: bf16\n", "baseline"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, bad, message):
     work = _workflow_copy(tmp_path)
     (work / "bad.yaml").write_text(bad)
     out = _snakemake(work, "--cores", "1", "report", "--configfile", "bad.yaml")
     assert out.returncode != 0
     assert not (work / "results").exists()
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and message in out.stderr
+
+
+def test_baseline_from_config_reaches_every_comparison(tmp_path):
+    work = _workflow_copy(tmp_path)
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "-p", "report", "--config", "baseline=sdpa")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "fidelity/eager.json" in text and "fidelity/sdpa.json" not in text
+    assert "--baseline sdpa" in text and "--baseline eager" not in text
+
+
+def _json(path):
+    import json
+
+    return json.loads(path.read_text())
 
 
 @pytest.mark.slow
 def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
-    """`snakemake --profile workflow/profiles/smoke report` renders one self-contained report."""
+    """The smoke profile renders one self-contained report from exactly its declared results, on its own
+    results folder; model-loading jobs never overlap, even with --cores 2; a failed run is attempted again."""
     monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
     work = _workflow_copy(tmp_path)
     dry = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
+    assert "jobs load a model" in dry.stderr and "the run ends within" in dry.stderr  # the printed estimate
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "--cores", "2", "report")
     assert out.returncode == 0, out.stderr[-3000:]
-    html = (work / "results" / "report.html").read_text()
+    results = work / "results" / "smoke"
+    assert sorted(p.name for p in (work / "results").iterdir()) == ["smoke"]  # its own results folder
+    html = (results / "report.html").read_text()
     assert "Change vs eager" in html and "Latency" in html
     for name in ("latency", "memory", "throughput", "pareto", "stages", "lengths"):
-        assert (work / "results" / "figures" / f"{name}.png").exists()
+        assert (results / "figures" / f"{name}.png").exists()
     assert html.count("data:image/png;base64") >= 6
-    runs = list((work / "results").glob("*/synthetic--tiny/*/bs*.json"))
-    ok = [p for p in runs if '"status": "ok"' in p.read_text()]
+    runs = sorted(results.glob("*/synthetic--tiny/*/bs*.json")) + sorted(results.glob("*/synthetic--tiny/repro/*/*.json"))
+    ok = [p for p in runs if _json(p)["status"] == "ok" and "repro" not in p.parts and "overhead" not in p.parts]
     assert ok and len(re.findall(r"<audio[^>]*src=\"data:audio", html)) == len(ok)
     assert "not applicable on cpu" in html
-    again = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
-    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # Exclusive timing: with --cores 2, no two model-loading jobs ran at once (their own start/finish times).
+    loading = runs + sorted(results.glob("*/synthetic--tiny/overhead/*/*.json")) + sorted(
+        results.glob("*/synthetic--tiny/fidelity/*.json"))
+    spans = sorted((_json(p)["started_at"], _json(p)["finished_at"]) for p in loading)
+    assert len(spans) == 8 + 3 + 2 + 1  # runs, fidelity, repro, overhead
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+    # A stale JSON of an undeclared variant, and another machine's folder, never reach the report.
+    hw = next(p.name for p in results.iterdir() if p.name.startswith("cpu-"))
+    eager = results / hw / "synthetic--tiny" / "eager" / "bs1.json"
+    stale = results / hw / "synthetic--tiny" / "sdpa+int8" / "bs1.json"
+    stale.parent.mkdir()
+    stale.write_text(eager.read_text().replace('"name": "eager"', '"name": "sdpa+int8"'))
+    other = results / "cpu-other-machine-2t" / "synthetic--tiny" / "eager"
+    other.mkdir(parents=True)
+    (other / "bs1.json").write_text(eager.read_text())
+
+    # A failed run (here: made so by hand) is attempted again by the next invocation, and only it.
+    failed = results / hw / "synthetic--tiny" / "sdpa" / "bs2.json"
+    data = _json(failed)
+    data.update(status="failed", reason="RuntimeError: injected", error={"type": "RuntimeError", "message": "x",
+                "traceback": ""}, timing=None, iterations=None, summary=None, memory=None, throughput=None)
+    failed.write_text(__import__("json").dumps(data))
+    again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("rule benchmark:") == 1, again.stderr[-3000:]
+    assert _json(failed)["status"] == "ok" and _json(failed)["retry_of"].startswith("failed@")
+    html = (results / "report.html").read_text()
+    assert "sdpa+int8" not in html and "cpu-other-machine" not in html and "injected" not in html
+    done = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
+    assert "Nothing to be done" in done.stdout + done.stderr

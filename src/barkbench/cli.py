@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+from pathlib import Path
 
 from . import models, variants
-from .protocol import DEFAULT_PROMPTS, Protocol
+from .protocol import Protocol
 
 
 class UsageError(Exception):
@@ -18,8 +21,8 @@ def _positive(name):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer (got {text!r})")
-        if value < (0 if name == "warmup" else 1):
-            raise argparse.ArgumentTypeError(f"{name} must be >= {0 if name == 'warmup' else 1} (got {value})")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1 (got {value})")
         return value
     return parse
 
@@ -30,27 +33,35 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    d = Protocol()
-    p.add_argument("--batch-size", type=_positive("batch-size"), default=d.batch_size)
-    p.add_argument("--iterations", type=_positive("iterations"), default=d.iterations)
-    p.add_argument("--warmup", type=_positive("warmup"), default=d.warmup, help="untimed calls first")
-    p.add_argument("--max-new-tokens", type=_positive("max-new-tokens"), default=d.max_new_tokens,
-                   help="semantic tokens per call")
-    p.add_argument("--length-mode", choices=["fixed", "natural"], default=d.length_mode,
-                   help="fixed: suppress the semantic EOS so every call decodes max-new-tokens")
-    p.add_argument("--greedy", action="store_true", help="do_sample=False (default samples, as in 2023)")
-    p.add_argument("--fine-temperature", type=float, default=d.fine_temperature)
-    p.add_argument("--coarse-temperature", type=float, default=d.coarse_temperature)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
-                   help="repeatable; a batch cycles through them (default: the 2023 study's prompts)")
+    """One option per Protocol field (--min-iterations, --budget-s, ...), built from the dataclass:
+    do_sample is --greedy, prompts the repeatable --prompt. Values are checked by Protocol itself."""
+    for f in dataclasses.fields(Protocol):
+        schema, flag = f.metadata["schema"], f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if schema["type"] == "boolean":  # a flag that flips the default
+            p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                           help=f.metadata["help"])
+        elif schema["type"] == "array":  # repeatable; None: the field's default
+            p.add_argument(flag, dest=f.name, action="append", metavar="TEXT", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, dest=f.name, default=f.default, choices=schema.get("enum"),
+                           type={"integer": int, "number": float, "string": str}[schema["type"]],
+                           help=f"{f.metadata['help']} (default: %(default)s)")
 
 
 def protocol_from(args) -> Protocol:
-    return Protocol(warmup=args.warmup, iterations=args.iterations, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, length_mode=args.length_mode, do_sample=not args.greedy,
-                    fine_temperature=args.fine_temperature, coarse_temperature=args.coarse_temperature,
-                    seed=args.seed, prompts=args.prompts or list(DEFAULT_PROMPTS))
+    """The Protocol of parsed options (ValueError, naming the option, for a bad value)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)}
+    return Protocol(**{name: value for name, value in values.items() if value is not None})
+
+
+def _check_out(path: str) -> None:
+    """Refuse an output path that cannot be written before anything is measured."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"--out {path!r} is a folder; give the result JSON's path")
+    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {path!r}: {folder} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-stage-timing", action="store_true", help="plain run without per-stage timers")
     run.add_argument("--config-hash", default=None, help=argparse.SUPPRESS)
     run.add_argument("--fail-with", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)  # the workflow re-attempting a failed run
     add_protocol_args(run)
 
     hw = sub.add_parser("hardware", help="print this machine's hardware id and device type as JSON")
@@ -77,28 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-synthetic", help="build (once) a synthetic checkpoint offline")
     build.add_argument("architecture", choices=list(models.ARCHITECTURES))
 
-    agg = sub.add_parser("aggregate", help="tables from run JSONs")
-    agg.add_argument("runs", nargs="+")
+    agg = sub.add_parser("aggregate", help="tables and the report's text from exactly the given result files")
+    agg.add_argument("--results-dir", required=True, help="the results folder the files lie in (<hardware>/...)")
+    agg.add_argument("--baseline", required=True, help="variant every relative number compares with")
+    agg.add_argument("--runs", nargs="+", required=True, metavar="JSON")
+    agg.add_argument("--fidelity", nargs="*", default=[], metavar="JSON")
+    agg.add_argument("--repro", nargs="*", default=[], metavar="JSON")
+    agg.add_argument("--overhead", nargs="*", default=[], metavar="JSON")
+    agg.add_argument("--config", default=None, help="the effective config, shown in the report")
+    agg.add_argument("--reference", default=None, help="the 2023 study's published figures (CSV)")
     agg.add_argument("--out-dir", required=True)
 
-    fig = sub.add_parser("figures", help="figures from the tidy runs table")
-    fig.add_argument("--runs-csv", required=True)
-    fig.add_argument("--fidelity", nargs="*", default=[])
+    fig = sub.add_parser("figures", help="figures (and their Markdown) from the tables of `aggregate`")
+    fig.add_argument("--runs", required=True, help="runs.csv")
+    fig.add_argument("--fidelity", default=None, help="fidelity.csv")
     fig.add_argument("--out-dir", required=True)
 
-    fid = sub.add_parser("fidelity", help="compare a variant with eager fp32 on the same inputs")
+    fid = sub.add_parser("fidelity", help="compare a variant with the baseline variant on the same inputs")
     fid.add_argument("--model", required=True)
     fid.add_argument("--variant", required=True)
+    fid.add_argument("--baseline", default="eager", help="variant to compare with (default: eager fp32)")
     fid.add_argument("--out", required=True)
     fid.add_argument("--device", default="auto")
     fid.add_argument("--offline-fallback", choices=["synthetic"], default=None)
     fid.add_argument("--tokens", type=_positive("tokens"), default=32, help="greedy semantic tokens compared")
+    fid.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)
 
-    rep = sub.add_parser("render", help="render the report")
+    rep = sub.add_parser("render", help="render the report from the tables' fragments and the figures")
     rep.add_argument("--qmd", required=True)
-    rep.add_argument("--results-dir", required=True)
+    rep.add_argument("--tables", required=True, help="folder written by `aggregate`")
+    rep.add_argument("--figures", required=True, help="folder written by `figures`")
     rep.add_argument("--out", required=True)
-    rep.add_argument("--config", default=None)
     return parser
 
 
@@ -111,10 +132,13 @@ def main(argv=None) -> int:
             variants.parse(args.variant)
             if not (args.model in models.known_models() or __import__("os").path.isdir(args.model)):
                 raise UsageError(f"unknown model {args.model!r}; known: {', '.join(models.known_models())}")
+            _check_out(args.out)
             from .runner import RunRequest, run
 
-            result = run(RunRequest(args.model, args.variant, protocol, args.device, args.offline_fallback,
-                                    not args.no_stage_timing, args.config_hash, args.fail_with, args.threads), args.out)
+            result = run(RunRequest(args.model, args.variant, protocol, device=args.device,
+                                    offline_fallback=args.offline_fallback, instrument_stages=not args.no_stage_timing,
+                                    config_hash=args.config_hash, fail_with=args.fail_with, threads=args.threads,
+                                    retry_of=args.retry_of), args.out)
             summary = result["summary"]
             detail = (f"median {summary['latency_s']['median']:.3f} s" if summary else result["reason"])
             print(f"{args.variant} bs{protocol.batch_size}: {result['status']} ({detail})", file=sys.stderr)
@@ -133,24 +157,27 @@ def main(argv=None) -> int:
         if args.command == "aggregate":
             from .aggregate import aggregate
 
-            aggregate(args.runs, args.out_dir)
+            aggregate(args.results_dir, args.out_dir, args.baseline, args.runs, args.fidelity, args.repro,
+                      args.overhead, config=args.config, reference=args.reference)
             return 0
         if args.command == "figures":
             from .figures import make_figures
 
-            make_figures(args.runs_csv, args.out_dir, args.fidelity)
+            make_figures(args.runs, args.out_dir, args.fidelity)
             return 0
         if args.command == "fidelity":
             from .fidelity import run_fidelity
 
-            run_fidelity(args.model, args.variant, args.out, args.device, args.offline_fallback, args.tokens)
+            variants.parse(args.baseline)
+            run_fidelity(args.model, args.variant, args.out, args.device, args.offline_fallback, args.tokens,
+                         baseline=args.baseline, retry_of=args.retry_of)
             return 0
         if args.command == "render":
             from .render import render_report
 
-            render_report(args.qmd, args.results_dir, args.out, config=args.config)
+            render_report(args.qmd, args.tables, args.figures, args.out)
             return 0
-    except (UsageError, variants.VariantError, models.ModelSourceError, ValueError) as exc:
+    except (UsageError, variants.VariantError, models.ModelSourceError, ValueError, OSError) as exc:
         print(f"barkbench: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -1,4 +1,5 @@
-"""Does an optimization keep the output? A variant against eager fp32 on the same inputs:
+"""Does an optimization keep the output? A variant against the baseline variant (eager fp32 by default)
+on the same inputs:
 
 - teacher-forced logits of each sub-model (max abs error, and max error relative to the logits' range);
 - greedily decoded semantic tokens, and coarse tokens decoded from the baseline's semantic tokens
@@ -8,13 +9,17 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 import traceback
 
 import numpy as np
 import torch
 
-from . import models, provenance, results, variants
-from .runner import _quiet_transformers
+from . import models, provenance, variants
+from .protocol import DEADLINE_ENV
+from .records import FidelityResult
+from .runner import _now, _quiet_transformers
 
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
 SUB_MODELS = ("semantic", "coarse", "fine")
@@ -122,31 +127,42 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
     return {"logits": logits, "tokens": token_report, "waveform_snr_db": snr_db(ref_wave, cand_wave)}
 
 
+def _load(source, variant: variants.Variant, device: torch.device):
+    loaded = models.load(source, **variant.load_kwargs(device))
+    if not variant.places_model:
+        loaded.model.to(device)
+    variant.apply(loaded.model, variants.Context(device=device))
+    return loaded
+
+
 def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = "auto",
-                 offline_fallback: str | None = None, tokens: int = 32) -> dict:
-    """Write the fidelity JSON of one variant; not applicable and failures are recorded, not raised."""
+                 offline_fallback: str | None = None, tokens: int = 32, baseline: str = "eager",
+                 retry_of: str | None = None) -> dict:
+    """Write the fidelity record of one variant against `baseline`; not applicable and failures are
+    recorded, not raised."""
     _quiet_transformers()
-    variant = variants.parse(variant_name)
+    variant, base_variant = variants.parse(variant_name), variants.parse(baseline)
     device = provenance.resolve_device(device_name)
     tol = variant.tolerance
-    report = {"status": "ok", "reason": None, "variant": variant_name, "baseline": "eager",
-              "model": {"requested": model_id}, "device": device.type, "hardware_id": provenance.hardware_id(device),
+    report = {"schema_version": 2, "status": "ok", "reason": None, "variant": variant_name, "baseline": baseline,
+              "model": {"requested": model_id}, "device": device.type, "hardware": provenance.hardware(device),
+              "versions": provenance.versions(), "git_commit": provenance.git_commit(),
               "tokens_compared": tokens, "tolerance": {k: getattr(tol, k) for k in tol.__dataclass_fields__},
-              "logits": None, "tokens": None, "waveform_snr_db": None, "within_tolerance": None, "violations": []}
-    reason = variant.not_applicable_reason(device)
+              "logits": None, "tokens": None, "waveform_snr_db": None, "within_tolerance": None, "violations": [],
+              "error": None, "retry_of": retry_of, "started_at": _now(), "finished_at": None}
+    reason = variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device)
+    deadline = float(os.environ.get(DEADLINE_ENV) or "inf")  # the workflow's run budget
     if reason:
         report.update(status="not_applicable", reason=reason)
+    elif time.time() > deadline:
+        report.update(status="failed", reason="run budget exhausted before this job started")
     else:
         try:
             source = models.resolve(model_id, offline_fallback)
             report["model"].update(id=source.id, weights=source.weights)
-            baseline = models.load(source)
-            baseline.model.to(device)
-            loaded = models.load(source, **variant.load_kwargs(device))
-            if not variant.places_model:
-                loaded.model.to(device)
-            variant.apply(loaded.model, variants.Context(device=device))
-            report.update(compare(baseline.model, loaded.model, baseline.processor, device, tokens))
+            reference = _load(source, base_variant, device)
+            candidate = _load(source, variant, device)
+            report.update(compare(reference.model, candidate.model, reference.processor, device, tokens))
             report["violations"] = check(tol, report)
             report["within_tolerance"] = not report["violations"]
         except models.ModelSourceError:
@@ -154,5 +170,6 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
         except Exception as exc:
             report.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500],
                           error=traceback.format_exc())
-    results.write_json(out, report)
+    report["finished_at"] = _now()
+    FidelityResult.from_dict(report, out).save_json(out)
     return report

@@ -1,4 +1,6 @@
-"""Figures from the runs table (PNG, ~110 dpi). Every figure file is always written, with a "no data" note if empty."""
+"""Figures from the tables of `barkbench aggregate` (PNG, ~110 dpi): a registry name -> draw function and
+caption. Every registered figure is always written (with a "no data" note if empty), with the Markdown that
+places it in the report (`figures.md`, captions beside their figures)."""
 from __future__ import annotations
 
 import os
@@ -13,10 +15,25 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from barkbench.aggregate import STAGES, json_list, load_fidelity, model_slug, read_runs_csv, variant_order  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from barkbench.aggregate import read_csv  # noqa: E402
+from barkbench.results import write_atomic  # noqa: E402
+from barkbench.tables import STAGES  # noqa: E402
+from barkbench.tables import variant_order as _variant_order  # noqa: E402
 
 DPI = 110
-FIGURES = ("latency.png", "memory.png", "throughput.png", "pareto.png", "stages.png", "lengths.png")
+
+
+def variant_order(variants, baseline=None):
+    return _variant_order(variants, baseline)
+
+
+def json_list(row, column):
+    val = row[column]
+    return json.loads(val) if isinstance(val, str) and val else []
 
 
 def _save(fig, path: Path) -> Path:
@@ -42,8 +59,14 @@ def _no_data(path: Path, title: str, note: str = "no data") -> Path:
     return _save(fig, path)
 
 
+def _baseline(df: pd.DataFrame):
+    return df["baseline"].iloc[0] if len(df) and "baseline" in df else None
+
+
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
-    ok = runs[runs["status"] == "ok"].copy()
+    if runs.empty:
+        return runs
+    ok = runs[(runs["status"] == "ok") & runs["instrumented"]].copy()
     ok["setup"] = ok["hardware"].astype(str) + " · " + ok["model"].astype(str)
     return ok
 
@@ -63,7 +86,7 @@ def _panels(ok: pd.DataFrame, per_batch: bool = True, width: float = 4.8, row_he
             if bs is not None:
                 sub = sub[sub["batch_size"] == bs]
             title = setup if bs is None else f"{setup}\nbatch size {bs}"
-            order = variant_order(sub["variant"])
+            order = variant_order(sub["variant"], _baseline(sub))
             sub = sub.set_index("variant").loc[order].reset_index() if len(sub) else sub
             panels.append((axes[i][j], sub, title))
     return fig, panels
@@ -77,7 +100,8 @@ def _barh(ax, sub, values, xerr=None, color=None):
 
 
 def latency_figure(runs: pd.DataFrame, path) -> Path:
-    """Median latency per variant with bootstrap 95 % CI error bars, one panel per batch size."""
+    """Median latency per variant, one panel per batch size. Error bars: the 95 % order-statistic interval of
+    the median where n >= 6, else the range min-max (hatched bar: n too small)."""
     path, ok = Path(path), _ok(runs)
     if ok.empty:
         return _no_data(path, "Latency per variant")
@@ -87,9 +111,14 @@ def latency_figure(runs: pd.DataFrame, path) -> Path:
             ax.set_axis_off()
             continue
         med = sub["latency_median"].to_numpy(float)
-        err = np.vstack([med - sub["latency_ci95_low"].to_numpy(float), sub["latency_ci95_high"].to_numpy(float) - med])
-        _barh(ax, sub, med, xerr=np.clip(err, 0, None))
-        ax.set_xlabel("latency per generate call, s (median, 95 % CI)")
+        has_ci = sub["latency_ci_low"].notna().to_numpy()
+        low = np.where(has_ci, sub["latency_ci_low"].to_numpy(float), sub["latency_min"].to_numpy(float))
+        high = np.where(has_ci, sub["latency_ci_high"].to_numpy(float), sub["latency_max"].to_numpy(float))
+        _barh(ax, sub, med, xerr=np.clip(np.vstack([med - low, high - med]), 0, None))
+        for patch, ci in zip(ax.patches, has_ci):
+            if not ci:
+                patch.set_hatch("//")
+        ax.set_xlabel("latency per generate call, s (median)")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -149,7 +178,7 @@ def pareto_figure(runs: pd.DataFrame, path, fidelity_df: pd.DataFrame | None = N
     outside = set()
     if fidelity_df is not None and len(fidelity_df):
         bad = fidelity_df[fidelity_df["within_tolerance"] == False]  # noqa: E712
-        outside = set(zip(bad["hardware"], bad["model_slug"], bad["variant"]))
+        outside = set(zip(bad["hardware"], bad["model"], bad["variant"]))
     fig, panels = _panels(ok, row_height=3.4)
     for ax, sub, title in panels:
         if sub.empty:
@@ -158,7 +187,7 @@ def pareto_figure(runs: pd.DataFrame, path, fidelity_df: pd.DataFrame | None = N
         x, y = sub["latency_median"].to_numpy(float), sub["peak_memory_mb"].to_numpy(float)
         front = pareto_front(x, y)
         for k, r in enumerate(sub.itertuples()):
-            out = (r.hardware, model_slug(r.model), r.variant) in outside
+            out = (r.hardware, r.model, r.variant) in outside
             ax.scatter(x[k], y[k], s=60 if front[k] else 30, marker="x" if out else "o",
                        color="C3" if front[k] else "0.5", zorder=3)
             ax.annotate(r.variant, (x[k], y[k]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -214,7 +243,7 @@ def lengths_figure(runs: pd.DataFrame, path) -> Path:
                              figsize=(7, (1.2 + 0.4 * long["variant"].nunique()) * len(setups) + 0.6))
     for ax, setup in zip(axes[:, 0], setups):
         sub = long[long["setup"] == setup]
-        order = variant_order(sub["variant"])
+        order = variant_order(sub["variant"], _baseline(sub))
         sns.stripplot(data=sub, x="semantic tokens", y="variant", hue="batch size", order=order, ax=ax,
                       dodge=True, alpha=0.7, palette="deep")
         ax.set_title(setup, fontsize=9)
@@ -222,23 +251,47 @@ def lengths_figure(runs: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
-def make_figures(runs, out_dir, fidelity_df=None) -> list[Path]:
-    """Write latency, memory, throughput, pareto, stages and lengths PNGs into `out_dir`.
+@dataclass(frozen=True)
+class Figure:
+    draw: Callable  # (runs, path, fidelity) -> path
+    caption: str
 
-    `runs` is the runs table (DataFrame from `aggregate.load_runs`) or a path to `runs.csv`; `fidelity_df` is
-    None, a DataFrame from `aggregate.load_fidelity`, or a list of fidelity JSON paths (may be empty).
-    Only ok runs are plotted. Returns the six paths (always all six, in `FIGURES` order).
+
+FIGURES: dict[str, Figure] = {
+    "latency": Figure(lambda r, p, f: latency_figure(r, p),
+                      "Median latency of one generate call per variant, one panel per batch size. Error bars: 95 % "
+                      "order-statistic confidence interval of the median where n ≥ 6; hatched bars show the range "
+                      "min–max instead (n too small for a 95 % interval)."),
+    "memory": Figure(lambda r, p, f: memory_figure(r, p),
+                     "Peak memory per variant (CUDA peak allocated memory on GPU; on CPU the peak anonymous RSS: the "
+                     "process's own resident memory, weights copied out of the memory-mapped checkpoint first)."),
+    "throughput": Figure(lambda r, p, f: throughput_figure(r, p),
+                         "Throughput in samples per second at the largest batch size."),
+    "pareto": Figure(pareto_figure, "Latency against peak memory; red points joined by the line form the Pareto front "
+                                    "(no other variant is both faster and smaller); × marks a variant outside its "
+                                    "fidelity tolerance."),
+    "stages": Figure(lambda r, p, f: stages_figure(r, p),
+                     "Median time spent in each stage (semantic, coarse, fine, decode) per variant."),
+    "lengths": Figure(lambda r, p, f: lengths_figure(r, p),
+                      "Distribution of the generated semantic lengths per variant (natural length mode only)."),
+}
+
+
+def figures_markdown(names) -> str:
+    parts = [f"![{FIGURES[n].caption}](figures/{n}.png){{#fig-{n}}}\n" for n in names]
+    return "\n".join(parts)
+
+
+def make_figures(runs, out_dir, fidelity=None) -> list[Path]:
+    """Draw every registered figure into `out_dir/<name>.png` and write `out_dir/figures.md`.
+
+    `runs` and `fidelity` are the runs and fidelity tables (DataFrames or paths of their CSV files).
     """
-    df = runs if isinstance(runs, pd.DataFrame) else read_runs_csv(runs)
-    if fidelity_df is not None and not isinstance(fidelity_df, pd.DataFrame):
-        fidelity_df = load_fidelity(fidelity_df) if len(fidelity_df) else None
+    runs = runs if isinstance(runs, pd.DataFrame) else read_csv(runs)
+    if fidelity is not None and not isinstance(fidelity, pd.DataFrame):
+        fidelity = read_csv(fidelity)
     out = Path(out_dir)
     sns.set_theme(style="whitegrid", context="notebook")
-    return [
-        latency_figure(df, out / "latency.png"),
-        memory_figure(df, out / "memory.png"),
-        throughput_figure(df, out / "throughput.png"),
-        pareto_figure(df, out / "pareto.png", fidelity_df),
-        stages_figure(df, out / "stages.png"),
-        lengths_figure(df, out / "lengths.png"),
-    ]
+    paths = [FIGURES[name].draw(runs, out / f"{name}.png", fidelity) for name in FIGURES]
+    write_atomic(out / "figures.md", figures_markdown(FIGURES).encode("utf-8"))
+    return paths

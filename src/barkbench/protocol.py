@@ -1,7 +1,18 @@
-"""The measurement protocol: one dataclass, defaults of the 2023 study."""
+"""The measurement protocol: one dataclass, defaults of the 2023 study.
+
+The dataclass is the single source of truth for the protocol fields: each field's metadata holds its
+help text and its JSON-schema constraints, from which come the validation (`__post_init__`), the JSON
+schema (`Protocol.json_schema`, injected into the run schema and the workflow config schema) and the
+command-line options (`cli.add_protocol_args`).
+
+Timed calls: at least `min_iterations`, at most `max_iterations`; after `min_iterations`, no new call
+starts once the timed calls took `budget_s` in all (as MLPerf's minimum duration and query count).
+`time_limit_s` caps the whole job (load, warm-up/compilation, timed calls).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 # The 2023 study's prompts (its single prompt first, then its batch examples), extended so a batch
 # of 8 gets distinct prompts; cycled when the batch is larger.
@@ -16,30 +27,63 @@ DEFAULT_PROMPTS = [
     "Please read this sentence aloud, clearly and slowly.",
 ]
 
+# Environment variable holding the workflow's deadline for all its jobs (a Unix timestamp): a run's time
+# limit is the protocol's, or what is left before the deadline when that is sooner.
+DEADLINE_ENV = "BARKBENCH_DEADLINE"
+
+# Bark's semantic model generates at most 768 tokens per call (its generation config's max_new_tokens).
+MAX_SEMANTIC_TOKENS = 768
+
+
+def _field(default, help: str, flag: str | None = None, **schema):
+    """A protocol field: `help` for the CLI and the schema, `schema` its JSON-schema constraints,
+    `flag` a CLI option name other than --<field-name>."""
+    meta = {"help": help, "schema": schema, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class Protocol:
-    warmup: int = 1
-    iterations: int = 100
-    batch_size: int = 1
-    max_new_tokens: int = 256
-    length_mode: str = "fixed"  # fixed: suppress semantic EOS so every call decodes max_new_tokens
-    do_sample: bool = True
-    fine_temperature: float = 0.4
-    coarse_temperature: float = 0.8
-    seed: int = 0
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    warmup: int = _field(2, "untimed calls before the timed ones; the first one's excess over the median "
+                            "timed call is reported as first-call overhead (compilation for compile)",
+                         type="integer", minimum=1)
+    min_iterations: int = _field(2, "timed calls always made", type="integer", minimum=1)
+    max_iterations: int = _field(100, "timed calls at most", type="integer", minimum=1)
+    budget_s: float = _field(600.0, "after min-iterations, no new timed call starts once the timed calls "
+                                    "took this many seconds in all", type="number", minimum=0)
+    time_limit_s: float = _field(3600.0, "hard cap in seconds on the whole job (load, warm-up/compilation, "
+                                         "timed calls)", type="number", exclusiveMinimum=0)
+    batch_size: int = _field(1, "prompts per generate call", type="integer", minimum=1)
+    max_new_tokens: int = _field(256, "semantic tokens per call", type="integer", minimum=1,
+                                 maximum=MAX_SEMANTIC_TOKENS)
+    length_mode: str = _field("fixed", "fixed: suppress the semantic EOS so every call decodes max-new-tokens; "
+                                       "natural: the model's own stopping", type="string", enum=["fixed", "natural"])
+    do_sample: bool = _field(True, "sample, as in 2023 (--greedy, do_sample false: greedy decoding)", flag="--greedy",
+                             type="boolean")
+    fine_temperature: float = _field(0.4, "fine model sampling temperature", type="number", exclusiveMinimum=0)
+    coarse_temperature: float = _field(0.8, "coarse model sampling temperature", type="number", exclusiveMinimum=0)
+    seed: int = _field(0, "set before every call", type="integer", minimum=0)
+    prompts: list[str] = _field(DEFAULT_PROMPTS, "a batch cycles through them (default: the 2023 study's prompts)",
+                                flag="--prompt", type="array", items={"type": "string"}, minItems=1)
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0 (got {self.warmup})")
-        if self.length_mode not in ("fixed", "natural"):
-            raise ValueError(f"length-mode must be fixed or natural (got {self.length_mode!r})")
-        if not self.prompts:
-            raise ValueError("at least one prompt is needed")
+        for f in fields(self):
+            _check(f.name.replace("_", "-"), getattr(self, f.name), f.metadata["schema"])
+        if self.max_iterations < self.min_iterations:
+            raise ValueError(f"max-iterations must be >= min-iterations (got {self.max_iterations} < "
+                             f"{self.min_iterations})")
+
+    @classmethod
+    def json_schema(cls, exclude=()) -> dict:
+        """JSON Schema of the protocol object (all fields but `exclude`, each required, nothing else)."""
+        props = {}
+        for f in fields(cls):
+            if f.name not in exclude:
+                default = f.default_factory() if f.default is MISSING else f.default
+                props[f.name] = {**f.metadata["schema"], "description": f.metadata["help"], "default": default}
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
     def batch_prompts(self) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(self.batch_size)]
@@ -54,3 +98,28 @@ class Protocol:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "string": str, "array": list}
+
+
+def _check(name: str, value, schema: dict) -> None:
+    """The subset of JSON Schema the protocol fields use; raises ValueError naming the CLI option."""
+    kind = schema["type"]
+    if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "boolean"):
+        raise ValueError(f"{name} must be of type {kind} (got {value!r})")
+    if kind == "number" and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (got {value})")
+    if "minimum" in schema and not value >= schema["minimum"]:
+        raise ValueError(f"{name} must be >= {schema['minimum']} (got {value})")
+    if "exclusiveMinimum" in schema and not value > schema["exclusiveMinimum"]:
+        raise ValueError(f"{name} must be > {schema['exclusiveMinimum']} (got {value})")
+    if "maximum" in schema and not value <= schema["maximum"]:
+        raise ValueError(f"{name} must be <= {schema['maximum']} (got {value})")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValueError(f"{name} must be one of {', '.join(schema['enum'])} (got {value!r})")
+    if kind == "array":
+        if len(value) < schema.get("minItems", 0):
+            raise ValueError(f"{name} needs at least {schema['minItems']} item(s)")
+        for item in value:
+            _check(name, item, schema["items"])

@@ -35,6 +35,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Instruction-set extensions that decide which CPU variant is fastest (native bf16 / int8 matmuls).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _slug(text: str) -> str:
     text = re.sub(r"\(r\)|\(tm\)|cpu|@.*$|processor", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
@@ -42,7 +57,8 @@ def _slug(text: str) -> str:
 
 def hardware(device: torch.device) -> dict:
     info = {"cpu_model": cpu_model(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
-            "cpu_threads": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+            "cpu_threads": os.cpu_count(), "cpu_features": cpu_features(), "node": platform.node(),
+            "ram_bytes": psutil.virtual_memory().total,
             "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_driver": None,
             "gpu_compute_capability": None, "cuda": torch.version.cuda}
     if device.type == "cuda":

@@ -11,13 +11,18 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "not_applicable", "failed")
 
 
 @lru_cache(maxsize=None)
 def schema() -> dict:
-    return json.loads(resources.files("barkbench").joinpath("schemas/run.schema.json").read_text())
+    """The run schema, its `protocol` property generated from the Protocol dataclass."""
+    from .protocol import Protocol
+
+    doc = json.loads(resources.files("barkbench").joinpath("schemas/run.schema.json").read_text())
+    doc["properties"]["protocol"] = Protocol.json_schema()
+    return doc
 
 
 def validate(result: dict) -> None:

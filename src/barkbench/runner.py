@@ -1,12 +1,21 @@
-"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result dict (-> JSON + WAV)."""
+"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result dict (-> JSON + WAV).
+
+Timed calls run until max_iterations, or, once min_iterations are done, until the timed calls took
+budget_s in all or the next call would likely cross the job's time limit (stopped_by). The time limit
+(the protocol's, or what is left before $BARKBENCH_DEADLINE when that is sooner) is also enforced by
+SIGALRM: a job cut short before min_iterations is recorded as failed, with where it stood.
+"""
 from __future__ import annotations
 
 import io
 import os
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,8 +25,12 @@ import torch
 from tqdm import tqdm
 
 from . import models, provenance, results, stats, variants
-from .protocol import Protocol
-from .trackers import Clock, PeakRSS, StageTracker, rss_bytes, stage_timer_cost
+from .protocol import DEADLINE_ENV, Protocol
+from .records import RunResult
+from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
+
+MIN_START_S = 5.0  # less than this left before the deadline: the job does not start
+COLD_CACHE = "cold (fresh per-run inductor cache)"
 
 
 @dataclass
@@ -31,10 +44,61 @@ class RunRequest:
     config_hash: str | None = None
     fail_with: str | None = None  # inject a failure inside the run (tests, and checking a workflow goes on)
     threads: int | None = None  # None: all physical cores (schedulers often export OMP_NUM_THREADS=1)
+    retry_of: str | None = None  # set by the workflow when it re-attempts a failed run
+
+
+@dataclass
+class Job:
+    """The job's clock and its time limit, counted from the start of the run."""
+    limit_s: float
+    limit_source: str  # "protocol" or "run deadline"
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def exceeded(self, where: str) -> TimeLimitExceeded:
+        source = " (run deadline)" if self.limit_source == "run deadline" else ""
+        return TimeLimitExceeded(f"time limit {_secs(self.limit_s)} s{source} reached {where}")
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+
+
+def job_time_limit(proto: Protocol, now: float) -> Job:
+    """The protocol's time limit, or what is left before $BARKBENCH_DEADLINE when that is sooner."""
+    text = os.environ.get(DEADLINE_ENV)
+    if text:
+        try:
+            left = float(text) - now
+        except ValueError:
+            raise ValueError(f"{DEADLINE_ENV} must be a Unix timestamp (got {text!r})") from None
+        if left < proto.time_limit_s:
+            return Job(left, "run deadline")
+    return Job(proto.time_limit_s, "protocol")
+
+
+@contextmanager
+def cold_compile_cache():
+    """A fresh inductor (and triton) cache for this run, removed after it: compile time is always
+    measured cold (a warm cache once hid a 23-minute compile)."""
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    with tempfile.TemporaryDirectory(prefix="barkbench-compile-cache-", ignore_cleanup_errors=True) as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _quiet_transformers():
@@ -52,7 +116,7 @@ def base_result(req: RunRequest, device: torch.device, variant: variants.Variant
                     "descriptions": {o.name: o.summary for o in variant.optimizations}, "notes": []},
         "device": {"type": device.type, "name": str(device)},
         "hardware": provenance.hardware(device), "versions": provenance.versions(),
-        "git_commit": provenance.git_commit(), "config_hash": req.config_hash,
+        "git_commit": provenance.git_commit(), "config_hash": req.config_hash, "retry_of": req.retry_of,
         "protocol": req.protocol.to_dict(), "instrumented": req.instrument_stages,
         "timing": None, "iterations": None, "summary": None, "memory": None, "throughput": None,
         "audio": None, "started_at": _now(), "finished_at": None,
@@ -74,32 +138,49 @@ def _audio_lengths(output, batch_size: int) -> list[int]:
     return [int(v) for v in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
 
 
-def measure(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device) -> bytes:
-    """Fill `result` with the measurement; returns the WAV of the first timed call's first sample."""
+@dataclass
+class Loaded:
+    model: object
+    call: Callable  # one seeded generate call on the protocol's batch
+    sample_rate: int
+    load_s: float
+    rss_after_load: int
+
+
+@dataclass
+class Timed:
+    latency_s: list[float]
+    audio_s: list[float]
+    stages: dict | None
+    wav: bytes | None
+    stopped_by: str
+    peak_rss: PeakRSS
+
+
+def load_model(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
+    """Load the checkpoint, apply the variant, and prepare the generate call."""
     proto = req.protocol
-    clock = Clock(device)
     source = models.resolve(req.model, req.offline_fallback)
     result["model"].update(id=source.id, weights=source.weights, architecture=source.architecture)
-
     load_start = time.perf_counter()
-    loaded = models.load(source, **variant.load_kwargs(device))
-    model, processor = loaded.model, loaded.processor
-    ctx = variants.Context(device=device)
-    if device.type == "cpu":
-        models.materialize(model)
-    if not variant.places_model:
-        model.to(device)
-    variant.apply(model, ctx)
-    models.release_memory()
-    load_s = time.perf_counter() - load_start
+    try:
+        loaded = models.load(source, **variant.load_kwargs(device))
+        model, processor = loaded.model, loaded.processor
+        ctx = variants.Context(device=device)
+        if device.type == "cpu":
+            models.materialize(model)
+        if not variant.places_model:
+            model.to(device)
+        variant.apply(model, ctx)
+        models.release_memory()
+        load_s = time.perf_counter() - load_start
+        inputs = processor(proto.batch_prompts(), return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    except TimeLimitExceeded:
+        raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
     result["variant"]["notes"] = ctx.notes
     result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
-    rss_after_load = rss_bytes()
-
-    inputs = processor(proto.batch_prompts(), return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in inputs.items()}
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
-    sample_rate = int(model.generation_config.sample_rate)
 
     def call():
         from transformers import set_seed
@@ -108,52 +189,94 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
         with torch.inference_mode():
             return model.generate(**inputs, **kwargs)
 
-    warmup_s: list[float] = []
-    # A compiled variant always gets one untimed first call: its compilation, reported as compile_s.
-    n_warmup = max(proto.warmup, 1 if "compile" in variant.names else 0)
-    for _ in tqdm(range(n_warmup), desc=f"{variant.name} bs{proto.batch_size} warm-up", file=sys.stderr):
-        with clock.measure(warmup_s):
-            call()
+    return Loaded(model, call, int(model.generation_config.sample_rate), load_s, rss_bytes())
 
+
+def warm_up(loaded: Loaded, proto: Protocol, label: str, clock: Clock, job: Job) -> list[float]:
+    """The untimed calls (at least one); a compiled variant compiles in the first."""
+    warmup_s: list[float] = []
+    for i in tqdm(range(proto.warmup), desc=f"{label} warm-up", file=sys.stderr):
+        start = time.perf_counter()
+        try:
+            with clock.measure(warmup_s):
+                loaded.call()
+        except TimeLimitExceeded:
+            which = "first call" if i == 0 else f"warm-up call {i + 1} of {proto.warmup}"
+            running = _secs(time.perf_counter() - start)
+            raise job.exceeded(f"during warm-up/compilation ({which} still running after {running} s)") from None
+    return warmup_s
+
+
+def stop_reason(proto: Protocol, latencies: list[float], job: Job) -> str | None:
+    """Why no further timed call starts; None: one more."""
+    n = len(latencies)
+    if n >= proto.max_iterations:
+        return "max_iterations"
+    if n < proto.min_iterations:
+        return None
+    if sum(latencies) >= proto.budget_s:
+        return "budget"
+    if job.elapsed() + float(np.median(latencies)) > job.limit_s:
+        return "time_limit"
+    return None
+
+
+def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device, clock: Clock,
+               job: Job) -> Timed:
+    """The timed calls, until stop_reason says so or the time limit fires (kept once min_iterations are done)."""
+    proto = req.protocol
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     latencies: list[float] = []
-    audio_s: list[float] = []
-    stages = StageTracker(model, clock) if req.instrument_stages else None
+    audio_s: list[float] = []  # appended last: a call counts once its audio is recorded
+    stages = StageTracker(loaded.model, clock) if req.instrument_stages else None
     wav = None
-    with PeakRSS() as rss:
-        for i in tqdm(range(proto.iterations), desc=f"{variant.name} bs{proto.batch_size}", file=sys.stderr):
-            if req.fail_with:
-                raise RuntimeError(req.fail_with)
-            if stages:
-                stages.__enter__()
-            try:
-                with clock.measure(latencies):
-                    output = call()
-            finally:
-                if stages:
-                    stages.__exit__(None, None, None)
-            lengths = _audio_lengths(output, proto.batch_size)
-            audio_s.append(float(np.mean(lengths)) / sample_rate)
-            if wav is None:
-                audio = output[0] if isinstance(output, tuple) else output
-                wav = wav_bytes(audio[0, : lengths[0]].float().cpu().numpy(), sample_rate)
+    with PeakRSS() as rss, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
+        try:
+            while (stopped_by := stop_reason(proto, latencies, job)) is None:
+                if req.fail_with:
+                    raise RuntimeError(req.fail_with)
+                with stages if stages else nullcontext():
+                    with clock.measure(latencies):
+                        output = loaded.call()
+                lengths = _audio_lengths(output, proto.batch_size)
+                if wav is None:
+                    audio = output[0] if isinstance(output, tuple) else output
+                    wav = wav_bytes(audio[0, : lengths[0]].float().cpu().numpy(), loaded.sample_rate)
+                audio_s.append(float(np.mean(lengths)) / loaded.sample_rate)
+                bar.update()
+        except TimeLimitExceeded:
+            if len(audio_s) < proto.min_iterations:
+                raise job.exceeded(f"after {len(audio_s)} of min {proto.min_iterations} timed calls") from None
+            stopped_by = "time_limit"
+    n = len(audio_s)
+    return Timed(latencies[:n], audio_s, stages.as_dict(n) if stages else None, wav, stopped_by, rss)
 
-    semantic_tokens = stages.tokens["semantic"] if stages else []
+
+def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
+                  job: Job, loaded: Loaded, warmup_s: list[float], timed: Timed) -> None:
+    """The result's timing, iterations, summary, memory and throughput."""
+    proto, latencies = req.protocol, timed.latency_s
+    job_s = job.elapsed()
     median = float(np.median(latencies))
-    compile_s = None
-    if "compile" in variant.names and warmup_s:
-        compile_s = max(0.0, warmup_s[0] - median)  # first call minus a steady-state call
-    audio_mean = float(np.mean(audio_s))
+    compiled = "compile" in variant.names
+    audio_mean = float(np.mean(timed.audio_s))
     result.update(
-        timing={"load_s": load_s, "warmup_s": warmup_s, "compile_s": compile_s,
-                "stage_timer_overhead_s": stage_timer_cost(clock) if stages else None},
-        iterations={"latency_s": latencies, "audio_s": audio_s, "semantic_tokens": semantic_tokens,
-                    "stages": stages.as_dict() if stages else None},
+        timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
+                "first_call_overhead_s": warmup_s[0] - median,
+                # the first call of a compiled variant compiles: first call minus a steady-state call
+                "compile_s": max(0.0, warmup_s[0] - median) if compiled else None,
+                "compile_cache": COLD_CACHE if compiled else None,
+                "stopped_by": timed.stopped_by, "timed_s": float(sum(latencies)), "job_s": job_s,
+                "time_limit_s": job.limit_s, "time_limit_source": job.limit_source,
+                "stage_timer_overhead_s": stage_timer_cost(clock) if timed.stages else None},
+        iterations={"latency_s": latencies, "audio_s": timed.audio_s,
+                    "semantic_tokens": timed.stages["semantic"]["tokens"] if timed.stages else [],
+                    "stages": timed.stages},
         summary={"latency_s": stats.summarize(latencies)},
-        memory={"peak_rss_bytes": int(rss.peak), "peak_anon_rss_bytes": rss.peak_anon,
-                "rss_after_load_bytes": int(rss_after_load),
+        memory={"peak_rss_bytes": int(timed.peak_rss.peak), "peak_anon_rss_bytes": timed.peak_rss.peak_anon,
+                "rss_after_load_bytes": int(loaded.rss_after_load),
                 "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
                 "weights_bytes": result["model"]["weights_bytes"]},
@@ -163,12 +286,24 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
                     "rtf": median / (proto.batch_size * audio_mean)},
     )
     result["hardware"]["torch_threads"] = torch.get_num_threads()
-    return wav
+
+
+def measure(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> bytes | None:
+    """Fill `result` with the measurement; returns the WAV of the first timed call's first sample."""
+    clock = Clock(device)
+    label = f"{variant.name} bs{req.protocol.batch_size}"
+    with TimeLimit(job.limit_s - job.elapsed()):
+        loaded = load_model(req, result, variant, device, job)
+        warmup_s = warm_up(loaded, req.protocol, label, clock, job)
+        timed = timed_loop(req, loaded, label, device, clock, job)
+    summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed)
+    return timed.wav
 
 
 def run(req: RunRequest, out_json: str | Path) -> dict:
     """Benchmark one model x variant x batch size and write its JSON (and WAV). Never raises for a
     failure inside the run: that is recorded as status 'failed' so other runs go on."""
+    job = job_time_limit(req.protocol, time.time())
     _quiet_transformers()
     variant = variants.parse(req.variant)
     device = provenance.resolve_device(req.device)
@@ -179,17 +314,23 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
     reason = variant.not_applicable_reason(device)
     if reason:
         result.update(status="not_applicable", reason=reason)
-        source = _describe_source(req)
-        result["model"].update(source)
+        result["model"].update(_describe_source(req))
+    elif job.limit_source == "run deadline" and job.limit_s < MIN_START_S:
+        deadline = datetime.fromtimestamp(float(os.environ[DEADLINE_ENV]), timezone.utc).isoformat(timespec="seconds")
+        result.update(status="failed", reason=f"run budget exhausted before this job started (deadline {deadline}, "
+                                              f"{max(job.limit_s, 0):.0f} s left)")
+        result["model"].update(_describe_source(req))
     else:
         try:
-            wav = measure(req, result, variant, device)
+            with cold_compile_cache():
+                wav = measure(req, result, variant, device, job)
         except models.ModelSourceError:
             raise
-        except BaseException as exc:  # OOM, kernel errors, KeyboardInterrupt excluded below
+        except BaseException as exc:  # OOM, kernel errors, time limit; KeyboardInterrupt excluded below
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            result.update(status="failed", reason=f"{type(exc).__name__}: {exc}".strip()[:500],
+            reason = str(exc) if isinstance(exc, TimeLimitExceeded) else f"{type(exc).__name__}: {exc}".strip()
+            result.update(status="failed", reason=reason[:500],
                           error={"type": type(exc).__name__, "message": str(exc),
                                  "traceback": traceback.format_exc()},
                           timing=None, iterations=None, summary=None, memory=None, throughput=None)
@@ -198,7 +339,7 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
         wav_path = out_json.with_suffix(".wav")
         results.write_atomic(wav_path, wav)
         result["audio"] = {"sample_rate": 24_000, "wav": wav_path.name}
-    results.write_result(out_json, result)
+    RunResult.from_dict(result, str(out_json)).save_json(out_json)  # validated when written
     return result
 
 

@@ -1,73 +1,151 @@
-"""Summary statistics and bootstrap confidence intervals (numpy/scipy only)."""
+"""Summary statistics and distribution-free confidence intervals for small latency samples.
+
+A run times only a handful of calls, so every interval here is valid for the n it was computed from,
+assuming only independent draws from a continuous distribution (no normality, no resampling):
+
+* `median_ci`: order-statistic (binomial) interval of the median, [x_(j), x_(n+1-j)]. Its coverage is
+  exactly 1 - 2 P(Binom(n, 1/2) <= j - 1) >= the nominal level. At 95 % it needs n >= 6; below that there
+  is no such interval and None is returned rather than a mislabelled [min, max].
+* `relative_change`: Hodges-Lehmann estimate of the shift of log latencies (a ratio candidate/baseline)
+  with the exact Mann-Whitney (Moses) interval [d_(k), d_(nm+1-k)] of the nm pairwise log differences.
+  Under a pure scale change its coverage is exactly 1 - 2 P(U <= k - 1) >= the nominal level. The null
+  distribution of U is computed exactly for n*m <= 10 000, otherwise by the continuity-corrected normal
+  approximation (then coverage is nominal only approximately). When no k exists (e.g. 3 vs 3 runs at 95 %)
+  there is no interval and `within_noise` is None: the data cannot decide either way.
+"""
 from __future__ import annotations
+
+import math
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats as _sps
 
 CONFIDENCE = 0.95
-N_RESAMPLES = 2000
-SEED = 0
+EXACT_MAX_NM = 10_000  # exact U distribution up to n = m = 100 (0.07 s); normal approximation beyond
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic, paired: bool = False) -> tuple[float, float]:
-    """Percentile bootstrap interval from scipy; degenerate data gives a zero-width interval."""
-    if any(len(d) < 2 for d in data):
-        value = float(statistic(*data))
-        return value, value
-    if all(np.ptp(d) == 0 for d in data):
-        value = float(statistic(*data))
-        return value, value
-    res = _sps.bootstrap(
-        data,
-        statistic,
-        confidence_level=CONFIDENCE,
-        n_resamples=N_RESAMPLES,
-        method="percentile",
-        paired=paired,
-        vectorized=False,
-        rng=np.random.default_rng(SEED),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def _level(confidence: float) -> str:
+    return f"{100 * confidence:g} %"
 
 
-def median_ci(values) -> tuple[float, float]:
-    """Bootstrap 95 % confidence interval of the median."""
+def median_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Order-statistic (binomial) interval of the median; None when n is too small for `confidence`."""
     x = np.asarray(values, dtype=float)
-    return _bootstrap((x,), np.median)
+    if x.size == 0:
+        raise ValueError("cannot compute a median interval of an empty sample")
+    # q is irrelevant for the interval; p=0.5 makes it the interval of the median.
+    ci = _sps.quantile_test(x, q=float(x[0]), p=0.5).confidence_interval(confidence)
+    if np.isnan(ci.low) or np.isnan(ci.high):  # scipy's way of saying no order statistics reach the level
+        return None
+    return float(ci.low), float(ci.high)
+
+
+def _median_min_n(confidence: float) -> int:
+    # [min, max] is the widest order-statistic interval; its coverage is 1 - 2 * 0.5**n.
+    return math.ceil(math.log2(2 / (1 - confidence)) - 1e-12)
 
 
 def summarize(values) -> dict:
-    """n, mean, median, std, p10, p90, coefficient of variation and the bootstrap CI of the median."""
+    """Descriptive statistics of a latency sample plus the order-statistic interval of the median."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise ValueError("cannot summarize an empty sample")
-    low, high = median_ci(x)
     mean = float(np.mean(x))
     std = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+    ci = median_ci(x, CONFIDENCE)
+    if ci is None:
+        method = f"n too small for a {_level(CONFIDENCE)} interval (needs n >= {_median_min_n(CONFIDENCE)})"
+    else:
+        method = "order-statistic (binomial) interval of the median"
     return {
         "n": int(x.size),
         "mean": mean,
         "median": float(np.median(x)),
         "std": std,
+        "min": float(np.min(x)),
+        "max": float(np.max(x)),
         "p10": float(np.percentile(x, 10)),
         "p90": float(np.percentile(x, 90)),
         "cv": std / mean if mean else float("nan"),
-        "ci95_low": low,
-        "ci95_high": high,
+        "ci_low": None if ci is None else ci[0],
+        "ci_high": None if ci is None else ci[1],
+        "ci_level": CONFIDENCE,
+        "ci_method": method,
     }
 
 
-def relative_change(baseline, candidate) -> dict:
-    """Relative change of the median (candidate / baseline - 1) with an independent two-sample bootstrap CI.
+@lru_cache(maxsize=None)
+def _u_counts(n: int, m: int) -> tuple[int, ...]:
+    """Number of arrangements giving U = 0..n*m under H0: the coefficients of the Gaussian binomial
+    [n+m choose n]_q = prod_{i=1..n} (1 - q^(m+i)) / (1 - q^i). Each partial product is itself a Gaussian
+    binomial, hence a polynomial (of degree m*i), so the divisions below are exact integer arithmetic."""
+    c = [0] * (n * m + m + n + 1)
+    c[0] = 1
+    for i in range(1, n + 1):
+        top = m * (i - 1)  # degree of the current polynomial
+        for j in range(top + m + i, m + i - 1, -1):  # multiply by (1 - q^(m+i))
+            c[j] -= c[j - m - i]
+        for j in range(i, m * i + 1):  # divide by (1 - q^i): r[j] = p[j] + r[j-i]
+            c[j] += c[j - i]
+        for j in range(m * i + 1, top + m + i + 1):  # remainder is zero; clear the now-unused tail
+            c[j] = 0
+    return tuple(c[: n * m + 1])
 
-    `within_noise` is True when the interval contains 0: the data cannot tell the two apart.
-    """
+
+def _mw_k(n: int, m: int, confidence: float) -> tuple[int | None, str]:
+    """Largest k with P(U <= k-1) <= alpha/2 under H0 (None if even P(U = 0) is too large), and which
+    null distribution gave it ("exact" or "normal")."""
+    half_alpha = (1 - confidence) / 2
+    if n * m > EXACT_MAX_NM:
+        # P(U <= k-1) ~ Phi((k - 1 + 0.5 - nm/2) / sd) <= alpha/2  <=>  k <= nm/2 + 0.5 - z sd
+        sd = math.sqrt(n * m * (n + m + 1) / 12)
+        k = math.floor(n * m / 2 + 0.5 - _sps.norm.isf(half_alpha) * sd)
+        return (k if k >= 1 else None), "normal"
+    counts = _u_counts(n, m)
+    total = math.comb(n + m, n)
+    k, cum = 0, 0
+    for c in counts:  # P(U <= k) for k = 0, 1, ...; tiny tolerance so a tail exactly at alpha/2 counts
+        cum += c
+        if cum / total > half_alpha * (1 + 1e-12):
+            break
+        k += 1
+    return (k if k >= 1 else None), "exact"
+
+
+def relative_change(baseline, candidate, confidence: float = CONFIDENCE) -> dict:
+    """Change of candidate latency relative to baseline (ratio - 1), Hodges-Lehmann on the log scale with
+    the exact Mann-Whitney interval. `within_noise`: True if the interval contains 0, False if it excludes
+    0, None if no interval exists at this confidence for these sample sizes."""
     a = np.asarray(baseline, dtype=float)
     b = np.asarray(candidate, dtype=float)
-
-    def stat(base, cand):
-        return np.median(cand) / np.median(base) - 1.0
-
-    point = float(stat(a, b))
-    low, high = _bootstrap((a, b), stat)
-    return {"change": point, "ci95_low": low, "ci95_high": high, "within_noise": bool(low <= 0.0 <= high)}
+    if a.size == 0 or b.size == 0:
+        raise ValueError("relative_change needs non-empty baseline and candidate samples")
+    if np.any(a <= 0) or np.any(b <= 0):
+        raise ValueError("latencies must be positive (the change is computed on the log scale)")
+    n, m = int(a.size), int(b.size)
+    # Log scale: a multiplicative change is a shift, which is what the Mann-Whitney interval assumes.
+    d = np.sort((np.log(b)[None, :] - np.log(a)[:, None]).ravel())
+    k, dist = _mw_k(n, m, confidence)
+    if k is None:
+        low = high = None
+        within = None
+        method = f"n too small for a {_level(confidence)} interval (n={n}, m={m})"
+    else:
+        lo_d, hi_d = d[k - 1], d[n * m - k]  # d_(k) and d_(nm-k+1), 1-based
+        low, high = float(np.expm1(lo_d)), float(np.expm1(hi_d))
+        within = bool(lo_d <= 0.0 <= hi_d)
+        method = ("Hodges-Lehmann log-ratio, Mann-Whitney exact interval" if dist == "exact" else
+                  "Hodges-Lehmann log-ratio, Mann-Whitney normal-approximation interval (continuity-corrected)")
+    return {
+        "change": float(np.expm1(np.median(d))),
+        "ci_low": low,
+        "ci_high": high,
+        "ci_level": confidence,
+        "method": method,
+        "range_low": float(np.expm1(d[0])),
+        "range_high": float(np.expm1(d[-1])),
+        "within_noise": within,
+        "n_baseline": n,
+        "n_candidate": m,
+    }

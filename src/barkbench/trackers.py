@@ -1,7 +1,8 @@
-"""Latency, per-stage and memory trackers. One clock abstraction serves all of them:
-CUDA events (after a synchronize) on a GPU, perf_counter on the CPU."""
+"""Latency, per-stage and memory trackers, and the job's hard time limit. One clock abstraction serves
+the trackers: CUDA events (after a synchronize) on a GPU, perf_counter on the CPU."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -80,8 +81,10 @@ class StageTracker:
             owner.__dict__.pop(name, None)  # back to the class method
         return False
 
-    def as_dict(self) -> dict:
-        return {s: {"seconds": self.seconds[s], "tokens": self.tokens[s]} for s in STAGES}
+    def as_dict(self, calls: int | None = None) -> dict:
+        """Per stage, seconds and tokens of the first `calls` calls (all by default: a call cut short
+        by the time limit may have timed some stages)."""
+        return {s: {"seconds": self.seconds[s][:calls], "tokens": self.tokens[s][:calls]} for s in STAGES}
 
 
 def anon_rss_bytes() -> int | None:
@@ -169,3 +172,34 @@ def stage_timer_cost(clock: Clock, calls: int = 2000) -> float:
             one_call(timed)
     timed_s = time.perf_counter() - start
     return max(0.0, (timed_s - plain_s) / calls)
+
+
+class TimeLimitExceeded(Exception):
+    pass
+
+
+class TimeLimit:
+    """Raises TimeLimitExceeded in the main thread `seconds` after entering the block (SIGALRM through
+    setitimer); disarmed and the previous handler restored on exit. Outside the main thread, where
+    signals cannot be handled, nothing is armed."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = False
+
+    def _fire(self, signum, frame):
+        raise TimeLimitExceeded("time limit reached")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 1e-3))
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+            self.armed = False
+        return False

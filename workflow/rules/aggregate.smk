@@ -1,33 +1,45 @@
-# pandas tables and seaborn figures from the run JSONs (re-rendering never re-measures).
+# Tables and the report's text from exactly the result files this config declares, then the figures
+# from the tables (re-rendering never re-measures).
 
 
 rule aggregate:
     input:
-        run_jsons(),
+        runs=run_jsons(),
+        fidelity=fidelity_jsons(),
+        repro=repro_jsons(),
+        overhead=overhead_jsons(),
+        config=f"{RESULTS}/{layout.CONFIG}",
+        reference="report/reference/published_results.csv",
     output:
-        multiext(f"{RESULTS}/tables/", "runs.csv", "absolute.csv", "absolute.md", "relative.csv", "relative.md"),
+        tables=expand(f"{TABLES}/{{name}}.csv", name=layout.TABLE_NAMES + ("audio",)),
+        fragments=expand(f"{TABLES}/fragments/{{name}}.md", name=layout.FRAGMENT_NAMES),
     params:
-        out_dir=lambda wc, output: os.path.dirname(output[0]),
+        results=lambda wc, input: os.path.dirname(input.config),
+        baseline=config["baseline"],
+        out_dir=lambda wc, output: os.path.dirname(output.tables[0]),
     conda:
         "../../envs/barkbench.yaml"
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "python -m barkbench aggregate {input:q} --out-dir {params.out_dir} 2> {log:q}"
+        "python -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
+        " --runs {input.runs:q} --fidelity {input.fidelity:q} --repro {input.repro:q} --overhead {input.overhead:q}"
+        " --config {input.config:q} --reference {input.reference:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule figures:
     input:
-        runs=f"{RESULTS}/tables/runs.csv",
-        fidelity=fidelity_jsons(),
+        runs=f"{TABLES}/runs.csv",
+        fidelity=f"{TABLES}/fidelity.csv",
     output:
-        expand(f"{RESULTS}/figures/{{name}}.png", name=["latency", "memory", "throughput", "pareto", "stages", "lengths"]),
+        figures=expand(f"{FIGURES_DIR}/{{name}}.png", name=FIGURES),
+        markdown=f"{FIGURES_DIR}/figures.md",
     params:
-        out_dir=lambda wc, output: os.path.dirname(output[0]),
+        out_dir=lambda wc, output: os.path.dirname(output.markdown),
     conda:
         "../../envs/barkbench.yaml"
     log:
         f"{RESULTS}/logs/figures.log",
     shell:
-        "python -m barkbench figures --runs-csv {input.runs:q} --fidelity {input.fidelity:q}"
-        " --out-dir {params.out_dir} 2> {log:q}"
+        "python -m barkbench figures --runs {input.runs:q} --fidelity {input.fidelity:q}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"

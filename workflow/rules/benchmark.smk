@@ -1,24 +1,22 @@
 # One job per model x variant x batch size, each in its own process, writing one JSON (+ WAV).
-# Jobs are placed by resources only, so executor plugins (slurm, kubernetes) can spread them.
+# Outputs name this machine's hardware folder literally: another machine's results are never made here.
 
 
 rule benchmark:
     output:
-        json=f"{RESULTS}/{HARDWARE}/{{model}}/{{variant}}/bs{{bs}}.json",
+        json=this_machine(layout.RUN),
     params:
-        model=lambda wc: MODELS[wc.model],
-        protocol=lambda wc: protocol_args(wc.bs),
-        fallback=FALLBACK,
-        device=config["device"],
-    conda:
-        "../../envs/barkbench.yaml"
-    log:
-        f"{RESULTS}/logs/{HARDWARE}/{{model}}/{{variant}}/bs{{bs}}.log",
+        args=lambda wc: run_args(wc.model, wc.bs),
+        retry=retry_of(layout.RUN),
+    threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
         mem_mb=mem_mb,
-        runtime=60,
+        runtime=RUNTIME_MIN,
+    conda:
+        "../../envs/barkbench.yaml"
+    log:
+        log_of(layout.RUN),
     shell:
-        "python -m barkbench run --model {params.model} --variant {wildcards.variant:q} --device {params.device}"
-        " {params.fallback} {params.protocol} --out {output.json:q}"
-        " 2> {log:q}"
+        "python -m barkbench run --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
+        " --out {output.json:q} 2> {log:q}"

@@ -1,18 +1,37 @@
-import os
 import json
+import os
+import shlex
 import subprocess
 import sys
+import time
+from dataclasses import fields
 
+import jsonschema
 import yaml
 from snakemake.utils import validate
 
-from barkbench import models as bb_models
+from barkbench import layout
 from barkbench import variants as bb_variants
+from barkbench.figures import FIGURES
+from barkbench.protocol import DEADLINE_ENV, Protocol
 
 
-
-# Validate before any job runs: schema first, then variant conflicts (e.g. fp16+bf16).
+# ---------------------------------------------------------------- the config, checked before any job runs
 validate(config, "../schemas/config.schema.yaml")
+
+SAMPLING = ("do_sample", "fine_temperature", "coarse_temperature", "seed")
+PER_RUN = ("batch_size", "prompts")  # set by the workflow per job
+_all_fields = [f.name for f in fields(Protocol)]
+_checks = {"protocol.sampling": (config["protocol"]["sampling"], [f for f in _all_fields if f not in SAMPLING])}
+for _device in ("cuda", "cpu"):
+    _checks[f"protocol.{_device}"] = (config["protocol"][_device], [*SAMPLING, *PER_RUN])
+for _where, (_block, _exclude) in _checks.items():
+    # The protocol's fields and their constraints live in barkbench.protocol.Protocol, not in the config schema.
+    _error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(Protocol.json_schema(exclude=_exclude)).iter_errors(_block))
+    if _error is not None:
+        _at = ".".join([_where, *map(str, _error.absolute_path)])
+        raise WorkflowError(f"config: {_at}: {_error.message}")
 for _variant in config["variants"] + config["reproducibility"]["variants"] + config["overhead"]["variants"]:
     try:
         bb_variants.parse(_variant)
@@ -21,8 +40,10 @@ for _variant in config["variants"] + config["reproducibility"]["variants"] + con
 if config["baseline"] not in config["variants"]:
     raise WorkflowError(f"config: baseline {config['baseline']!r} is not among the variants")
 
-RESULTS = "results"
-REPORT = f"{RESULTS}/report.html"
+RESULTS = config["results"]
+REPORT = f"{RESULTS}/{layout.REPORT}"
+TABLES = f"{RESULTS}/{layout.TABLES}"
+FIGURES_DIR = f"{RESULTS}/{layout.FIGURES}"
 PY = sys.executable  # the interpreter that runs Snakemake has barkbench installed
 
 
@@ -37,54 +58,147 @@ def _machine():
 
 MACHINE = _machine()
 HARDWARE = config.get("hardware", MACHINE["id"])
-ON_GPU = MACHINE["device"] == "cuda"
-PROTOCOL = {**config["protocol"]["cuda" if ON_GPU else "cpu"], **config["protocol"]["sampling"]}
-MODELS = {bb_models.slug(m): m for m in config["models"]}
-FALLBACK = "" if config["offline_fallback"] == "none" else f"--offline-fallback {config['offline_fallback']}"
+DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
+PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
+BATCH_SIZES = config["batch_sizes"][DEVICE]
+for _variant in config["overhead"]["variants"]:
+    if _variant not in config["variants"] or config["overhead"]["batch_size"] not in BATCH_SIZES:
+        raise WorkflowError(f"config: overhead variant {_variant!r} at batch size {config['overhead']['batch_size']} "
+                            f"must also be a benchmarked variant and {DEVICE} batch size (it is compared with that run)")
+MODELS = {layout.slug(m): m for m in config["models"]}
+# This machine's folder first, then the folders of other machines that join this report.
+HARDWARE_FOLDERS = [HARDWARE] + [h for h in config["results_from"] if h != HARDWARE]
 
 
-def protocol_args(batch_size):
-    p = PROTOCOL
-    args = [f"--batch-size {batch_size}", f"--warmup {p['warmup']}", f"--iterations {p['iterations']}",
-            f"--max-new-tokens {p['max_new_tokens']}", f"--length-mode {p['length_mode']}",
-            f"--fine-temperature {p['fine_temperature']}", f"--coarse-temperature {p['coarse_temperature']}",
-            f"--seed {p['seed']}"]
-    if not p["do_sample"]:
-        args.append("--greedy")
-    args += [f"--prompt {json.dumps(text)}" for text in config["prompts"]]
-    return " ".join(args)
+# ---------------------------------------------------------------- job arguments (never through a shell unquoted)
+
+def run_args(model, batch_size, plain=False):
+    """Arguments of `barkbench run` for one job, as a list: the rules quote each one with `:q`."""
+    args = ["--model", MODELS[model], "--device", config["device"], "--batch-size", str(batch_size)]
+    if config["offline_fallback"] != "none":
+        args += ["--offline-fallback", config["offline_fallback"]]
+    for key, value in PROTOCOL.items():
+        if key == "do_sample":
+            args += [] if value else ["--greedy"]
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    for text in config["prompts"]:
+        args += ["--prompt", text]
+    return args + (["--no-stage-timing"] if plain else [])
 
 
-def run_jsons():
-    return expand(f"{RESULTS}/{HARDWARE}/{{model}}/{{variant}}/bs{{bs}}.json",
-                  model=MODELS, variant=config["variants"], bs=config["batch_sizes"])
+def retry_of(pattern):
+    """Params function: `--retry-of TOKEN` for a job whose result records a failure (see `retry_args`).
+    Built from the wildcards, not from `output`: Snakemake ignores params derived from output files when
+    it decides what to re-run."""
+    return lambda wc: retry_args(this_machine(pattern).format(**wc))
 
 
-def fidelity_jsons():
-    if not config["fidelity"]["enabled"]:
+def retry_args(path):
+    """`--retry-of TOKEN` when the file at `path` records a failed run: the token differs from the params
+    recorded when it ran, so Snakemake runs the job again; a success keeps the token, and stays done."""
+    if not os.path.exists(path):
         return []
-    others = [v for v in config["variants"] if v != config["baseline"]]
-    return expand(f"{RESULTS}/{HARDWARE}/{{model}}/fidelity/{{variant}}.json", model=MODELS, variant=others)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        token = f"failed@{data['finished_at']}" if data.get("status") == "failed" else data.get("retry_of")
+    except (OSError, ValueError, KeyError, AttributeError):
+        token = "unreadable"
+    return ["--retry-of", token] if token else []
 
 
-def repro_jsons():
-    r = config["reproducibility"]
-    return expand(f"{RESULTS}/{HARDWARE}/{{model}}/repro/{{variant}}/rep{{k}}.json", model=MODELS,
-                  variant=r["variants"], k=range(1, r["repeats"] + 1))
+# ---------------------------------------------------------------- the files this config declares
+
+def _paths(pattern, hardware_folders, **wildcards):
+    return expand(f"{RESULTS}/{pattern}", hardware=hardware_folders, **wildcards)
 
 
-def overhead_jsons():
-    o = config["overhead"]
-    return expand(f"{RESULTS}/{HARDWARE}/{{model}}/overhead/{{variant}}/bs{o['batch_size']}.json",
-                  model=MODELS, variant=o["variants"])
+def run_jsons(folders=None, cfg=config):
+    return _paths(layout.RUN, folders or HARDWARE_FOLDERS, model=MODELS, variant=cfg["variants"], bs=BATCH_SIZES)
+
+
+def fidelity_jsons(folders=None, cfg=config):
+    if not cfg["fidelity"]["enabled"]:
+        return []
+    others = [v for v in cfg["variants"] if v != cfg["baseline"]]
+    return _paths(layout.FIDELITY, folders or HARDWARE_FOLDERS, model=MODELS, variant=others)
+
+
+def repro_jsons(folders=None, cfg=config):
+    r = cfg["reproducibility"]
+    return _paths(layout.REPRO, folders or HARDWARE_FOLDERS, model=MODELS, variant=r["variants"],
+                  k=range(1, r["repeats"] + 1))
+
+
+def overhead_jsons(folders=None, cfg=config):
+    o = cfg["overhead"]
+    return _paths(layout.OVERHEAD, folders or HARDWARE_FOLDERS, model=MODELS, variant=o["variants"],
+                  bs=o["batch_size"])
+
+
+def _declared(cfg):
+    """The result files of this machine that `cfg` declares."""
+    return [p for f in (run_jsons, fidelity_jsons, repro_jsons, overhead_jsons) for p in f([HARDWARE], cfg)]
+
+
+_WILDCARDS = {"hardware": HARDWARE, "model": "{model}", "variant": "{variant}", "bs": "{bs}", "k": "{k}"}
+
+
+def this_machine(pattern):
+    """A layout pattern for the rules: this machine's hardware folder filled in, the rest left as wildcards."""
+    return os.path.join(RESULTS, pattern.format(**_WILDCARDS))
+
+
+def log_of(pattern):
+    """The log file beside a result pattern, under <results>/logs/."""
+    return os.path.join(RESULTS, "logs", pattern.format(**_WILDCARDS).removesuffix(".json") + ".log")
+
+
+# ---------------------------------------------------------------- time: per job and for the whole run
+
+TIME_LIMIT_S = float(PROTOCOL["time_limit_s"])
+RUNTIME_MIN = int(TIME_LIMIT_S // 60) + 5  # scheduler limit: the job's own limit, plus loading Python
+RUN_BUDGET_MIN = config["run_budget_min"][DEVICE]
+
+
+def _pending_jobs():
+    """Jobs of this machine that a run would (re)make (missing, failed or unreadable result) and that load a
+    model (their variant runs on this device)."""
+    runs_here = [v for v in set(config["variants"] + config["reproducibility"]["variants"])
+                 if bb_variants.parse(v).not_applicable_reason(bb_variants.torch.device(DEVICE)) is None]
+    here = dict(config, variants=[v for v in config["variants"] if v in runs_here],
+                reproducibility=dict(config["reproducibility"],
+                                     variants=[v for v in config["reproducibility"]["variants"] if v in runs_here]),
+                overhead=dict(config["overhead"], variants=[v for v in config["overhead"]["variants"] if v in runs_here]))
+    return [p for p in _declared(here) if not os.path.exists(p) or retry_args(p)]
+
+
+_pending = _pending_jobs()
+if _pending and DEADLINE_ENV not in os.environ:
+    _bound = len(_pending) * TIME_LIMIT_S / 60
+    if RUN_BUDGET_MIN:
+        # Every job inherits the deadline; one that would start after it is recorded as failed (and the
+        # next run attempts it again), so the whole run ends within the budget whatever the machine's speed.
+        os.environ[DEADLINE_ENV] = str(time.time() + 60 * RUN_BUDGET_MIN)
+        _bound = min(_bound, RUN_BUDGET_MIN)
+    print(f"barkbench: {len(_pending)} jobs load a model on {HARDWARE} ({DEVICE} protocol: "
+          f"{PROTOCOL['max_new_tokens']} tokens, warm-up {PROTOCOL['warmup']}, {PROTOCOL['min_iterations']}-"
+          f"{PROTOCOL['max_iterations']} timed calls, {PROTOCOL['budget_s']:g} s of timed calls per job, "
+          f"each job stopped at {TIME_LIMIT_S:g} s); the run ends within {_bound:.0f} min, plus ~2 min for "
+          "tables, figures and report", file=sys.stderr)
+
+
+# Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine.
+EXCLUSIVE = workflow.cores
 
 
 def gpu_resources(wildcards):
-    return 1 if ON_GPU else 0
+    return 1 if DEVICE == "cuda" else 0
 
 
 def mem_mb(wildcards, attempt):
-    return 16000 if ON_GPU else 12000
+    return 16000 if DEVICE == "cuda" else 12000
 
 
 wildcard_constraints:

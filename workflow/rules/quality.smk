@@ -1,51 +1,44 @@
-# Measurement rigor: fidelity against eager fp32, reproducibility in fresh processes, and the
-# stage timers' overhead (plain runs without them).
+# Measurement rigor: fidelity against the baseline variant, reproducibility in fresh processes, and the
+# stage timers' overhead (plain runs without them). All of them load a model: exclusive, like benchmarks.
 
 
 rule fidelity:
     output:
-        f"{RESULTS}/{HARDWARE}/{{model}}/fidelity/{{variant}}.json",
+        this_machine(layout.FIDELITY),
     params:
-        model=lambda wc: MODELS[wc.model],
-        fallback=FALLBACK,
-        device=config["device"],
-        tokens=config["fidelity"]["tokens"],
-    conda:
-        "../../envs/barkbench.yaml"
-    log:
-        f"{RESULTS}/logs/{HARDWARE}/{{model}}/fidelity/{{variant}}.log",
+        args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline", config["baseline"],
+                         "--tokens", str(config["fidelity"]["tokens"])]
+        + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
+        retry=retry_of(layout.FIDELITY),
+    threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
         mem_mb=mem_mb,
-        runtime=30,
+        runtime=RUNTIME_MIN,
+    conda:
+        "../../envs/barkbench.yaml"
+    log:
+        log_of(layout.FIDELITY),
     shell:
-        "python -m barkbench fidelity --model {params.model} --variant {wildcards.variant:q}"
-        " --device {params.device} {params.fallback} --tokens {params.tokens} --out {output:q} 2> {log:q}"
+        "python -m barkbench fidelity --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
+        " --out {output:q} 2> {log:q}"
 
 
 use rule benchmark as reproducibility with:
     output:
-        json=f"{RESULTS}/{HARDWARE}/{{model}}/repro/{{variant}}/rep{{k}}.json",
+        json=this_machine(layout.REPRO),
     params:
-        model=lambda wc: MODELS[wc.model],
-        protocol=lambda wc: protocol_args(config["reproducibility"]["batch_size"]),
-        fallback=FALLBACK,
-        device=config["device"],
-    conda:
-        "../../envs/barkbench.yaml"
+        args=lambda wc: run_args(wc.model, config["reproducibility"]["batch_size"]),
+        retry=retry_of(layout.REPRO),
     log:
-        f"{RESULTS}/logs/{HARDWARE}/{{model}}/repro/{{variant}}/rep{{k}}.log",
+        log_of(layout.REPRO),
 
 
 use rule benchmark as overhead with:
     output:
-        json=f"{RESULTS}/{HARDWARE}/{{model}}/overhead/{{variant}}/bs{{bs}}.json",
+        json=this_machine(layout.OVERHEAD),
     params:
-        model=lambda wc: MODELS[wc.model],
-        protocol=lambda wc: protocol_args(wc.bs) + " --no-stage-timing",
-        fallback=FALLBACK,
-        device=config["device"],
-    conda:
-        "../../envs/barkbench.yaml"
+        args=lambda wc: run_args(wc.model, wc.bs, plain=True),
+        retry=retry_of(layout.OVERHEAD),
     log:
-        f"{RESULTS}/logs/{HARDWARE}/{{model}}/overhead/{{variant}}/bs{{bs}}.log",
+        log_of(layout.OVERHEAD),

@@ -1,0 +1,453 @@
+"""The report's text: Markdown fragments laid out from the tables (`barkbench.tables`) and the records'
+metadata. Nothing here computes a statistic; `report/report.qmd` includes these files."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from . import layout
+from .tables import STAGES
+
+MINUS = "\u2212"
+PUBLISHED_TO_OURS = {  # the 2023 study's variants -> our optimizations
+    "bettertransformer": {"sdpa"},
+    "fp16": {"fp16"},
+    "offload": {"offload"},
+    "offload + bettertransformer": {"offload", "sdpa"},
+    "offload + bettertransformer + fp16": {"offload", "sdpa", "fp16"},
+}
+PUBLISHED_BASELINE = "no optimization"
+STUDY = ('Hugging Face blog "Optimizing Bark using 🤗 Transformers", Aug 2023 '
+         "(<https://huggingface.co/blog/optimizing-bark>)")
+# CPU instruction-set extensions that decide which CPU variant is fastest (bf16 and int8 matmuls).
+from .provenance import CPU_FEATURES  # noqa: E402
+INTERVALS = ("**Intervals.** Latency of one run: median with the 95 % order-statistic (binomial) confidence "
+             "interval of the median, distribution-free, shown where n ≥ 6; with fewer timed calls the "
+             "range min–max is shown and marked *n too small*. Change vs the baseline: Hodges–Lehmann "
+             "estimate of the shift of log latency with its exact Mann–Whitney 95 % interval "
+             "(distribution-free, valid at small n; needs n ≥ 4 per side); where no 95 % interval exists for "
+             "the n at hand the range of pairwise ratios is shown, and the change is neither called within "
+             "nor outside noise.")
+
+
+# ---------------------------------------------------------------- formatting
+
+def isnum(x) -> bool:
+    return x is not None and not isinstance(x, (str, bool)) and not pd.isna(x) and not (
+        isinstance(x, float) and math.isnan(x))
+
+
+def fmt_num(x, digits: int = 2) -> str:
+    return f"{float(x):.{digits}f}" if isnum(x) else ""
+
+
+def fmt_pct(x, digits: int = 1) -> str:
+    """Signed percent with a typographic minus, e.g. `−27.0 %`; empty for missing values."""
+    if not isnum(x):
+        return ""
+    return "0 %" if float(x) == 0 else f"{float(x):+.{digits}f} %".replace("-", MINUS)
+
+
+def md_escape(text) -> str:
+    """Escape Markdown-active characters in free text taken from data (names, reasons)."""
+    if text is None or (not isinstance(text, str) and not isnum(text)):
+        return ""
+    s = " ".join(str(text).split())
+    for ch in "\\`*_[]<>$@#~^":  # `|` is escaped by to_pipe_table
+        s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def to_pipe_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_(no rows)_\n"
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        cells = ["" if (not isinstance(v, str) and pd.isna(v)) else " ".join(str(v).split()).replace("|", "\\|")
+                 for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def callout(kind: str, title: str, body: str) -> str:
+    return f'::: {{.callout-{kind} title="{title}"}}\n{body.strip()}\n:::\n'
+
+
+def latency_cell(median, low, high, lo_range, hi_range) -> str:
+    if not isnum(median):
+        return ""
+    if isnum(low):
+        return f"{fmt_num(median)} [{fmt_num(low)}, {fmt_num(high)}]"
+    return f"{fmt_num(median)} (range {fmt_num(lo_range)}–{fmt_num(hi_range)}, n too small)"
+
+
+def change_cell(r) -> str:
+    c = r.get("latency_change_pct")
+    if not isnum(c) or r.get("note") == "baseline":
+        return fmt_pct(c)
+    if isnum(r.get("ci_low_pct")):
+        return f"{fmt_pct(c)} [{fmt_pct(r['ci_low_pct'])}, {fmt_pct(r['ci_high_pct'])}]"
+    return f"{fmt_pct(c)} (range {fmt_pct(r['range_low_pct'])} to {fmt_pct(r['range_high_pct'])}, n too small)"
+
+
+def noise_cell(w) -> str:
+    if w is None or (isinstance(w, float) and math.isnan(w)):
+        return ""
+    return "yes" if bool(w) else "no"
+
+
+def _status(status, reason) -> str:
+    return "ok" if status == "ok" else f"{status}: {reason}" if isinstance(reason, str) and reason else str(status)
+
+
+def _setups(df):
+    return df.groupby(["hardware", "model"], sort=False)
+
+
+# ---------------------------------------------------------------- sections
+
+def absolute_cells(g: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "batch size": g["batch_size"].astype(int).astype(str),
+        "variant": g["variant"].map(md_escape),
+        "status": [md_escape(_status(s, r)) for s, r in zip(g["status"], g["reason"])],
+        "n": [str(int(x)) if isnum(x) and s == "ok" else "" for x, s in zip(g["n"], g["status"])],
+        "latency s, median [interval]": [latency_cell(*v) for v in zip(
+            g["latency_median"], g["latency_ci_low"], g["latency_ci_high"], g["latency_min"], g["latency_max"])],
+        "CV": g["latency_cv"].map(lambda x: f"{100 * x:.1f} %" if isnum(x) else ""),
+        "peak memory MB": g["peak_memory_mb"].map(lambda x: fmt_num(x, 0)),
+        "samples/s": g["samples_per_s"].map(lambda x: fmt_num(x, 3)),
+        "RTF": g["rtf"].map(fmt_num),
+        "first-call overhead s": g["first_call_overhead_s"].map(lambda x: fmt_num(x, 1)),
+        "compile s": g["compile_s"].map(lambda x: fmt_num(x, 1)),
+        "stopped by": g["stopped_by"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
+    })
+
+
+def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "batch size": g["batch_size"].astype(int).astype(str),
+        "variant": g["variant"].map(md_escape),
+        "latency change [95 % interval]": [change_cell(r) for r in g.to_dict("records")],
+        "speed-up": g["speedup"].map(lambda x: f"{fmt_num(x)}×" if isnum(x) else ""),
+        "within noise": g["within_noise"].map(noise_cell),
+        "peak memory change": g["memory_change_pct"].map(fmt_pct),
+        "throughput change": g["throughput_change_pct"].map(fmt_pct),
+        "note": [md_escape(_status(s, r)) if s != "ok" else md_escape(n)
+                 for s, r, n in zip(g["status"], g["reason"], g["note"])],
+    })
+
+
+def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame) -> str:
+    parts = [INTERVALS + "\n"]
+    for (hw, model), g in _setups(absolute):
+        r = relative[(relative["hardware"] == hw) & (relative["model"] == model)]
+        base = md_escape(r["baseline"].iloc[0]) if len(r) else ""
+        parts.append(f"### {md_escape(hw)} · {md_escape(model)}\n\nAbsolute numbers:\n\n"
+                     f"{to_pipe_table(absolute_cells(g))}\nChange vs {base} (same hardware, model and batch size; "
+                     f"like for like only):\n\n{to_pipe_table(relative_cells(r))}")
+    return "\n".join(parts)
+
+
+def cross_hardware_md(cross: pd.DataFrame) -> str:
+    if cross.empty:
+        return ""
+    parts = ["## Across hardware\n\nAbsolute figures of each machine side by side, one table per protocol. "
+             "No relative change is ever computed across hardware.\n"]
+    for proto, g in cross.groupby("protocol", sort=False):
+        p = json.loads(proto)
+        label = ", ".join(f"{k.replace('_', ' ')} {p[k]}" for k in ("max_new_tokens", "length_mode", "warmup",
+                                                                    "min_iterations", "max_iterations") if k in p)
+        cells = {"model": g["model"].map(md_escape), "batch size": g["batch_size"].astype(str),
+                 "variant": g["variant"].map(md_escape)}
+        for col in [c for c in g.columns if "@" in c]:
+            metric, hw = col.split("@", 1)
+            name = {"latency_median": "latency s", "peak_memory_mb": "memory MB", "samples_per_s": "samples/s"}[metric]
+            cells[f"{name} · {md_escape(hw)}"] = g[col].map(lambda x: fmt_num(x, 0 if metric == "peak_memory_mb" else 3))
+        parts.append(f"Protocol: {md_escape(label)}\n\n{to_pipe_table(pd.DataFrame(cells))}")
+    return "\n".join(parts)
+
+
+def warning_md(runs: list, fidelity: list) -> str:
+    out = []
+    models = [r.model for r in runs] + [f.model for f in fidelity]
+    synth = [m for m in models if m.get("weights") == "synthetic"]
+    if synth:
+        used = sorted({m.get("id") for m in synth})
+        lines = [f"**These results were measured with SYNTHETIC weights ({', '.join(f'`{u}`' for u in used)}): "
+                 "the exact architecture of the Bark checkpoint with RANDOM weights. The audio samples are noise.** "
+                 "Latency (in fixed length mode every call decodes the same number of tokens), memory and "
+                 "throughput are meaningful; what the model says, and token agreement in the fidelity checks, "
+                 "are not."]
+        for req, ran in sorted({(m.get("requested"), m.get("id")) for m in synth}):
+            if req != ran:
+                lines.append(f"- model requested `{req}`, ran `{ran}`: the hub was unreachable and nothing was cached")
+        out.append(callout("warning", "Synthetic weights: audio is noise", "\n\n".join(lines)))
+    commits = sorted({str(r.git_commit) for r in runs})
+    versions = sorted({" ".join(f"{k}={v}" for k, v in sorted(r.versions.items()) if v) for r in runs})
+    mixed = []
+    if len(commits) > 1:
+        mixed.append(f"- {len(commits)} git commits of barkbench: {', '.join(f'`{c}`' for c in commits)}")
+    if len(versions) > 1:
+        mixed.append(f"- {len(versions)} software stacks:\n" + "\n".join(f"    - `{v}`" for v in versions))
+    if mixed:
+        out.append(callout("important", "This report mixes software versions",
+                           "The results below were not all measured with the same code and libraries. Relative "
+                           "changes are only computed between runs of the same stack (see the notes).\n\n"
+                           + "\n".join(mixed)))
+    return "\n".join(out)
+
+
+def unavailable_md(runs: pd.DataFrame) -> str:
+    bad = runs[runs["status"] != "ok"]
+    if bad.empty:
+        return ""
+    lines = [f"- **{md_escape(r.variant)}**, batch size {r.batch_size} ({md_escape(r.hardware)} · {md_escape(r.model)}): "
+             f"{md_escape(r.status)}: {md_escape(r.reason) or 'no reason given'}" for r in bad.itertuples()]
+    failed = (bad["status"] == "failed").any()
+    tail = "\n\nA failed run is attempted again by the next `snakemake ... report`." if failed else ""
+    return callout("important" if failed else "note", "Variants not applicable or failed", "\n".join(lines) + tail)
+
+
+def _cpu_features(hw: dict) -> list[str]:
+    return [f for f in CPU_FEATURES if f in (hw.get("cpu_features") or [])]
+
+
+def findings_md(runs: pd.DataFrame, rel: pd.DataFrame, fidelity: pd.DataFrame, hardware: dict) -> str:
+    out = []
+    for (hw, model), grp in _setups(rel):
+        out.append(f"**{md_escape(hw)} · {md_escape(model)}**\n")
+        feats = hardware.get(hw) or {}
+        if feats.get("device") == "cpu":
+            have = _cpu_features(feats)
+            native = any(f in have for f in ("avx512_bf16", "amx_bf16"))
+            out.append(f"- CPU features that decide the fastest variant: {', '.join(have) or 'none of ' + ', '.join(CPU_FEATURES)}"
+                       f" ({'native bf16 matmuls' if native else 'no native bf16: bf16 is emulated and may be much slower than fp32'}).")
+        fid = fidelity[(fidelity["hardware"] == hw) & (fidelity["model"] == model)] if len(fidelity) else fidelity
+        for bs, g in grp.groupby("batch_size"):
+            cand = g[(g["status"] == "ok") & (g["note"] != "baseline") & g["latency_change_pct"].notna()]
+            if cand.empty:
+                out.append(f"- batch size {bs}: no optimized variant could be compared with the baseline.")
+                continue
+            best = cand.loc[cand["latency_change_pct"].idxmin()]
+            verdict = ""
+            if len(fid):
+                f = fid[fid["variant"] == best["variant"]]
+                if len(f) and f.iloc[0]["status"] == "ok":
+                    verdict = ("; fidelity check: within tolerance" if f.iloc[0]["within_tolerance"]
+                               else "; fidelity check: **outside tolerance** (see Fidelity)")
+            noise = {True: "within noise", False: "outside noise"}.get(best["within_noise"], "n too small to decide")
+            word = "fastest" if best["latency_change_pct"] < 0 else "no variant was faster; least slowdown"
+            out.append(f"- batch size {bs}: {word} **{md_escape(best['variant'])}**, latency {change_cell(best)} vs "
+                       f"{md_escape(best['baseline'])} ({noise}){verdict}.")
+        sub = runs[(runs["hardware"] == hw) & (runs["model"] == model) & (runs["status"] == "ok")]
+        if len(sub):
+            big = sub["batch_size"].max()
+            top = sub[sub["batch_size"] == big].sort_values("samples_per_s").iloc[-1]
+            out.append(f"- best throughput at batch size {big}: **{md_escape(top['variant'])}**, "
+                       f"{fmt_num(top['samples_per_s'], 3)} samples/s.")
+        out.append("")
+    return "\n".join(out) if out else "_No runs._\n"
+
+
+def protocol_md(runs: pd.DataFrame, records: list, baseline: str, config_text: str | None) -> str:
+    protos = {}
+    for folder, rec in records:
+        p = {k: v for k, v in rec.protocol.items() if k not in ("batch_size", "prompts")}
+        protos.setdefault(folder, p)
+    keys = sorted({k for p in protos.values() for k in p})
+    rows = {"parameter": [k.replace("_", " ") for k in keys]}
+    for folder, p in protos.items():
+        rows[md_escape(folder)] = [md_escape(p.get(k)) for k in keys]
+    text = (f"Baseline variant: **{md_escape(baseline)}**. Batch sizes: "
+            f"{', '.join(str(b) for b in sorted(runs['batch_size'].unique()))}. Variants: "
+            f"{', '.join(md_escape(v) for v in runs['variant'].unique())}.\n\n"
+            "Each run: load, at least one untimed warm-up call (its time beyond a steady call is the first-call "
+            "overhead; for compiled variants the compile time, measured with a cold compile cache), then timed "
+            "calls until max iterations, or until at least min iterations were timed and the timed calls took "
+            "budget s; a job is stopped at time limit s (recorded as failed when fewer than min iterations were "
+            "timed). Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
+    prompts = []
+    for _, rec in records:
+        for q in rec.protocol.get("prompts") or []:
+            if q not in prompts:
+                prompts.append(q)
+    if prompts:
+        text += "\nPrompts (a batch of size *N* uses the first *N*, cycling):\n\n" + "\n".join(
+            f"{i}. {md_escape(q)}" for i, q in enumerate(prompts, 1)) + "\n"
+    if config_text:
+        import hashlib
+
+        digest = hashlib.sha256(config_text.encode()).hexdigest()[:12]
+        text += (f"\nEffective configuration (sha256 `{digest}`):\n\n````yaml\n{config_text.strip()}\n````\n")
+    return text
+
+
+def provenance_md(records: list) -> str:
+    hw_rows, sw_rows = {}, {}
+    for folder, r in records:
+        h = r.hardware
+        ram = h.get("ram_bytes")
+        hw_rows[folder] = {
+            "hardware folder": md_escape(folder), "machine id (measured)": md_escape(h.get("id")),
+            "node": md_escape(h.get("node")), "CPU": md_escape(h.get("cpu_model")), "cores": h.get("cpu_cores"),
+            "CPU features": md_escape(", ".join(_cpu_features(h))),
+            "RAM GiB": fmt_num(ram / 2**30, 1) if ram else "", "GPU": md_escape(h.get("gpu_name") or "none"),
+            "driver": md_escape(h.get("gpu_driver")), "torch threads": h.get("torch_threads"),
+            "device": md_escape(r.device.get("name"))}
+        v = r.versions
+        sw = {"hardware folder": md_escape(folder), **{k: md_escape(v.get(k) or "") for k in
+              ("python", "torch", "transformers", "accelerate", "optimum", "barkbench")},
+              "git commit": md_escape(r.git_commit or "")}
+        sw_rows[tuple(sw.values())] = sw
+    return ("Hardware:\n\n" + to_pipe_table(pd.DataFrame(list(hw_rows.values())))
+            + "\nSoftware:\n\n" + to_pipe_table(pd.DataFrame(list(sw_rows.values()))))
+
+
+def stages_md(runs: pd.DataFrame) -> str:
+    ok = runs[runs["status"] == "ok"]
+    parts = []
+    for (hw, model), g in _setups(ok):
+        cells = {"batch size": g["batch_size"].astype(str), "variant": g["variant"].map(md_escape)}
+        for st in STAGES:
+            sec, tok = g[f"stage_{st}_s"].astype(float), g[f"stage_{st}_tokens"].astype(float)
+            cells[f"{st} s (tokens/s)"] = [f"{fmt_num(s)} ({fmt_num(t / s, 1)})" if isnum(s) and s > 0 and isnum(t)
+                                           else fmt_num(s) for s, t in zip(sec, tok)]
+        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** (medians over the timed calls)\n\n"
+                     + to_pipe_table(pd.DataFrame(cells)))
+    return "\n".join(parts) if parts else "_No ok runs._\n"
+
+
+def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:
+    """Name in the report -> WAV file, for every ok run that recorded one."""
+    ok = runs[(runs["status"] == "ok") & runs["wav"].notna()]
+    names = [f"{layout.slug(r.hardware)}__{layout.slug(r.model)}__{r.variant}__bs{r.batch_size}.wav".replace("+", "-")
+             for r in ok.itertuples()]
+    return pd.DataFrame({"name": names, "source": ok["wav"].tolist(), "variant": ok["variant"].tolist(),
+                         "batch_size": ok["batch_size"].tolist(), "hardware": ok["hardware"].tolist(),
+                         "model": ok["model"].tolist()})
+
+
+def audio_md(manifest: pd.DataFrame) -> str:
+    lines = [f"**{md_escape(r.variant)}**, batch size {r.batch_size} ({md_escape(r.hardware)} · {md_escape(r.model)})"
+             f"\n\n<audio controls src=\"audio/{r.name}\"></audio>\n" for r in manifest.itertuples()]
+    return "\n".join(lines) if lines else "_No audio was recorded._\n"
+
+
+def _opts(value) -> frozenset:
+    return frozenset(o for o in str(value).split("+") if o) if isinstance(value, str) else frozenset()
+
+
+def comparison_md(reference: pd.DataFrame | None, runs: pd.DataFrame, rel: pd.DataFrame) -> str:
+    if reference is None or reference.empty:
+        return "_Reference data not found._\n"
+    pub = reference
+    shown = pd.DataFrame({
+        "source": pub["source"].map(md_escape), "hardware": pub["hardware"].map(md_escape),
+        "checkpoint": pub["checkpoint"].map(md_escape), "batch size": pub["batch_size"].astype(str),
+        "variant": pub["variant"].map(md_escape), "latency s": pub["latency_s"].map(fmt_num),
+        "peak memory MB": pub["peak_memory_mb"].map(lambda x: fmt_num(x, 0)),
+        "samples/s": pub["throughput_samples_per_s"].map(fmt_num)})
+    text = (f"Published numbers from the {STUDY}: `blog-2023` is its 100-iteration benchmark, "
+            "`blog-2023-walkthrough` the short walk-through in the same post.\n\n" + to_pipe_table(shown))
+    opts = dict(zip(zip(runs["hardware"], runs["model"], runs["variant"]), runs["optimizations"].map(_opts)))
+    rows = []
+    for (src, bs), g in pub.groupby(["source", "batch_size"], sort=False):
+        base = g[g["variant"] == PUBLISHED_BASELINE]
+        if base.empty:
+            continue
+        base = base.iloc[0]
+        for p in g[g["variant"].isin(PUBLISHED_TO_OURS)].itertuples():
+            ours = rel[(rel["batch_size"] == bs) & np.array(
+                [opts.get(k) == PUBLISHED_TO_OURS[p.variant] for k in zip(rel["hardware"], rel["model"], rel["variant"])],
+                dtype=bool)]
+            cells = {"study": f"{md_escape(src)}, {md_escape(p.hardware)}, {md_escape(p.checkpoint)}",
+                     "published variant": md_escape(p.variant),
+                     "published latency": fmt_pct(100 * (p.latency_s / base["latency_s"] - 1)),
+                     "published memory": fmt_pct(100 * (p.peak_memory_mb / base["peak_memory_mb"] - 1))}
+            if ours.empty:
+                rows.append({**cells, "our variant": "not run", "our setup": "", "our latency": "", "our memory": ""})
+            for o in ours.to_dict("records"):
+                ok = o["status"] == "ok"
+                rows.append({**cells, "our variant": md_escape(o["variant"]),
+                             "our setup": f"{md_escape(o['hardware'])} · {md_escape(o['model'])}",
+                             "our latency": (change_cell(o) or md_escape(o["note"])) if ok else md_escape(o["status"]),
+                             "our memory": fmt_pct(o["memory_change_pct"]) if ok else ""})
+    text += (f"\nRelative change vs \"{PUBLISHED_BASELINE}\" (published) and vs our baseline, at the published batch "
+             "size. Correspondence: bettertransformer ↔ sdpa, fp16 ↔ fp16, offload ↔ offload, "
+             "offload + bettertransformer + fp16 ↔ offload+sdpa+fp16.\n\n")
+    text += to_pipe_table(pd.DataFrame(rows)) if rows else "_No published baseline to compare with._\n"
+    return text + "\n" + callout("note", "Different setups",
+                                 "The study ran other hardware (TITAN RTX, Tesla T4), other checkpoints, other library "
+                                 "versions and BetterTransformer rather than SDPA: compare directions and rough sizes "
+                                 "of the changes, not absolute numbers.")
+
+
+def _g(x) -> str:
+    return f"{float(x):.3g}" if isnum(x) else "–"
+
+
+def fidelity_md(fid: pd.DataFrame) -> str:
+    if fid.empty:
+        return ""
+    tol = {json.loads(t).get("note") for t in fid["tolerance"]}
+    cells = pd.DataFrame({
+        "hardware": fid["hardware"].map(md_escape), "model": fid["model"].map(md_escape),
+        "variant": fid["variant"].map(md_escape), "baseline": fid["baseline"].map(md_escape),
+        "status": fid["status"].map(md_escape),
+        "logits max abs (sem/coarse/fine)": ["/".join(_g(r[f"{s}_max_abs"]) for s in ("semantic", "coarse", "fine"))
+                                            for _, r in fid.iterrows()],
+        "logits max rel": ["/".join(_g(r[f"{s}_max_rel"]) for s in ("semantic", "coarse", "fine"))
+                           for _, r in fid.iterrows()],
+        "token agreement (sem/coarse)": ["/".join(_g(r[f"{s}_agreement"]) for s in ("semantic", "coarse"))
+                                         for _, r in fid.iterrows()],
+        "SNR dB": fid["waveform_snr_db"].map(lambda x: fmt_num(x, 1)),
+        "within tolerance": ["yes" if w is True else "**NO** ⚠" if w is False else "" for w in fid["within_tolerance"]],
+        "violations / reason": [md_escape(v or r or "") for v, r in zip(fid["violations"], fid["reason"])],
+    })
+    notes = "; ".join(md_escape(t) for t in sorted(t for t in tol if t))
+    return (f"## Fidelity vs the baseline\n\nEach variant against the baseline variant on the same inputs, "
+            f"tolerances per optimization ({notes}). With random (synthetic) weights the logits are nearly flat, so "
+            "greedy token agreement is fragile there: the headline findings do not rest on it.\n\n"
+            + to_pipe_table(cells))
+
+
+def repro_md(rep: pd.DataFrame) -> str:
+    if rep.empty:
+        return ""
+    cells = pd.DataFrame({
+        "hardware": rep["hardware"].map(md_escape), "model": rep["model"].map(md_escape),
+        "batch size": rep["batch_size"].astype(str), "variant": rep["variant"].map(md_escape),
+        "reps (ok)": [f"{a} ({b})" for a, b in zip(rep["reps"], rep["ok_reps"])], "n per rep": rep["n_per_rep"],
+        "median per rep, s": [", ".join(fmt_num(m) for m in json.loads(x)) for x in rep["medians_s"]],
+        "max/min − 1": rep["spread_pct"].map(fmt_pct),
+        "< 5 %": rep["reproducible"].map({True: "yes", False: "**no**"})})
+    return ("## Reproducibility\n\nEach repetition is a fresh process running the full protocol; the spread is the "
+            "relative difference between the largest and the smallest per-repetition median.\n\n" + to_pipe_table(cells))
+
+
+def overhead_md(df: pd.DataFrame) -> str:
+    if df.empty:
+        return ""
+    cells = pd.DataFrame({
+        "hardware": df["hardware"].map(md_escape), "model": df["model"].map(md_escape),
+        "batch size": df["batch_size"].astype(str), "variant": df["variant"].map(md_escape),
+        "plain median s": df["plain_median_s"].map(fmt_num),
+        "instrumented median s": df["instrumented_median_s"].map(fmt_num),
+        "change [95 % interval]": [change_cell(r) or md_escape(r["note"]) for r in df.to_dict("records")],
+        "within noise": df.get("within_noise", pd.Series([None] * len(df))).map(noise_cell),
+        "timer cost, direct": [f"{x:.4f} %" if isnum(x) else "" for x in df["timer_cost_pct"]]})
+    direct = df["timer_cost_pct"].dropna()
+    verdict = ""
+    if len(direct):
+        worst = direct.max()
+        verdict = (f" Measured directly (the stage methods of a stand-in model called with and without the timers), "
+                   f"the timers cost at most {worst:.4f} % of a call's latency: "
+                   + ("under the 1 % budget." if worst < 1 else "**over the 1 % budget**."))
+    return ("## Instrumentation overhead\n\nInstrumented runs (per-stage timers on) against plain runs without stage "
+            "timers, same configuration, separate processes: this comparison is bounded by run-to-run noise (see "
+            "Reproducibility)." + verdict + "\n\n" + to_pipe_table(cells))

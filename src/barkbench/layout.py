@@ -1,0 +1,39 @@
+"""The results layout: where every file of a run lives, relative to the results folder of a config.
+
+One source of truth for the workflow's rules (which format these patterns with their wildcards) and
+for the package. Each machine's measurements stay under their own hardware folder:
+
+    <results>/<hardware>/<model>/<variant>/bs<N>.json          one benchmark run (+ .wav beside it)
+    <results>/<hardware>/<model>/fidelity/<variant>.json       fidelity of a variant against the baseline
+    <results>/<hardware>/<model>/repro/<variant>/rep<K>.json   the same run repeated in fresh processes
+    <results>/<hardware>/<model>/overhead/<variant>/bs<N>.json a plain run without stage timers
+    <results>/tables/...  <results>/figures/...  <results>/report.html
+"""
+from __future__ import annotations
+
+RUN = "{hardware}/{model}/{variant}/bs{bs}.json"
+FIDELITY = "{hardware}/{model}/fidelity/{variant}.json"
+REPRO = "{hardware}/{model}/repro/{variant}/rep{k}.json"
+OVERHEAD = "{hardware}/{model}/overhead/{variant}/bs{bs}.json"
+
+TABLES = "tables"
+FIGURES = "figures"
+REPORT = "report.html"
+CONFIG = "config.yaml"
+
+# Folder names a variant can never take (they hold the fidelity, repro and overhead files).
+RESERVED = ("fidelity", "repro", "overhead")
+
+# Tables written by `barkbench aggregate` (CSV: data; the report's fragments are Markdown beside them).
+TABLE_NAMES = ("runs", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead")
+FRAGMENT_NAMES = ("warning", "findings", "unavailable", "protocol", "provenance", "tables", "cross_hardware",
+                  "stages", "fidelity", "repro", "overhead", "comparison", "audio")
+
+
+def slug(model_id: str) -> str:
+    """Folder-safe name of a model id (suno/bark-small -> suno--bark-small)."""
+    return model_id.replace("/", "--").replace(":", "--")
+
+
+def path(root: str, pattern: str, **fields) -> str:
+    return f"{root}/{pattern.format(**fields)}"

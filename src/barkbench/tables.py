@@ -1,0 +1,286 @@
+"""Tidy pandas tables from result records: runs, absolute, relative (like for like only), fidelity,
+reproducibility, stage-timer overhead and the cross-hardware view. Every statistic of the report is
+computed here, once; the Markdown fragments and the figures only read these tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import layout
+from .records import FidelityResult, ResultError, RunResult, hardware_folder
+from .stats import relative_change
+
+STAGES = ("semantic", "coarse", "fine", "decode")
+MB = 1e6  # 1 MB = 10^6 bytes, as the 2023 study
+REPRO_TOLERANCE = 0.05  # largest relative spread of per-repetition medians called reproducible
+# What two runs must share for a relative change between them to mean anything (besides hardware,
+# model and batch size, which group them): a difference is named in the table instead of a number.
+LIKE_FOR_LIKE = ("weights", "model_id", "protocol", "versions", "instrumented")
+VERSION_KEYS = ("python", "torch", "transformers", "accelerate", "optimum")
+GROUP = ["hardware", "model", "batch_size"]
+
+
+def _get(d, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return default
+        d = d[k]
+    return d
+
+
+def _median(xs):
+    xs = [x for x in (xs or []) if x is not None]
+    return float(np.median(xs)) if xs else np.nan
+
+
+# ---------------------------------------------------------------- reading the declared files
+
+def _check_place(rec: RunResult, path: Path, root) -> str:
+    """The hardware folder of a run file; its content must be what its place in the layout says."""
+    folder = hardware_folder(path, root)
+    model, variant, bs = layout.slug(rec.model["requested"]), rec.variant["name"], rec.protocol["batch_size"]
+    rel = Path(path).resolve().relative_to(Path(root).resolve()).parts
+    if rel[1] != model or (rel[2] not in layout.RESERVED and (rel[2] != variant or rel[3] != f"bs{bs}.json")):
+        raise ResultError(f"{path}: holds {rec.model['requested']} / {variant} / batch size {bs}, "
+                          f"not what its place in the results layout says")
+    return folder
+
+
+def read_runs(paths, root) -> list[tuple[str, Path, RunResult]]:
+    out = []
+    for p in map(Path, paths):
+        rec = RunResult.from_json(p)
+        out.append((_check_place(rec, p, root), p, rec))
+    return out
+
+
+def read_fidelity(paths, root) -> list[tuple[str, Path, FidelityResult]]:
+    return [(hardware_folder(p, root), Path(p), FidelityResult.from_json(p)) for p in map(Path, paths)]
+
+
+def check_one_machine_per_folder(*record_lists) -> dict[str, str]:
+    """{hardware folder: the machine id measured inside its jobs}; a folder of several machines is an error."""
+    seen: dict[str, dict[str, int]] = {}
+    for records in record_lists:
+        for folder, _, rec in records:
+            hw = rec.hardware.get("id")
+            seen.setdefault(folder, {}).setdefault(hw, 0)
+            seen[folder][hw] += 1
+    for folder, ids in seen.items():
+        if len(ids) > 1:
+            listed = ", ".join(f"{hw} ({n} files)" for hw, n in ids.items())
+            raise ResultError(f"results folder {folder!r} holds results measured on {len(ids)} machines: {listed}; "
+                              "keep one folder per machine")
+    return {folder: next(iter(ids)) for folder, ids in seen.items()}
+
+
+# ---------------------------------------------------------------- runs
+
+def _protocol_key(protocol: dict) -> str:
+    return json.dumps({k: v for k, v in sorted(protocol.items()) if k != "batch_size"})
+
+
+def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
+    it, summ = rec.iterations or {}, _get(rec.summary, "latency_s") or {}
+    mem, thr, timing = rec.memory or {}, rec.throughput or {}, rec.timing or {}
+    device = rec.device.get("type", "")
+    cuda, anon, rss = mem.get("cuda_peak_allocated_bytes"), mem.get("peak_anon_rss_bytes"), mem.get("peak_rss_bytes")
+    if device == "cuda" and cuda is not None:
+        peak, kind = cuda, "CUDA peak allocated"
+    elif anon is not None:
+        peak, kind = anon, "peak anonymous RSS"
+    else:
+        peak, kind = rss, "peak RSS"
+    lat = [float(x) for x in it.get("latency_s") or []]
+    sem = [int(x) for x in it.get("semantic_tokens") or []]
+    wav = _get(rec.audio, "wav")
+    row = {
+        "hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
+        "model_id": rec.model.get("id"), "weights": rec.model.get("weights"),
+        "variant": rec.variant["name"], "optimizations": "+".join(rec.variant.get("optimizations") or []),
+        "baseline": baseline, "batch_size": int(rec.protocol["batch_size"]), "status": rec.status,
+        "reason": rec.reason, "device": device, "instrumented": bool(rec.instrumented),
+        "protocol": _protocol_key(rec.protocol),
+        "versions": " ".join(f"{k}={rec.versions.get(k)}" for k in VERSION_KEYS if rec.versions.get(k)),
+        "git_commit": rec.git_commit, "length_mode": rec.protocol.get("length_mode"),
+        "max_new_tokens": rec.protocol.get("max_new_tokens"), "n": int(summ.get("n", len(lat))),
+    }
+    for key in ("median", "mean", "std", "cv", "min", "max", "p10", "p90", "ci_low", "ci_high"):
+        row[f"latency_{key}"] = summ.get(key, np.nan) if summ.get(key) is not None else np.nan
+    row["latency_ci_method"] = summ.get("ci_method")
+    row.update({
+        "memory_kind": kind if peak is not None else None,
+        "peak_memory_mb": peak / MB if peak is not None else np.nan,
+        "weights_mb": (mem.get("weights_bytes") or np.nan) / MB,
+        "samples_per_s": thr.get("samples_per_s", np.nan), "audio_s_per_s": thr.get("audio_s_per_s", np.nan),
+        "rtf": thr.get("rtf", np.nan),
+        "load_s": timing.get("load_s", np.nan), "compile_s": timing.get("compile_s") or np.nan,
+        "first_call_overhead_s": timing.get("first_call_overhead_s", np.nan),
+        "stopped_by": timing.get("stopped_by"), "timed_s": timing.get("timed_s", np.nan),
+        "stage_timer_overhead_s": timing.get("stage_timer_overhead_s") or np.nan,
+    })
+    stages = it.get("stages") or {}
+    for st in STAGES:
+        row[f"stage_{st}_s"] = _median(_get(stages, st, "seconds"))
+        row[f"stage_{st}_tokens"] = _median(_get(stages, st, "tokens"))
+    row.update({
+        "semantic_len_median": float(np.median(sem)) if sem else np.nan,
+        "wav": str(path.parent / wav) if wav else None,
+        "latency_s": json.dumps(lat),  # per-iteration values, JSON-encoded so the CSV round-trips
+        "semantic_lengths": json.dumps(sem),
+        "path": str(path),
+    })
+    return row
+
+
+def variant_order(variants, baseline: str) -> list[str]:
+    """Baseline first, then alphabetical."""
+    uniq = sorted(set(variants))
+    return ([baseline] if baseline in uniq else []) + [v for v in uniq if v != baseline]
+
+
+def runs_table(records, baseline: str) -> pd.DataFrame:
+    df = pd.DataFrame([run_row(f, p, r, baseline) for f, p, r in records])
+    if df.empty:
+        return df
+    order = {v: i for i, v in enumerate(variant_order(df["variant"], baseline))}
+    df = df.assign(_o=df["variant"].map(order)).sort_values(["hardware", "model", "batch_size", "_o"])
+    return df.drop(columns="_o").reset_index(drop=True)
+
+
+def latencies(row) -> list[float]:
+    val = row["latency_s"]
+    return [float(x) for x in json.loads(val)] if isinstance(val, str) and val else []
+
+
+def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
+    cols = GROUP + ["variant", "status", "reason", "n", "latency_median", "latency_ci_low", "latency_ci_high",
+                    "latency_min", "latency_max", "latency_ci_method", "latency_cv", "peak_memory_mb", "memory_kind",
+                    "samples_per_s", "rtf", "first_call_overhead_s", "compile_s", "stopped_by"]
+    return runs[cols].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- like for like
+
+def difference(a, b) -> str | None:
+    """What keeps runs `a` and `b` (rows of the runs table) from being compared; None when like for like."""
+    for key in LIKE_FOR_LIKE:
+        if a[key] != b[key]:
+            if key == "protocol":
+                pa, pb = json.loads(a[key]), json.loads(b[key])
+                diff = [f"{k} {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)]
+                return "protocol differs (" + "; ".join(diff)[:200] + ")"
+            return f"{key.replace('_', ' ')} differs ({a[key]} vs {b[key]})"
+    return None
+
+
+def _change_cells(base_lat, cand_lat) -> dict:
+    rc = relative_change(base_lat, cand_lat)
+    pct = (lambda x: 100 * x if x is not None else np.nan)
+    return {"latency_change_pct": pct(rc["change"]), "ci_low_pct": pct(rc["ci_low"]),
+            "ci_high_pct": pct(rc["ci_high"]), "range_low_pct": pct(rc["range_low"]),
+            "range_high_pct": pct(rc["range_high"]), "ci_method": rc["method"], "within_noise": rc["within_noise"],
+            "speedup": 1.0 / (1.0 + rc["change"])}
+
+
+def relative_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Change vs the baseline variant of the same hardware, model and batch size, like for like only.
+
+    Latency: Hodges-Lehmann change of log latency with its Mann-Whitney interval (`stats.relative_change`);
+    memory and throughput: ratios of the point values.
+    """
+    rows = []
+    for _, grp in runs.groupby(GROUP, sort=False):
+        base = grp[(grp["variant"] == baseline) & (grp["status"] == "ok") & grp["instrumented"]]
+        base = base.iloc[0] if len(base) else None
+        for _, r in grp.iterrows():
+            row = {k: r[k] for k in GROUP + ["variant", "status", "reason"]}
+            row.update(baseline=baseline, note="")
+            why = None if base is None else difference(base, r)
+            if r["status"] != "ok":
+                row["note"] = r["status"]
+            elif base is None:
+                row["note"] = f"no ok {baseline} run to compare with"
+            elif why:
+                row["note"] = f"not compared with {baseline}: {why}"
+            elif r["variant"] == baseline:
+                row.update(latency_change_pct=0.0, speedup=1.0, memory_change_pct=0.0, throughput_change_pct=0.0,
+                           note="baseline")
+            else:
+                row.update(_change_cells(latencies(base), latencies(r)),
+                           memory_change_pct=100 * (r["peak_memory_mb"] / base["peak_memory_mb"] - 1),
+                           throughput_change_pct=100 * (r["samples_per_s"] / base["samples_per_s"] - 1))
+            rows.append(row)
+    cols = GROUP + ["variant", "status", "reason", "baseline", "latency_change_pct", "ci_low_pct", "ci_high_pct",
+                    "range_low_pct", "range_high_pct", "ci_method", "within_noise", "speedup", "memory_change_pct",
+                    "throughput_change_pct", "note"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def cross_hardware_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Absolute medians side by side, one column per hardware, one block per protocol (never a ratio)."""
+    ok = runs[(runs["status"] == "ok") & runs["instrumented"]]
+    if ok["hardware"].nunique() < 2:
+        return pd.DataFrame()
+    wide = ok.pivot_table(index=["protocol", "model", "model_id", "batch_size", "variant"], columns="hardware",
+                          values=["latency_median", "peak_memory_mb", "samples_per_s"], aggfunc="first")
+    wide.columns = [f"{metric}@{hw}" for metric, hw in wide.columns]
+    return wide.reset_index()
+
+
+# ---------------------------------------------------------------- quality checks
+
+def fidelity_table(records) -> pd.DataFrame:
+    rows = []
+    for folder, path, rec in records:
+        row = {"hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
+               "model_id": rec.model.get("id"), "weights": rec.model.get("weights"), "variant": rec.variant,
+               "baseline": rec.baseline, "status": rec.status, "reason": rec.reason,
+               "within_tolerance": rec.within_tolerance, "violations": "; ".join(rec.violations),
+               "waveform_snr_db": rec.waveform_snr_db, "tolerance": json.dumps(rec.tolerance)}
+        for stage in ("semantic", "coarse", "fine"):
+            lg = _get(rec.logits, stage) or {}
+            row[f"{stage}_max_abs"], row[f"{stage}_max_rel"] = lg.get("max_abs"), lg.get("max_rel")
+            row[f"{stage}_agreement"] = _get(rec.tokens, stage, "agreement")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def repro_table(records, baseline: str) -> pd.DataFrame:
+    """Per (hardware, model, variant, batch size): medians of each fresh-process repetition and their spread."""
+    reps = runs_table(records, baseline)
+    rows = []
+    if reps.empty:
+        return pd.DataFrame()
+    for (hw, model, bs, variant), g in reps.groupby(["hardware", "model", "batch_size", "variant"], sort=False):
+        ok = g[g["status"] == "ok"]
+        med = ok["latency_median"].to_numpy(float)
+        spread = med.max() / med.min() - 1 if len(med) else np.nan
+        rows.append({"hardware": hw, "model": model, "batch_size": bs, "variant": variant, "reps": len(g),
+                     "ok_reps": len(ok), "n_per_rep": ", ".join(str(n) for n in ok["n"]),
+                     "medians_s": json.dumps([round(m, 4) for m in med]), "spread_pct": 100 * spread,
+                     "reproducible": bool(spread < REPRO_TOLERANCE) if len(med) > 1 else None})
+    return pd.DataFrame(rows)
+
+
+def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Instrumented runs (stage timers on) against plain runs of the same configuration."""
+    plain = runs_table(plain_records, baseline)
+    rows = []
+    for _, p in (plain[plain["status"] == "ok"].iterrows() if len(plain) else []):
+        m = runs[(runs["hardware"] == p["hardware"]) & (runs["model"] == p["model"]) & (runs["variant"] == p["variant"])
+                 & (runs["batch_size"] == p["batch_size"]) & (runs["status"] == "ok")]
+        if m.empty:
+            continue
+        inst = m.iloc[0]
+        row = {"hardware": p["hardware"], "model": p["model"], "variant": p["variant"], "batch_size": p["batch_size"],
+               "plain_median_s": p["latency_median"], "instrumented_median_s": inst["latency_median"],
+               "timer_cost_pct": 100 * inst["stage_timer_overhead_s"] / inst["latency_median"]}
+        why = next((difference(p, inst) for _ in [0] if p["protocol"] != inst["protocol"]), None)
+        row.update({"note": f"not compared: {why}"} if why else {**_change_cells(latencies(p), latencies(inst)),
+                                                                 "note": ""})
+        rows.append(row)
+    return pd.DataFrame(rows)
