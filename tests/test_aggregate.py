@@ -134,10 +134,12 @@ def test_aggregate_writes_every_table_and_fragment(results_tree, tmp_path):
     assert na["status"] == "not_applicable" and math.isnan(na["latency_median"])
     assert "boom" in absolute[absolute["variant"] == "offload"].iloc[0]["reason"]
     tables_md = (tmp_path / "tables" / "fragments" / "tables.md").read_text()
-    assert "n too small" in tables_md and "not applicable on cpu: needs CUDA" in tables_md
+    assert "n too small" in tables_md and "RuntimeError: boom" in tables_md
+    assert "| fp16 |" not in tables_md  # not applicable here: listed once, in the callout
     assert "95 % CI]" not in tables_md  # n = 5 everywhere: no interval is printed as a 95 % CI
     assert read_csv(out["cross_hardware"]).empty  # one machine
-    assert "RuntimeError: boom" in (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
+    unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
+    assert unavailable.index("RuntimeError: boom") < unavailable.index("not applicable on cpu: needs CUDA")
 
 
 def test_two_machines_one_report_no_cross_hardware_ratio(tmp_path):

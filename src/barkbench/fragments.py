@@ -41,7 +41,7 @@ def isnum(x) -> bool:
 
 
 def fmt_num(x, digits: int = 2) -> str:
-    return f"{float(x):.{digits}f}" if isnum(x) else ""
+    return f"{round(float(x), digits) + 0.0:.{digits}f}" if isnum(x) else ""  # + 0.0: never "-0.0"
 
 
 def fmt_pct(x, digits: int = 1) -> str:
@@ -53,6 +53,8 @@ def fmt_pct(x, digits: int = 1) -> str:
 
 def md_escape(text) -> str:
     """Escape Markdown-active characters in free text taken from data (names, reasons)."""
+    if isinstance(text, bool):
+        return str(text).lower()
     if text is None or (not isinstance(text, str) and not isnum(text)):
         return ""
     s = " ".join(str(text).split())
@@ -94,9 +96,9 @@ def change_cell(r) -> str:
     return f"{fmt_pct(c)} (range {fmt_pct(r['range_low_pct'])} to {fmt_pct(r['range_high_pct'])}, n too small)"
 
 
-def noise_cell(w) -> str:
+def noise_cell(w, change=None) -> str:
     if w is None or (isinstance(w, float) and math.isnan(w)):
-        return ""
+        return "undecided (n too small)" if isnum(change) and change != 0 else ""
     return "yes" if bool(w) else "no"
 
 
@@ -134,7 +136,7 @@ def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
         "variant": g["variant"].map(md_escape),
         "latency change [95 % interval]": [change_cell(r) for r in g.to_dict("records")],
         "speed-up": g["speedup"].map(lambda x: f"{fmt_num(x)}×" if isnum(x) else ""),
-        "within noise": g["within_noise"].map(noise_cell),
+        "within noise": [noise_cell(w, c) for w, c in zip(g["within_noise"], g["latency_change_pct"])],
         "peak memory change": g["memory_change_pct"].map(fmt_pct),
         "throughput change": g["throughput_change_pct"].map(fmt_pct),
         "note": [md_escape(_status(s, r)) if s != "ok" else md_escape(n)
@@ -143,7 +145,11 @@ def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
 
 
 def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame) -> str:
+    """Absolute and relative tables per hardware and model; variants not applicable there are listed once,
+    in the callout above, not as empty rows."""
     parts = [INTERVALS + "\n"]
+    absolute = absolute[absolute["status"] != "not_applicable"]
+    relative = relative[relative["status"] != "not_applicable"]
     for (hw, model), g in _setups(absolute):
         r = relative[(relative["hardware"] == hw) & (relative["model"] == model)]
         base = md_escape(r["baseline"].iloc[0]) if len(r) else ""
@@ -203,14 +209,20 @@ def warning_md(runs: list, fidelity: list) -> str:
 
 
 def unavailable_md(runs: pd.DataFrame) -> str:
+    """One line per variant that did not run (all batch sizes together): failed first, then not applicable."""
     bad = runs[runs["status"] != "ok"]
     if bad.empty:
         return ""
-    lines = [f"- **{md_escape(r.variant)}**, batch size {r.batch_size} ({md_escape(r.hardware)} · {md_escape(r.model)}): "
-             f"{md_escape(r.status)}: {md_escape(r.reason) or 'no reason given'}" for r in bad.itertuples()]
+    lines = []
+    for (status, hw, model, variant, reason), g in bad.groupby(
+            ["status", "hardware", "model", "variant", bad["reason"].fillna("no reason given")], sort=False):
+        sizes = ", ".join(str(b) for b in sorted(g["batch_size"]))
+        lines.append((status != "failed", f"- **{md_escape(variant)}**, batch size {sizes} ({md_escape(hw)} · "
+                                          f"{md_escape(model)}): {md_escape(status)}: {md_escape(reason)}"))
     failed = (bad["status"] == "failed").any()
     tail = "\n\nA failed run is attempted again by the next `snakemake ... report`." if failed else ""
-    return callout("important" if failed else "note", "Variants not applicable or failed", "\n".join(lines) + tail)
+    return callout("important" if failed else "note", "Variants not applicable or failed",
+                   "\n".join(text for _, text in sorted(lines, key=lambda x: x[0])) + tail)
 
 
 def _cpu_features(hw: dict) -> list[str]:
@@ -416,12 +428,16 @@ def fidelity_md(fid: pd.DataFrame) -> str:
             + to_pipe_table(cells))
 
 
+def _key_cells(df: pd.DataFrame) -> dict:
+    return {"hardware": df["hardware"].map(md_escape), "model": df["model"].map(md_escape),
+            "batch size": df["batch_size"].astype(str), "variant": df["variant"].map(md_escape)}
+
+
 def repro_md(rep: pd.DataFrame) -> str:
     if rep.empty:
         return ""
     cells = pd.DataFrame({
-        "hardware": rep["hardware"].map(md_escape), "model": rep["model"].map(md_escape),
-        "batch size": rep["batch_size"].astype(str), "variant": rep["variant"].map(md_escape),
+        **_key_cells(rep),
         "reps (ok)": [f"{a} ({b})" for a, b in zip(rep["reps"], rep["ok_reps"])], "n per rep": rep["n_per_rep"],
         "median per rep, s": [", ".join(fmt_num(m) for m in json.loads(x)) for x in rep["medians_s"]],
         "max/min − 1": rep["spread_pct"].map(fmt_pct),
@@ -434,12 +450,12 @@ def overhead_md(df: pd.DataFrame) -> str:
     if df.empty:
         return ""
     cells = pd.DataFrame({
-        "hardware": df["hardware"].map(md_escape), "model": df["model"].map(md_escape),
-        "batch size": df["batch_size"].astype(str), "variant": df["variant"].map(md_escape),
+        **_key_cells(df),
         "plain median s": df["plain_median_s"].map(fmt_num),
         "instrumented median s": df["instrumented_median_s"].map(fmt_num),
         "change [95 % interval]": [change_cell(r) or md_escape(r["note"]) for r in df.to_dict("records")],
-        "within noise": df.get("within_noise", pd.Series([None] * len(df))).map(noise_cell),
+        "within noise": [noise_cell(w, c) for w, c in zip(df.get("within_noise", pd.Series([None] * len(df))),
+                                                         df.get("latency_change_pct", pd.Series([None] * len(df))))],
         "timer cost, direct": [f"{x:.4f} %" if isnum(x) else "" for x in df["timer_cost_pct"]]})
     direct = df["timer_cost_pct"].dropna()
     verdict = ""

@@ -165,9 +165,9 @@ def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- like for like
 
-def difference(a, b) -> str | None:
+def difference(a, b, keys=LIKE_FOR_LIKE) -> str | None:
     """What keeps runs `a` and `b` (rows of the runs table) from being compared; None when like for like."""
-    for key in LIKE_FOR_LIKE:
+    for key in keys:
         if a[key] != b[key]:
             if key == "protocol":
                 pa, pb = json.loads(a[key]), json.loads(b[key])
@@ -279,7 +279,7 @@ def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataF
         row = {"hardware": p["hardware"], "model": p["model"], "variant": p["variant"], "batch_size": p["batch_size"],
                "plain_median_s": p["latency_median"], "instrumented_median_s": inst["latency_median"],
                "timer_cost_pct": 100 * inst["stage_timer_overhead_s"] / inst["latency_median"]}
-        why = next((difference(p, inst) for _ in [0] if p["protocol"] != inst["protocol"]), None)
+        why = difference(p, inst, keys=[k for k in LIKE_FOR_LIKE if k != "instrumented"])
         row.update({"note": f"not compared: {why}"} if why else {**_change_cells(latencies(p), latencies(inst)),
                                                                  "note": ""})
         rows.append(row)
