@@ -80,6 +80,10 @@ def _snakemake(cwd: Path, *args, timeout=600):
     ("protocol: {cpu: {iterations: 3}}\n", "protocol.cpu"),
     ("protocol: {sampling: {fine_temperature: 0}}\n", "protocol.sampling.fine_temperature"),
     ("baseline: bf16\n", "baseline"),
+    ("batch_sizes: {cpu: [1.0]}\n", "config: batch_sizes.cpu: [1.0]"),
+    ("variants: [eager, sdpa+bf16, bf16+sdpa]\n", "'sdpa+bf16' and 'bf16+sdpa' are the same optimizations"),
+    ("colour: blue\n", "config: top level: Additional properties are not allowed ('colour' was unexpected)"),
+    ("models: [suno/bark-huge]\n", "config: models.0: 'suno/bark-huge' does not match"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, bad, message):
     work = _workflow_copy(tmp_path)
@@ -88,6 +92,7 @@ def test_bad_config_stops_before_any_job(tmp_path, bad, message):
     assert out.returncode != 0
     assert not (work / "results").exists()
     assert "Traceback" not in out.stderr and message in out.stderr
+    assert "Failed validating" not in out.stderr  # one line, no schema dump
 
 
 def test_baseline_from_config_reaches_every_comparison(tmp_path):
@@ -151,11 +156,38 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     data.update(status="failed", reason="RuntimeError: injected", error={"type": "RuntimeError", "message": "x",
                 "traceback": ""}, timing=None, iterations=None, summary=None, memory=None, throughput=None)
     failed.write_text(__import__("json").dumps(data))
+    # A corrupt result is measured again too, and so is a deleted one.
+    corrupt = results / hw / "synthetic--tiny" / "eager" / "bs2.json"
+    corrupt.write_text("{}")
+    deleted = next(results.glob("*/synthetic--tiny/overhead/*/*.json"))
+    deleted.unlink()
     again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("rule benchmark:") == 1, again.stderr[-3000:]
+    assert f"{corrupt.relative_to(work)}: schema_version None" in again.stderr  # named, then re-measured
+    assert again.stderr.count("rule benchmark:") == 2 and again.stderr.count("rule overhead:") == 1, again.stderr
     assert _json(failed)["status"] == "ok" and _json(failed)["retry_of"].startswith("failed@")
+    assert _json(corrupt)["status"] == "ok" and _json(corrupt)["retry_of"].startswith("invalid@")
+    assert _json(deleted)["status"] == "ok"
     html = (results / "report.html").read_text()
     assert "sdpa+int8" not in html and "cpu-other-machine" not in html and "injected" not in html
     done = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
     assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_prompts_reach_the_run_byte_for_byte(tmp_path, monkeypatch):
+    """Prompts travel as quoted arguments, never interpreted by a shell: Unicode, newlines, quotes and
+    shell metacharacters arrive unchanged in the run (a batch of 2 speaks both)."""
+    import json
+
+    monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
+    work = _workflow_copy(tmp_path)
+    prompts = ["Hello 😀 `touch PWNED` $(touch PWNED2) $5 it's \\ done", '你好\nworld "quoted" ; exit 1']
+    (work / "prompts.yaml").write_text(yaml.safe_dump({"prompts": prompts}, allow_unicode=True))
+    hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
+                                   text=True, check=True).stdout)["id"]
+    target = f"results/smoke/{hw}/synthetic--tiny/eager/bs2.json"
+    out = _snakemake(work, target, "--cores", "1", "--configfile", "config/smoke.yaml", "prompts.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((work / target).read_text(encoding="utf-8"))
+    assert result["status"] == "ok" and result["protocol"]["prompts"] == prompts
+    assert not list(work.glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))

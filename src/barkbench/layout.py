@@ -11,10 +11,11 @@ for the package. Each machine's measurements stay under their own hardware folde
 """
 from __future__ import annotations
 
+FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR = "fidelity", "repro", "overhead"
 RUN = "{hardware}/{model}/{variant}/bs{bs}.json"
-FIDELITY = "{hardware}/{model}/fidelity/{variant}.json"
-REPRO = "{hardware}/{model}/repro/{variant}/rep{k}.json"
-OVERHEAD = "{hardware}/{model}/overhead/{variant}/bs{bs}.json"
+FIDELITY = "{hardware}/{model}/%s/{variant}.json" % FIDELITY_DIR
+REPRO = "{hardware}/{model}/%s/{variant}/rep{k}.json" % REPRO_DIR
+OVERHEAD = "{hardware}/{model}/%s/{variant}/bs{bs}.json" % OVERHEAD_DIR
 
 TABLES = "tables"
 FIGURES = "figures"
@@ -22,7 +23,7 @@ REPORT = "report.html"
 CONFIG = "config.yaml"
 
 # Folder names a variant can never take (they hold the fidelity, repro and overhead files).
-RESERVED = ("fidelity", "repro", "overhead")
+RESERVED = (FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR)
 
 # Tables written by `barkbench aggregate` (CSV: data; the report's fragments are Markdown beside them).
 TABLE_NAMES = ("runs", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead")

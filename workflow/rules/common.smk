@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -14,10 +15,23 @@ from barkbench import layout
 from barkbench import variants as bb_variants
 from barkbench.figures import FIGURES
 from barkbench.protocol import DEADLINE_ENV, Protocol
+from barkbench.records import FidelityResult, ResultError, RunResult
 
 
 # ---------------------------------------------------------------- the config, checked before any job runs
-validate(config, "../schemas/config.schema.yaml")
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as exc:  # Snakemake's message carries a dump of the schema: keep where and what
+    _text = str(exc)
+    _what = re.search(r"ValidationError: (.*)", _text)
+    _where = re.search(r"On instance((?:\[[^\]]*\])*)", _text)
+    if not _what:
+        raise
+    _at = ".".join(re.findall(r"\['?([^'\]]*)'?\]", _where.group(1))) if _where else ""
+    raise WorkflowError(f"config: {_at or 'top level'}: {_what.group(1)[:300]}") from None
+for _device, _sizes in config["batch_sizes"].items():
+    if any(not isinstance(b, int) or isinstance(b, bool) for b in _sizes):  # JSON Schema takes 1.0 as integer
+        raise WorkflowError(f"config: batch_sizes.{_device}: {_sizes} must be whole numbers written as such, e.g. [1, 8]")
 
 SAMPLING = ("do_sample", "fine_temperature", "coarse_temperature", "seed")
 PER_RUN = ("batch_size", "prompts")  # set by the workflow per job
@@ -31,12 +45,19 @@ for _where, (_block, _exclude) in _checks.items():
         jsonschema.Draft202012Validator(Protocol.json_schema(exclude=_exclude)).iter_errors(_block))
     if _error is not None:
         _at = ".".join([_where, *map(str, _error.absolute_path)])
-        raise WorkflowError(f"config: {_at}: {_error.message}")
+        raise WorkflowError(f"config: {_at}: {_error.message[:300]}")
 for _variant in config["variants"] + config["reproducibility"]["variants"] + config["overhead"]["variants"]:
     try:
         bb_variants.parse(_variant)
     except bb_variants.VariantError as exc:
         raise WorkflowError(f"config: {exc}")
+_same = {}
+for _variant in config["variants"]:
+    _key = frozenset(bb_variants.parse(_variant).names)
+    if _key in _same:  # e.g. sdpa+bf16 and bf16+sdpa: one variant measured twice under two names
+        raise WorkflowError(f"config: variants {_same[_key]!r} and {_variant!r} are the same optimizations; "
+                            "keep one")
+    _same[_key] = _variant
 if config["baseline"] not in config["variants"]:
     raise WorkflowError(f"config: baseline {config['baseline']!r} is not among the variants")
 
@@ -95,16 +116,17 @@ def retry_of(pattern):
 
 
 def retry_args(path):
-    """`--retry-of TOKEN` when the file at `path` records a failed run: the token differs from the params
-    recorded when it ran, so Snakemake runs the job again; a success keeps the token, and stays done."""
+    """`--retry-of TOKEN` when the result at `path` records a failure, or is not a valid record (corrupt,
+    truncated, foreign, older schema): the token differs from the params recorded when the job ran, so
+    Snakemake runs it again; the new result keeps the token, and stays done."""
     if not os.path.exists(path):
         return []
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        token = f"failed@{data['finished_at']}" if data.get("status") == "failed" else data.get("retry_of")
-    except (OSError, ValueError, KeyError, AttributeError):
-        token = "unreadable"
+        record = (FidelityResult if f"/{layout.FIDELITY_DIR}/" in path else RunResult).from_json(path)
+    except ResultError as exc:
+        print(f"barkbench: {exc}: it is measured again", file=sys.stderr)
+        return ["--retry-of", f"invalid@{os.path.getmtime(path):.6f}"]
+    token = f"failed@{record.finished_at}" if record.status == "failed" else record.retry_of
     return ["--retry-of", token] if token else []
 
 
