@@ -184,3 +184,28 @@ def test_successful_run(cli_runs):
     assert result["iterations"]["semantic_tokens"] == [8]
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json", "bs1.wav"]
     assert json.loads(out.read_text())["model"]["id"] == TINY
+
+
+def test_out_that_is_a_folder_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from barkbench import cli, models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["run", *GOOD, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a folder" in err
+
+
+@pytest.mark.parametrize("content,message", [(None, "cannot read"), ("", "empty file"),
+                                             ('{"schema_version": 2', "not valid JSON")])
+def test_aggregate_names_a_missing_or_corrupt_file(tmp_path, capsys, content, message):
+    from barkbench import cli
+
+    path = tmp_path / "results" / "cpu-x" / "synthetic--tiny" / "eager" / "bs1.json"
+    if content is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(content)
+    code = cli.main(["aggregate", "--results-dir", str(tmp_path / "results"), "--baseline", "eager",
+                     "--runs", str(path), "--out-dir", str(tmp_path / "tables")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and str(path) in err and message in err
+    assert not (tmp_path / "tables").exists()

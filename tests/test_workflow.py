@@ -191,3 +191,53 @@ def test_prompts_reach_the_run_byte_for_byte(tmp_path, monkeypatch):
     result = json.loads((work / target).read_text(encoding="utf-8"))
     assert result["status"] == "ok" and result["protocol"]["prompts"] == prompts
     assert not list(work.glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+def test_a_second_invocation_on_one_results_folder_is_refused(tmp_path):
+    """While one invocation measures into a results folder (it holds the lock), another one stops before
+    running any job, with one line."""
+    import fcntl
+
+    work = _workflow_copy(tmp_path)
+    (work / "results" / "smoke").mkdir(parents=True)
+    with open(work / "results" / "smoke" / ".barkbench.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 since now\n")
+        held.flush()
+        out = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
+    assert out.returncode != 0
+    assert "another snakemake is measuring into results/smoke/ (pid 4242 since now)" in out.stderr
+    assert sorted(p.name for p in (work / "results" / "smoke").iterdir()) == [".barkbench.lock"]
+
+
+def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, monkeypatch):
+    import json
+    import signal
+    import time
+
+    monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
+    work = _workflow_copy(tmp_path)
+    hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
+                                   text=True, check=True).stdout)["id"]
+    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs2.json"
+    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs2.log"
+    (work / "long.yaml").write_text("protocol: {cpu: {min_iterations: 200, max_iterations: 200}}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", str(target.relative_to(work)), "--cores", "1",
+                             "--configfile", "config/smoke.yaml", "long.yaml"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (log.exists() and "eager bs2:" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)  # until the timed loop has started
+    pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
+                          text=True).stdout.split()
+    assert pids, "the run was not found"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not target.exists() and not list(target.parent.glob(".bs2.json.*"))  # no result, no partial file
+    again = _snakemake(work, str(target.relative_to(work)), "--cores", "1", "--configfile", "config/smoke.yaml")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(target.read_text())["status"] == "ok"

@@ -197,18 +197,48 @@ def _pending_jobs():
 
 
 _pending = _pending_jobs()
-if _pending and DEADLINE_ENV not in os.environ:
-    _bound = len(_pending) * TIME_LIMIT_S / 60
-    if RUN_BUDGET_MIN:
-        # Every job inherits the deadline; one that would start after it is recorded as failed (and the
-        # next run attempts it again), so the whole run ends within the budget whatever the machine's speed.
-        os.environ[DEADLINE_ENV] = str(time.time() + 60 * RUN_BUDGET_MIN)
-        _bound = min(_bound, RUN_BUDGET_MIN)
+if _pending:
+    _bound = min(len(_pending) * TIME_LIMIT_S / 60, RUN_BUDGET_MIN or float("inf"))
     print(f"barkbench: {len(_pending)} jobs load a model on {HARDWARE} ({DEVICE} protocol: "
           f"{PROTOCOL['max_new_tokens']} tokens, warm-up {PROTOCOL['warmup']}, {PROTOCOL['min_iterations']}-"
           f"{PROTOCOL['max_iterations']} timed calls, {PROTOCOL['budget_s']:g} s of timed calls per job, "
           f"each job stopped at {TIME_LIMIT_S:g} s); the run ends within {_bound:.0f} min, plus ~2 min for "
           "tables, figures and report", file=sys.stderr)
+
+
+def start_run_budget():
+    """Every job inherits the deadline; one that would start after it is recorded as failed (and the next
+    run attempts it again), so the whole run ends within the budget whatever the machine's speed."""
+    if RUN_BUDGET_MIN and DEADLINE_ENV not in os.environ:
+        os.environ[DEADLINE_ENV] = str(time.time() + 60 * RUN_BUDGET_MIN)
+
+
+_held = []  # the open lock file, held until Snakemake exits
+
+
+def take_results_lock():
+    """One measuring invocation per results folder: a lock of our own, taken atomically when execution
+    starts (not in a dry run). Snakemake's own lock check can race when two start at the same instant."""
+    import fcntl
+
+    os.makedirs(RESULTS, exist_ok=True)
+    handle = open(os.path.join(RESULTS, ".barkbench.lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise WorkflowError(f"another snakemake is measuring into {RESULTS}/ ({handle.read().strip() or 'pid unknown'}): "
+                            "wait for it to end, or give this one another `results` folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held.append(handle)
+
+
+onstart:
+    take_results_lock()
+    start_run_budget()
 
 
 # Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine.
