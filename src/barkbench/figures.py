@@ -196,7 +196,8 @@ def pareto_figure(runs: pd.DataFrame, path, fidelity_df: pd.DataFrame | None = N
         ax.set_xlabel("latency, s (median)")
         ax.set_ylabel("peak memory, MB")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.margins(0.12)  # room for the labels beside the points
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)
 
