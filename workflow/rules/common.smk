@@ -196,7 +196,8 @@ def _pending_jobs():
     return [p for p in _declared(here) if not os.path.exists(p) or retry_args(p)]
 
 
-_pending = _pending_jobs()
+# Printed by the invocation itself (not by job subprocesses that read this file again).
+_pending = _pending_jobs() if workflow.is_main_process else []
 if _pending:
     _bound = min(len(_pending) * TIME_LIMIT_S / 60, RUN_BUDGET_MIN or float("inf"))
     print(f"barkbench: {len(_pending)} jobs load a model on {HARDWARE} ({DEVICE} protocol: "
