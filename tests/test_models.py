@@ -161,3 +161,19 @@ def test_resolve_hub_id_offline_fallback_to_synthetic(empty_hf_cache):
     assert src.path == ""  # load() builds the synthetic checkpoint
     big = models.resolve("suno/bark", offline_fallback="synthetic")
     assert (big.id, big.architecture) == ("synthetic:bark", "bark")
+
+
+def test_a_hanging_hub_is_given_up_after_the_timeout(monkeypatch):
+    """A DNS lookup that hangs is bounded by no HTTP timeout: the question is abandoned, not waited for."""
+    import threading
+
+    import huggingface_hub
+
+    release = threading.Event()
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: release.wait(120))
+    try:
+        assert models.hub_answers("suno/bark-small", timeout_s=0.5) is False
+    finally:
+        release.set()
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: None)
+    assert models.hub_answers("suno/bark-small", timeout_s=5) is True

@@ -95,9 +95,49 @@ def test_bad_config_stops_before_any_job(tmp_path, bad, message):
     assert "Failed validating" not in out.stderr  # one line, no schema dump
 
 
+@pytest.mark.parametrize("text,message", [
+    ("models: [synthetic:tiny\n  variants: [eager]\n", "config/config.yaml:2:11: expected ',' or ']'"),
+    ("- eager\n- sdpa\n", "config/config.yaml: must hold keys at top level (a YAML mapping), not a list"),
+    ("preset: nonesuch\n", "config: preset: 'nonesuch' is not a file config/<preset>.yaml; presets: smoke"),
+])
+def test_bad_config_file_is_named_with_its_line(tmp_path, text, message):
+    work = _workflow_copy(tmp_path)
+    with open(work / "config" / "config.yaml", "a" if text.startswith("preset") else "w") as handle:
+        handle.write(text)
+    out = _snakemake(work, "-n", "report")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and message in text, text[-2000:]
+    assert "Traceback" not in text
+
+
+def test_profile_preset_and_configfile_compose(tmp_path):
+    """`--profile smoke --configfile other.yaml` runs the smoke config with other.yaml on top (a profile's
+    `configfile:` would have been replaced by the command line's); variants get their one spelling."""
+    work = _workflow_copy(tmp_path)
+    (work / "other.yaml").write_text("variants: [eager, bf16+sdpa]\n")
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report", "--configfile", "other.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "config = config/config.yaml + config/smoke.yaml (preset) + other.yaml" in out.stderr
+    assert "variant 'bf16+sdpa' is written 'sdpa+bf16'" in out.stderr
+    jobs = set(re.findall(r"results/smoke/[^/\s]+/([^/\s]+)/([^/\s]+)/bs1\.json", out.stdout))
+    assert jobs == {("synthetic--tiny", "eager"), ("synthetic--tiny", "sdpa+bf16")}
+
+
+def test_hub_is_asked_once_per_workflow_and_jobs_run_offline(tmp_path):
+    work = _workflow_copy(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://10.255.255.1", HF_HOME=str(tmp_path / "hf"),  # unroutable: connect hangs
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "report"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("the Hugging Face hub did not answer within 5 s: jobs run offline") == 1
+
+
 def test_baseline_from_config_reaches_every_comparison(tmp_path):
     work = _workflow_copy(tmp_path)
-    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "-p", "report", "--config", "baseline=sdpa")
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "-p", "report",
+                     "--config", "preset=smoke", "baseline=sdpa")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "fidelity/eager.json" in text and "fidelity/sdpa.json" not in text

@@ -168,24 +168,46 @@ def build_synthetic(arch_name: str, root: Path | None = None) -> Path:
     return target
 
 
-def _hub_available(model_id: str) -> bool:
-    """True if the checkpoint is cached locally or the hub answers."""
+def hub_answers(model_id: str, timeout_s: float = 5.0) -> bool:
+    """True if the hub answers about `model_id` within `timeout_s`. Asked from a daemon thread: a hanging DNS
+    lookup is bounded by no HTTP timeout, and would otherwise hold every job for as long as it hangs."""
+    import threading
+
+    answer: list[bool] = []
+
+    def ask():
+        from huggingface_hub import model_info
+
+        try:
+            model_info(model_id, timeout=timeout_s)
+            answer.append(True)
+        except Exception:
+            answer.append(False)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def hub_cached(model_id: str) -> bool:
+    """True if the checkpoint is in the local Hugging Face cache."""
     from huggingface_hub import snapshot_download
 
     try:
         snapshot_download(model_id, local_files_only=True, allow_patterns=["config.json"])
         return True
     except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    try:
-        from huggingface_hub import model_info
 
-        model_info(model_id, timeout=10)
-        return True
-    except Exception:
-        return False
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_available(model_id: str) -> bool:
+    """True if the checkpoint is cached locally or the hub answers."""
+    return hub_cached(model_id) or (not hub_offline() and hub_answers(model_id, timeout_s=10))
 
 
 def resolve(model_id: str, offline_fallback: str | None = None) -> ModelSource:

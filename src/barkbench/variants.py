@@ -208,7 +208,8 @@ def parse(variant: str) -> Variant:
                            f"known: {', '.join(REGISTRY)}")
     if len(set(parts)) != len(parts):
         raise VariantError(f"variant {variant!r} repeats an optimization")
-    opts = tuple(REGISTRY[p] for p in parts)
+    # One spelling per set of optimizations (`bf16+sdpa` is `sdpa+bf16`): results and tables are keyed by it.
+    opts = tuple(sorted((REGISTRY[p] for p in parts), key=_spelling_rank))
     groups: dict[str, str] = {}
     for opt in opts:
         if opt.group and opt.group in groups:
@@ -219,4 +220,18 @@ def parse(variant: str) -> Variant:
         clash = [c for c in opt.conflicts if c in parts]
         if clash:
             raise VariantError(f"variant {variant!r}: {opt.name} cannot be combined with {', '.join(clash)}")
-    return Variant(variant, opts)
+    return Variant("+".join(o.name for o in opts), opts)
+
+
+# The canonical spelling's order: where a model lives, its attention, its weights, its dtype, anything else,
+# and compilation last (it compiles what the others made).
+SPELLING_ORDER = ("placement", "attention", "quantization", "dtype", None, "compile")
+
+
+def _spelling_rank(opt: Optimization) -> int:
+    return SPELLING_ORDER.index(opt.group if opt.group in SPELLING_ORDER else None)
+
+
+def canonical(variant: str) -> str:
+    """The one spelling of a variant, e.g. `bf16+sdpa` -> `sdpa+bf16`."""
+    return parse(variant).name

@@ -46,18 +46,29 @@ for _where, (_block, _exclude) in _checks.items():
     if _error is not None:
         _at = ".".join([_where, *map(str, _error.absolute_path)])
         raise WorkflowError(f"config: {_at}: {_error.message[:300]}")
-for _variant in config["variants"] + config["reproducibility"]["variants"] + config["overhead"]["variants"]:
+
+
+def _spelled(name, where):
+    """A variant in its one spelling (`bf16+sdpa` -> `sdpa+bf16`), so the results of one set of optimizations
+    have one name; a renamed one is said once."""
     try:
-        bb_variants.parse(_variant)
+        spelled = bb_variants.canonical(name)
     except bb_variants.VariantError as exc:
-        raise WorkflowError(f"config: {exc}")
-_same = {}
-for _variant in config["variants"]:
-    _key = frozenset(bb_variants.parse(_variant).names)
-    if _key in _same:  # e.g. sdpa+bf16 and bf16+sdpa: one variant measured twice under two names
-        raise WorkflowError(f"config: variants {_same[_key]!r} and {_variant!r} are the same optimizations; "
-                            "keep one")
-    _same[_key] = _variant
+        raise WorkflowError(f"config: {where}: {exc}") from None
+    if spelled != name and workflow.is_main_process:
+        print(f"barkbench: config {where}: variant {name!r} is written {spelled!r}", file=sys.stderr)
+    return spelled
+
+
+_given = list(config["variants"])
+config["variants"] = [_spelled(v, "variants") for v in _given]
+for _section in ("reproducibility", "overhead"):
+    config[_section]["variants"] = [_spelled(v, f"{_section}.variants") for v in config[_section]["variants"]]
+config["baseline"] = _spelled(config["baseline"], "baseline")
+for _i, _variant in enumerate(config["variants"]):
+    if _variant in config["variants"][:_i]:  # e.g. sdpa+bf16 and bf16+sdpa: one variant measured twice
+        _first = _given[config["variants"].index(_variant)]
+        raise WorkflowError(f"config: variants {_first!r} and {_given[_i]!r} are the same optimizations; keep one")
 if config["baseline"] not in config["variants"]:
     raise WorkflowError(f"config: baseline {config['baseline']!r} is not among the variants")
 
@@ -78,6 +89,23 @@ def _machine():
 
 
 MACHINE = _machine()
+
+
+def _ask_hub_once():
+    """Whether the hub answers is asked once per workflow, with a short timeout: when it does not, every job
+    runs offline (cached checkpoint, else the synthetic twin) instead of waiting on the network itself."""
+    from barkbench import models as bb_models
+
+    wanted = [m for m in config["models"] if m in bb_models.HUB_MODELS and not bb_models.hub_cached(m)]
+    if wanted and not bb_models.hub_offline() and not bb_models.hub_answers(wanted[0], timeout_s=HUB_TIMEOUT_S):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by every job
+        print(f"barkbench: the Hugging Face hub did not answer within {HUB_TIMEOUT_S:g} s: jobs run offline "
+              f"({', '.join(wanted)} not cached: offline_fallback {config['offline_fallback']})", file=sys.stderr)
+
+
+HUB_TIMEOUT_S = 5.0
+if workflow.is_main_process:
+    _ask_hub_once()
 HARDWARE = config.get("hardware", MACHINE["id"])
 DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
 PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
