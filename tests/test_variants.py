@@ -62,6 +62,24 @@ def test_parse_accepts_compatible(text):
     assert variants.parse(text).names == text.split("+")
 
 
+@pytest.mark.parametrize("text,spelled", [
+    ("bf16+sdpa", "sdpa+bf16"), ("compile+bf16+sdpa", "sdpa+bf16+compile"), ("fp16+sdpa+offload", "offload+sdpa+fp16"),
+    ("bf16+int8wo+sdpa", "sdpa+int8wo+bf16"), ("sdpa+bf16", "sdpa+bf16"),
+])
+def test_one_spelling_per_set_of_optimizations(text, spelled):
+    assert variants.parse(text).name == variants.canonical(text) == spelled
+
+
+def test_fa2_leaves_the_codec_on_eager(tiny_checkpoint):
+    """EncodecModel refuses flash_attention_2 at load: fa2 reaches the three transformers only."""
+    from transformers import BarkConfig
+
+    config = BarkConfig.from_pretrained(tiny_checkpoint, **variants.parse("fa2+fp16").load_kwargs(CPU))
+    assert config.codec_config._attn_implementation == "eager"
+    for name in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config"):
+        assert getattr(config, name)._attn_implementation == "flash_attention_2"
+
+
 def test_tolerance_is_the_loosest_of_the_parts():
     assert variants.parse("sdpa").tolerance == variants.FLOAT_ROUNDING
     t = variants.parse("sdpa+bf16").tolerance

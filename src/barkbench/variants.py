@@ -122,13 +122,17 @@ def _apply_compile(model, ctx):
     ctx.notes.append(f"torch.compile (mode={mode or 'default'}) of the fine model's forward")
 
 
+# Per sub-config: a plain "flash_attention_2" reaches codec_config too, and EncodecModel refuses it at load.
+FA2_PER_SUBMODEL = {"semantic_config": "flash_attention_2", "coarse_acoustics_config": "flash_attention_2",
+                    "fine_acoustics_config": "flash_attention_2", "codec_config": "eager"}
+
 register(Optimization("eager", "transformers' eager attention, fp32: the baseline", group="attention"))
 register(Optimization(
     "sdpa", "Bark attention through torch scaled_dot_product_attention, mask-correct "
     "(successor of BetterTransformer)", group="attention", order=30, apply=_apply_sdpa))
 register(Optimization(
     "fa2", "attn_implementation='flash_attention_2'", group="attention", needs_cuda=True,
-    needs_packages=("flash_attn",), load_kwargs=lambda d: {"attn_implementation": "flash_attention_2"},
+    needs_packages=("flash_attn",), load_kwargs=lambda d: {"attn_implementation": FA2_PER_SUBMODEL},
     conflicts=("offload",), tolerance=HALF))
 register(Optimization(
     "fp16", "float16 weights and activations", group="dtype", needs_cuda=True,
