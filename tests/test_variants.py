@@ -103,6 +103,12 @@ def test_apply_order_follows_order_not_spelling():
     assert calls == ["early", "late"]
 
 
+def test_int8_is_cpu_only():
+    reason = variants.parse("sdpa+int8").not_applicable_reason(torch.device("cuda"))
+    assert reason.startswith("not applicable on cuda: int8 has no CUDA kernel")
+    assert variants.parse("sdpa+int8").not_applicable_reason(CPU) is None
+
+
 def test_not_applicable_reasons():
     fp16 = variants.REGISTRY["fp16"].not_applicable_reason(CPU)
     assert fp16.startswith("not applicable on cpu") and "fp16" in fp16

@@ -63,10 +63,13 @@ class Optimization:
     places_model: bool = False  # it moves the model to the device itself (offload)
     tolerance: Tolerance = FLOAT_ROUNDING
     cpu_reason: str | None = None  # why it does not run on CPU even though it could import
+    cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if device.type == "cpu" and self.needs_cuda:
             return f"not applicable on cpu: {self.name} {self.cpu_reason or 'needs a CUDA device'}"
+        if device.type == "cuda" and self.cuda_reason:
+            return f"not applicable on cuda: {self.name} {self.cuda_reason}"
         for package in self.needs_packages:
             if importlib.util.find_spec(package) is None:
                 return f"not applicable here: {self.name} needs the package '{package}', not installed"
@@ -148,7 +151,8 @@ register(Optimization(
 register(Optimization(
     "int8", "dynamic int8 quantization of the transformers' Linear layers (torch.ao)", group="quantization",
     order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload", "compile"),
-    cpu_reason=None, tolerance=QUANTIZED))
+    cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
+    tolerance=QUANTIZED))
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
     group="quantization", order=20, needs_cuda=True, needs_packages=("torchao",), apply=_apply_int8_weight_only,

@@ -63,7 +63,8 @@ def _spelled(name, where):
 _given = list(config["variants"])
 config["variants"] = [_spelled(v, "variants") for v in _given]
 for _section in ("reproducibility", "overhead"):
-    config[_section]["variants"] = [_spelled(v, f"{_section}.variants") for v in config[_section]["variants"]]
+    config[_section]["variants"] = {d: [_spelled(v, f"{_section}.variants.{d}") for v in vs]
+                                    for d, vs in config[_section]["variants"].items()}
 config["baseline"] = _spelled(config["baseline"], "baseline")
 for _i, _variant in enumerate(config["variants"]):
     if _variant in config["variants"][:_i]:  # e.g. sdpa+bf16 and bf16+sdpa: one variant measured twice
@@ -98,7 +99,7 @@ def _ask_hub_once():
 
     wanted = [m for m in config["models"] if m in bb_models.HUB_MODELS and not bb_models.hub_cached(m)]
     if wanted and not bb_models.hub_offline() and not bb_models.hub_answers(wanted[0], timeout_s=HUB_TIMEOUT_S):
-        os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by every job
+        os.environ.update(HF_HUB_OFFLINE="1")  # inherited by every job
         print(f"barkbench: the Hugging Face hub did not answer within {HUB_TIMEOUT_S:g} s: jobs run offline "
               f"({', '.join(wanted)} not cached: offline_fallback {config['offline_fallback']})", file=sys.stderr)
 
@@ -110,6 +111,8 @@ HARDWARE = config.get("hardware", MACHINE["id"])
 DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
 PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
 BATCH_SIZES = config["batch_sizes"][DEVICE]
+for _section in ("reproducibility", "overhead"):  # this device's checks
+    config[_section]["variants"] = config[_section]["variants"][DEVICE]
 for _variant in config["overhead"]["variants"]:
     if _variant not in config["variants"] or config["overhead"]["batch_size"] not in BATCH_SIZES:
         raise WorkflowError(f"config: overhead variant {_variant!r} at batch size {config['overhead']['batch_size']} "
