@@ -203,13 +203,21 @@ def _sub_model_logits(model):
         }
         # incremental decoding against a KV cache: several new positions, then one
         prefix = model.semantic(input_ids=sem_ids[:, :30], attention_mask=sem_mask[:, :30], use_cache=True)
-        out["cached_block"] = model.semantic(input_ids=sem_ids[:, 30:34], attention_mask=sem_mask[:, :34],
-                                             cache=prefix.cache).logits
-        out["cached_masked_step"] = model.semantic(input_ids=sem_ids[:, 30:31], attention_mask=sem_mask[:, :31],
-                                                   cache=prefix.cache).logits
+        out["cached_block"] = _step(model.semantic, prefix, input_ids=sem_ids[:, 30:34], attention_mask=sem_mask[:, :34])
+        # a fresh prefix: the cache is updated in place by the step above
+        prefix = model.semantic(input_ids=sem_ids[:, :30], attention_mask=sem_mask[:, :30], use_cache=True)
+        out["cached_masked_step"] = _step(model.semantic, prefix, input_ids=sem_ids[:, 30:31],
+                                          attention_mask=sem_mask[:, :31])
         prefix = model.coarse_acoustics(input_ids=coarse_ids[:, :40], use_cache=True)
-        out["cached_step"] = model.coarse_acoustics(input_ids=coarse_ids[:, 40:41], cache=prefix.cache).logits
+        out["cached_step"] = _step(model.coarse_acoustics, prefix, input_ids=coarse_ids[:, 40:41])
     return out
+
+
+def _step(sub_model, prefix, **inputs):
+    """A forward against `prefix`'s KV cache: `cache` since transformers 5.2x, `past_key_values` before."""
+    if hasattr(prefix, "cache"):
+        return sub_model(cache=prefix.cache, **inputs).logits
+    return sub_model(past_key_values=prefix.past_key_values, **inputs).logits
 
 
 def test_use_sdpa_switches_every_attention_and_keeps_weights(tiny_model):
