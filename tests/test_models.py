@@ -177,3 +177,27 @@ def test_a_hanging_hub_is_given_up_after_the_timeout(monkeypatch):
         release.set()
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: None)
     assert models.hub_answers("suno/bark-small", timeout_s=5) is True
+
+
+def test_a_quantized_tensor_subclass_counts_what_it_holds():
+    """torchao's quantized weights are tensor subclasses reporting the shape and dtype they stand for."""
+
+    class Int8Weight:  # the subclass protocol weights_bytes relies on
+        def __init__(self):
+            self.qdata = torch.zeros(64, 32, dtype=torch.int8)
+            self.scale = torch.zeros(64, 1, dtype=torch.float32)
+            self.zero_point = None
+
+        def __tensor_flatten__(self):
+            return ["qdata", "scale", "zero_point"], None
+
+    assert models.tensor_bytes(Int8Weight()) == 64 * 32 + 64 * 4
+    assert models.tensor_bytes(torch.zeros(64, 32, dtype=torch.bfloat16)) == 64 * 32 * 2
+
+
+def test_torchao_int8_weights_count_as_int8():
+    torchao = pytest.importorskip("torchao.quantization")
+    linear = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    before = models.weights_bytes(linear)
+    torchao.quantize_(linear, torchao.Int8WeightOnlyConfig())
+    assert models.weights_bytes(linear) < 0.6 * before

@@ -261,12 +261,21 @@ def release_memory() -> None:
         pass
 
 
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor holds. A tensor subclass (torchao's quantized weights) reports the numel and dtype of the
+    tensor it stands for; what it holds are its inner tensors (int8 data, scales, zero points)."""
+    if hasattr(type(tensor), "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes held by parameters and buffers (quantized packed weights included via state_dict)."""
     total = 0
     for value in model.state_dict().values():
         if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
+            total += tensor_bytes(value)
     for module in model.modules():  # torch.ao dynamic quantized Linear keeps its int8 weight packed
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(packed, "_weight_bias"):
