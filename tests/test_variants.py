@@ -49,6 +49,7 @@ def test_parse_malformed(text):
     ("int8+int8wo", ("int8", "int8wo", "quantization")),
     ("offload+compile", ("offload", "compile")),
     ("sdpa+sdpa", ("repeats",)),
+    ("sdpa+int8wo+bf16", ("int8wo needs compile", "dequantizes")),
 ])
 def test_parse_refuses_conflicts(text, words):
     with pytest.raises(variants.VariantError) as err:
@@ -64,7 +65,7 @@ def test_parse_accepts_compatible(text):
 
 @pytest.mark.parametrize("text,spelled", [
     ("bf16+sdpa", "sdpa+bf16"), ("compile+bf16+sdpa", "sdpa+bf16+compile"), ("fp16+sdpa+offload", "offload+sdpa+fp16"),
-    ("bf16+int8wo+sdpa", "sdpa+int8wo+bf16"), ("sdpa+bf16", "sdpa+bf16"),
+    ("compile+bf16+int8wo+sdpa", "sdpa+int8wo+bf16+compile"), ("sdpa+bf16", "sdpa+bf16"),
 ])
 def test_one_spelling_per_set_of_optimizations(text, spelled):
     assert variants.parse(text).name == variants.canonical(text) == spelled
@@ -141,14 +142,15 @@ def test_registry_has_the_study_optimizations():
 @pytest.mark.parametrize("name", list(_registry_params()))
 def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoint, tmp_path):
     protocol = Protocol(warmup=1, min_iterations=1, max_iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
-    out = tmp_path / name / "bs1.json"
-    result = runner.run(runner.RunRequest(TINY, name, protocol, device="cpu", threads=TORCH_THREADS), out)
+    variant = variants.canonical("+".join([name, *variants.REGISTRY[name].requires]))
+    out = tmp_path / variant / "bs1.json"
+    result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cpu", threads=TORCH_THREADS), out)
     results.validate(result)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    expected_reason = variants.REGISTRY[name].not_applicable_reason(CPU)
+    expected_reason = variants.parse(variant).not_applicable_reason(CPU)
     if expected_reason is None:
         assert result["status"] == "ok", result["reason"]
-        assert result["variant"]["optimizations"] == [name]
+        assert result["variant"]["optimizations"] == variants.parse(variant).names
         assert result["iterations"]["semantic_tokens"] == [8]
         assert out.with_suffix(".wav").is_file()
     else:

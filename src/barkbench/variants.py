@@ -58,12 +58,14 @@ class Optimization:
     needs_cuda: bool = False
     needs_packages: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # optimizations it is useless without
     load_kwargs: Callable[[torch.device], dict] | None = None
     apply: Callable[[torch.nn.Module, Context], None] | None = None
     places_model: bool = False  # it moves the model to the device itself (offload)
     tolerance: Tolerance = FLOAT_ROUNDING
     cpu_reason: str | None = None  # why it does not run on CPU even though it could import
     cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
+    requires_why: str = ""
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if device.type == "cpu" and self.needs_cuda:
@@ -156,7 +158,8 @@ register(Optimization(
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
     group="quantization", order=20, needs_cuda=True, needs_packages=("torchao",), apply=_apply_int8_weight_only,
-    conflicts=("offload",), tolerance=QUANTIZED))
+    conflicts=("offload",), tolerance=QUANTIZED, requires=("compile",),
+    requires_why="uncompiled, torchao dequantizes the weights at every matmul: slower than the bf16 it replaces"))
 register(Optimization(
     "nf4", "4-bit NF4 weights (bitsandbytes) for the transformers' Linear layers", group="quantization",
     needs_cuda=True, needs_packages=("bitsandbytes",), conflicts=("offload",), tolerance=QUANTIZED,
@@ -228,6 +231,9 @@ def parse(variant: str) -> Variant:
         clash = [c for c in opt.conflicts if c in parts]
         if clash:
             raise VariantError(f"variant {variant!r}: {opt.name} cannot be combined with {', '.join(clash)}")
+        missing = [r for r in opt.requires if r not in parts]
+        if missing:
+            raise VariantError(f"variant {variant!r}: {opt.name} needs {', '.join(missing)} ({opt.requires_why})")
     return Variant("+".join(o.name for o in opts), opts)
 
 
