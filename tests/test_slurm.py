@@ -43,7 +43,7 @@ def _node_cores():
 def _slurm(work, partition, *args):
     cores = _node_cores()
     return _snakemake(
-        work, "--profile", "workflow/profiles/slurm", "--configfile", "config/smoke.yaml", *args,
+        work, "--profile", "workflow/profiles/slurm", *args, "--configfile", "config/smoke.yaml",
         "--default-resources", f"slurm_partition={partition}", "mem_mb=2000", "runtime=30",
         "--set-threads", *(f"{rule}={cores}" for rule in ("benchmark", "reproducibility", "overhead", "fidelity")),
         # no accounting database on the test cluster: job states from squeue (finished jobs stay MinJobAge)
