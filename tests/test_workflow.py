@@ -144,6 +144,21 @@ def test_baseline_from_config_reaches_every_comparison(tmp_path):
     assert "--baseline sdpa" in text and "--baseline eager" not in text
 
 
+def test_a_named_target_is_planned_for_its_declared_device_not_for_this_machine(tmp_path):
+    """A hardware folder named with its device (a cluster partition) is planned for that device, whatever the
+    submitting machine has (here: no GPU); the jobs then meet the hardware. Named alone, it is refused."""
+    work = _workflow_copy(tmp_path)
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "-p", "report",
+                     "--config", "hardware=gpu-partition", "device=cuda")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "on gpu-partition (cuda protocol" in text
+    assert "results/smoke/gpu-partition/synthetic--tiny/bf16/bs2.json" in text and "--device cuda" in text
+    alone = _snakemake(work, "--profile", "workflow/profiles/smoke", "report", "--config", "hardware=gpu-partition")
+    assert alone.returncode != 0 and "Traceback" not in alone.stderr and not (work / "results").exists()
+    assert "config: hardware 'gpu-partition' names a target: declare its device too" in alone.stderr
+
+
 def _json(path):
     import json
 

@@ -58,6 +58,7 @@ def _slug(text: str) -> str:
 def hardware(device: torch.device) -> dict:
     info = {"cpu_model": cpu_model(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
             "cpu_threads": os.cpu_count(), "cpu_features": cpu_features(), "node": platform.node(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the batch job that measured, under SLURM
             "ram_bytes": psutil.virtual_memory().total,
             "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_driver": None,
             "gpu_compute_capability": None, "cuda": torch.version.cuda}

@@ -81,7 +81,11 @@ PY = sys.executable  # the interpreter that runs Snakemake has barkbench install
 
 
 def _machine():
-    """Hardware id and device type of the machine that runs the benchmark jobs."""
+    """Hardware folder and device type of the benchmark jobs. A folder named in the config (`hardware`) is a
+    target, e.g. a cluster partition: its device type is declared too, and each job measures the node it runs
+    on (records its hardware; refuses when the node lacks the device). Otherwise this machine, detected."""
+    if "hardware" in config:
+        return {"id": config["hardware"], "device": "cuda" if config["device"].startswith("cuda") else "cpu"}
     out = subprocess.run([PY, "-m", "barkbench", "hardware", "--device", config["device"]],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -89,6 +93,9 @@ def _machine():
     return json.loads(out.stdout)
 
 
+if "hardware" in config and config["device"] == "auto":
+    raise WorkflowError(f"config: hardware {config['hardware']!r} names a target: declare its device too "
+                        "(device: cpu or device: cuda); the machine that submits is not measured")
 MACHINE = _machine()
 
 
@@ -107,7 +114,7 @@ def _ask_hub_once():
 HUB_TIMEOUT_S = 5.0
 if workflow.is_main_process:
     _ask_hub_once()
-HARDWARE = config.get("hardware", MACHINE["id"])
+HARDWARE = MACHINE["id"]
 DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
 PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
 BATCH_SIZES = config["batch_sizes"][DEVICE]
@@ -273,8 +280,9 @@ onstart:
     start_run_budget()
 
 
-# Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine.
-EXCLUSIVE = workflow.cores
+# Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine. Under a
+# scheduler (no --cores) the profile asks for an exclusive node per job instead, and the job uses its cores.
+EXCLUSIVE = workflow.cores if workflow.resource_settings.cores is not None else 1
 
 
 def gpu_resources(wildcards):

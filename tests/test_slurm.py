@@ -1,0 +1,110 @@
+"""The workflow on a SLURM cluster through Snakemake's executor plugin: every job submitted with sbatch, the
+hardware folder named by the submitter, the hardware measured on the node. Needs a cluster on this machine:
+tests/slurm/cluster-up brings up a single-node one (as root); run with `pytest -m slurm`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_workflow import _json, _snakemake, _workflow_copy
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_UP = ROOT / "tests" / "slurm" / "cluster-up"
+TARGET = "slurm-test"  # the hardware folder the submitter names
+
+
+@pytest.fixture(scope="module")
+def partition():
+    """The partition of the test cluster: brought up by cluster-up (as root), or one already running."""
+    if os.geteuid() == 0:
+        up = subprocess.run([str(CLUSTER_UP)], capture_output=True, text=True, timeout=900)
+        assert up.returncode == 0, up.stderr[-3000:]
+        return up.stdout.split()[-1]
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo", "-h", "-p", "barkbench"], capture_output=True,
+                                                        text=True).stdout.strip() == "":
+        pytest.skip("no SLURM test cluster: run tests/slurm/cluster-up as root")
+    return "barkbench"
+
+
+def _node_cores():
+    # The partition's node: all its cores for a model-loading job, as the profile asks on a real cluster.
+    out = subprocess.run(["sinfo", "-h", "-p", "barkbench", "-o", "%c"], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0].rstrip("+"))
+
+
+def _slurm(work, partition, *args):
+    cores = _node_cores()
+    return _snakemake(
+        work, "--profile", "workflow/profiles/slurm", *args, "--configfile", "config/smoke.yaml",
+        "--default-resources", f"slurm_partition={partition}", "mem_mb=2000", "runtime=30",
+        "--set-threads", *(f"{rule}={cores}" for rule in ("benchmark", "reproducibility", "overhead", "fidelity")),
+        # no accounting database on the test cluster: job states from squeue (finished jobs stay MinJobAge)
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5", timeout=3600)
+
+
+def _shape(html: str, hardware: str) -> dict:
+    """What a report consists of, without its numbers: headings, table columns and rows, figures, audio."""
+    html = html.replace(hardware, "HARDWARE")
+    return {"headings": re.findall(r"<h[1-4][^>]*>(.*?)</h[1-4]>", html, re.S),
+            "table columns": re.findall(r"<thead>(.*?)</thead>", html, re.S),
+            "table rows": html.count("<tr"),
+            "figures": html.count("data:image/png;base64"),
+            "audio": len(re.findall(r"<audio[^>]*src=\"data:audio", html))}
+
+
+def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, partition):
+    monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
+    work = _workflow_copy(tmp_path)
+
+    # A node without the declared device refuses the job (no result): the submitter only names the target.
+    no_gpu = "results/smoke/slurm-gpu/synthetic--tiny/eager/bs1.json"
+    refused = _slurm(work, partition, no_gpu, "--config", "hardware=slurm-gpu", "device=cuda",
+                     "--set-resources", "benchmark:gpu=0")  # the test node has no GPU for sbatch to give
+    assert refused.returncode != 0
+    log = work / "results/smoke/logs/slurm-gpu/synthetic--tiny/eager/bs1.log"
+    assert "device 'cuda' asked for but CUDA is not available" in log.read_text()
+    assert not (work / no_gpu).exists()
+
+    out = _slurm(work, partition, "report", "--config", f"hardware={TARGET}", "device=cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", text))
+    rules = re.findall(r"^(?:local)?rule (\w+):", text, re.M)
+    with_command = [r for r in rules if r not in ("report", "all")]  # target rules have no command to run
+    assert len(submitted) == len(with_command) > 0, (submitted, rules)
+    assert "localrule" not in text.replace("localrule report:", "")  # nothing ran on the submitting machine
+    states = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%i|%T", "--jobs",
+                             ",".join(submitted.values())], capture_output=True, text=True, check=True).stdout
+    assert dict(line.split("|") for line in states.split()) == {i: "COMPLETED" for i in submitted.values()}
+
+    # Each measuring job's record: the node it ran on and its SLURM job, under the folder the submitter named.
+    results = work / "results" / "smoke"
+    folder = results / TARGET
+    records = sorted(folder.rglob("*.json"))
+    assert len(records) == 8 + 3 + 2 + 1  # runs, fidelity, repro, overhead: as in a local run
+    node = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%n"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    measured = set()
+    for path in records:
+        hw = _json(path)["hardware"]
+        assert hw["slurm_job_id"] in submitted.values() and hw["node"] == node, (path, hw)
+        measured.add(hw["id"])
+    assert len(measured) == 1 and TARGET not in measured
+    html = (results / "report.html").read_text()
+    assert TARGET in html and next(iter(measured)) in html and f">{node}<" in html
+
+    # The same report as a local run of the smoke profile: same sections, tables, figures and audio.
+    local = _snakemake(work, "--profile", "workflow/profiles/smoke", "--cores", "2", "report",
+                       "--config", "results=results/local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_hw = next(p.name for p in (work / "results" / "local").iterdir() if p.name.startswith("cpu-"))
+    local_html = (work / "results" / "local" / "report.html").read_text()
+    assert _shape(html, TARGET) == _shape(local_html, local_hw)
