@@ -49,6 +49,9 @@ def test_parse_malformed(text):
     ("int8+int8wo", ("int8", "int8wo", "quantization")),
     ("offload+compile", ("offload", "compile")),
     ("sdpa+sdpa", ("repeats",)),
+    ("static", ("static", "needs", "sdpa")),
+    ("bf16+static", ("static", "needs", "sdpa")),
+    ("offload+sdpa+static", ("static", "offload")),
 ])
 def test_parse_refuses_conflicts(text, words):
     with pytest.raises(variants.VariantError) as err:
@@ -57,7 +60,9 @@ def test_parse_refuses_conflicts(text, words):
         assert word in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["sdpa+bf16", "offload+sdpa+fp16", "sdpa+int8", "sdpa+compile", "fa2+fp16"])
+@pytest.mark.parametrize("text", ["sdpa+bf16", "offload+sdpa+fp16", "sdpa+int8", "sdpa+compile", "fa2+fp16",
+                                  "sdpa+static", "sdpa+static+compile", "sdpa+bf16+static+compile",
+                                  "sdpa+int8+static"])
 def test_parse_accepts_compatible(text):
     assert variants.parse(text).names == text.split("+")
 
@@ -118,13 +123,14 @@ def test_registry_has_the_study_optimizations():
 def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoint, tmp_path):
     protocol = Protocol(warmup=1, min_iterations=1, max_iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
     out = tmp_path / name / "bs1.json"
-    result = runner.run(runner.RunRequest(TINY, name, protocol, device="cpu", threads=TORCH_THREADS), out)
+    variant = "+".join((*variants.REGISTRY[name].requires, name))  # with what it needs (static: sdpa)
+    result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cpu", threads=TORCH_THREADS), out)
     results.validate(result)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     expected_reason = variants.REGISTRY[name].not_applicable_reason(CPU)
     if expected_reason is None:
         assert result["status"] == "ok", result["reason"]
-        assert result["variant"]["optimizations"] == [name]
+        assert result["variant"]["optimizations"] == variant.split("+")
         assert result["iterations"]["semantic_tokens"] == [8]
         assert out.with_suffix(".wav").is_file()
     else:
