@@ -122,8 +122,8 @@ def _noisy_lm_head(model, ctx):
 class _MaskIgnoringAttention(attention.BarkSdpaAttention):
     """An SDPA attention that drops the padding mask (the BetterTransformer bug)."""
 
-    def _attn(self, query, key, value, attention_mask=None):
-        return super()._attn(query, key, value, None)
+    def _attn(self, query, key, value, attention_mask=None, query_positions=None):
+        return super()._attn(query, key, value, None, query_positions)
 
 
 def _swap_to_mask_ignoring_attention(model, ctx):

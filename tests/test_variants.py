@@ -50,6 +50,9 @@ def test_parse_malformed(text):
     ("offload+compile", ("offload", "compile")),
     ("sdpa+sdpa", ("repeats",)),
     ("sdpa+int8wo+bf16", ("int8wo needs compile", "dequantizes")),
+    ("static", ("static", "needs", "sdpa")),
+    ("bf16+static", ("static", "needs", "sdpa")),
+    ("offload+sdpa+static", ("static", "offload")),
 ])
 def test_parse_refuses_conflicts(text, words):
     with pytest.raises(variants.VariantError) as err:
@@ -58,7 +61,9 @@ def test_parse_refuses_conflicts(text, words):
         assert word in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["sdpa+bf16", "offload+sdpa+fp16", "sdpa+int8", "sdpa+compile", "fa2+fp16"])
+@pytest.mark.parametrize("text", ["sdpa+bf16", "offload+sdpa+fp16", "sdpa+int8", "sdpa+compile", "fa2+fp16",
+                                  "sdpa+static", "sdpa+static+compile", "sdpa+bf16+static+compile",
+                                  "sdpa+int8+static"])
 def test_parse_accepts_compatible(text):
     assert variants.parse(text).names == text.split("+")
 

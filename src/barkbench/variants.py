@@ -116,15 +116,29 @@ def _apply_int8_weight_only(model, ctx):
         quantize_(sub, Int8WeightOnlyConfig())
 
 
+def _apply_static(model, ctx):
+    from .static_decode import use_static_cache
+
+    use_static_cache(model)
+    ctx.notes.append("semantic and coarse decode against a pre-allocated StaticCache (causal mask from the "
+                     "cache position)")
+
+
 def _apply_compile(model, ctx):
     # The fine model runs fixed 1024-frame windows (static shapes) and holds most of the compute:
     # compiled as a full graph. Semantic and coarse decode one token at a time against a growing
-    # dynamic KV cache (Bark's attention derives its causal mask from the key length, so a static
-    # cache is not an option without forking transformers): compiling them buys guard and recompile
-    # cost, not speed (measured: slower on CPU), so they stay eager. EnCodec's decoder is tiny.
+    # dynamic KV cache (Bark's attention derives its causal mask from the key length): compiling them
+    # buys guard and recompile cost, not speed (measured: slower on CPU), so they stay eager unless
+    # the static optimization gives them a fixed-size cache. EnCodec's decoder is tiny.
     mode = "max-autotune-no-cudagraphs" if ctx.device.type == "cuda" else None
     model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward, mode=mode)
     ctx.notes.append(f"torch.compile (mode={mode or 'default'}) of the fine model's forward")
+    # With a static cache (static), every decode step has the same shapes: compiled once.
+    from .static_decode import StaticCacheDecoding, compile_decode_steps
+
+    if isinstance(model.semantic, StaticCacheDecoding):
+        decode_mode = compile_decode_steps(model, ctx.device)
+        ctx.notes.append(f"torch.compile (mode={decode_mode}, fullgraph) of the semantic and coarse decode step")
 
 
 # Per sub-config: a plain "flash_attention_2" reaches codec_config too, and EncodecModel refuses it at load.
@@ -166,6 +180,11 @@ register(Optimization(
     load_kwargs=lambda d: {"quantization_config": __import__("transformers").BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
         llm_int8_skip_modules=["codec_model", "lm_head", "lm_heads"])}))
+register(Optimization(
+    "static", "semantic and coarse models decode against a pre-allocated KV cache (fixed shapes per step; "
+    "with compile: the decode step compiled, CUDA graphs on a GPU)", group="cache", order=40,
+    apply=_apply_static, requires=("sdpa",), conflicts=("offload",),
+    requires_why="the causal mask from the cache position is built in the project's SDPA attention"))
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",)))
@@ -233,7 +252,8 @@ def parse(variant: str) -> Variant:
             raise VariantError(f"variant {variant!r}: {opt.name} cannot be combined with {', '.join(clash)}")
         missing = [r for r in opt.requires if r not in parts]
         if missing:
-            raise VariantError(f"variant {variant!r}: {opt.name} needs {', '.join(missing)} ({opt.requires_why})")
+            why = f" ({opt.requires_why})" if opt.requires_why else ""
+            raise VariantError(f"variant {variant!r}: {opt.name} needs {', '.join(missing)}{why}")
     return Variant("+".join(o.name for o in opts), opts)
 
 
