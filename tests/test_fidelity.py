@@ -255,14 +255,14 @@ BROKEN = {  # name: (perturbation, tolerance of its class, what must name the fa
     "fine-lm_heads[5]": (fine_head_noise, variants.FLOAT_ROUNDING, "fine[6]"),
     "mask-ignored-at-bs>1": (mask_ignored_in_batches, variants.FLOAT_ROUNDING, "semantic"),
     "kv-cache-rows-swapped-at-bs>1": (cache_rows_swapped, variants.FLOAT_ROUNDING, "batched row"),
-    "int8-wrong-scales": (int8_wrong_scales, variants.QUANTIZED, ("semantic", "coarse", "fine[")),
+    "int8-wrong-scales": (int8_wrong_scales, variants.INT8, ("semantic", "coarse", "fine[")),
     "codec-perturbed": (codec_noise, variants.FLOAT_ROUNDING, "codec SNR"),
     "one-compiled-graph": (_compiled_fine(5), variants.FLOAT_ROUNDING, "fine[5]"),
 }
 HEALTHY = {
     "fine-lm_heads[5]-bf16": (fine_head_bf16, variants.HALF),
     "sdpa": (sdpa, variants.FLOAT_ROUNDING),
-    "int8-per-channel": (int8_per_channel, variants.QUANTIZED),
+    "int8-per-channel": (int8_per_channel, variants.INT8),
     "codec-rounding": (codec_rounding, variants.FLOAT_ROUNDING),
     "compiled-fine": (_compiled_fine(None), variants.FLOAT_ROUNDING),
 }

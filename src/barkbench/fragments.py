@@ -458,7 +458,8 @@ def fidelity_md(fid: pd.DataFrame) -> str:
         "variant": per_variant["variant"].map(md_escape), "baseline": per_variant["baseline"].map(md_escape),
         "status": per_variant["status"].map(md_escape),
         "within tolerance": ["yes" if w is True else "**NO** ⚠" if w is False else "" for w in per_variant["within_tolerance"]],
-        "tolerance": [md_escape(json.loads(t).get("note") or "") for t in per_variant["tolerance"]],
+        "tolerance": [md_escape(" + ".join(part.split(":")[0] for part in (json.loads(t).get("note") or "").split("; ")))
+                      for t in per_variant["tolerance"]],
         "semantic tokens (free-running)": [_path_cell(r, "semantic") for _, r in per_variant.iterrows()],
         "coarse tokens (free-running)": [_path_cell(r, "coarse") for _, r in per_variant.iterrows()],
         "end-to-end chain (fine codes + codec)": [_chain_cell(r) for _, r in per_variant.iterrows()],
@@ -478,9 +479,10 @@ def fidelity_md(fid: pd.DataFrame) -> str:
         "rel": [_within(r["max_rel"], r["tol_logits_max_rel"]) for _, r in staged.iterrows()],
         "baseline margin median / p10": [f"{_g(r['margin_median'])} / {_g(r['margin_p10'])}" for _, r in staged.iterrows()],
     })
-    notes = "; ".join(md_escape(t) for t in sorted(t for t in tol if t))
+    notes = "\n".join(f"- {md_escape(part)}" for part in sorted({p for t in tol if t for p in t.split("; ")}))
     return ("## Fidelity vs the baseline\n\nEach variant against the baseline variant on the same inputs, with the "
-            f"tolerance of its optimizations beside each measure ({notes}). A logit error counts only where both the "
+            "tolerance of its optimizations beside each measure (a variant is held to the loosest bound of its "
+            f"optimizations; where each bound comes from is listed below the table). A logit error counts only where both the "
             "absolute and the relative bound are exceeded. Free-running tokens are judged by margins: a step whose "
             "baseline top-1/top-2 margin exceeds twice the candidate's measured max logit error cannot flip from that "
             "error (\"decisive\"), so a divergence there is a fault; a divergence at a smaller margin is a near tie and "
@@ -488,7 +490,7 @@ def fidelity_md(fid: pd.DataFrame) -> str:
             "by the candidate's codec with the baseline's chain; the codec-only SNR decodes the baseline's codes with "
             "the candidate's codec and is n/a where the codec is untouched. Batched: a padded batch of prompts of "
             "different lengths through the candidate's semantic generate, each row against the baseline at bs 1.\n\n"
-            + to_pipe_table(verdicts)
+            + to_pipe_table(verdicts) + f"\n\nTolerances (measured noise floor and margin):\n\n{notes}"
             + ("\n\n### Teacher-forced distributions per sub-model and fine codebook\n\nKL(baseline ‖ candidate) in "
                "nats over the same inputs, share of positions with the same top-1 token, max |Δp| of the baseline's "
                "top token, max logit error, and the baseline's top-1/top-2 logit margin (small margins: a flat "

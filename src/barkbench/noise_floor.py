@@ -49,8 +49,13 @@ def measure(model_id: str, names: list[str], seed: int = 0) -> list[dict]:
         else:
             cand = fidelity._load(source, variants.parse(name), device)
         stats = fidelity.teacher_forced(base.model, cand.model, device, seed)
+        codes = torch.randint(0, base.model.generation_config.codebook_size, (1, 8, 150),
+                              generator=torch.Generator().manual_seed(seed))  # 2 s of random codes
+        with torch.inference_mode():
+            codec_snr = None if fidelity.codec_untouched(base.model, cand.model) else fidelity.snr_db(
+                base.model.codec_decode(codes)[0].float().numpy(), cand.model.codec_decode(codes)[0].float().numpy())
         worst = {k: max(s[k] for s in stats.values()) for k in ("kl_mean", "kl_p99", "max_dp_top", "max_abs", "max_rel")}
-        rows.append({"model": model_id, "variant": name, "worst_over_sub_models": worst,
+        rows.append({"model": model_id, "variant": name, "worst_over_sub_models": worst, "codec_snr_db": codec_snr,
                      "min_same_top1": min(s["same_top1"] for s in stats.values()),
                      "baseline_margin_median": {k: s["margin"]["median"] for k, s in stats.items()}})
     return rows
