@@ -53,8 +53,8 @@ FLOAT_ROUNDING = Tolerance(
 HALF = Tolerance(
     0.06, 4e-4, 5e-4, 8e-4, 40.0,
     "half precision: floor of bf16 vs eager max rel logit err 0.0135, KL mean 2.1e-5, p99 2.6e-5, |Δp| "
-    "2.0e-4, x4 (KL x16). fp16 keeps 3 more mantissa bits than bf16, so bf16's floor bounds it. Codec SNR (same codes): bf16 "
-    "floor 47.2 dB (bark-small, 47.7 tiny) minus 6 dB, rounded down")
+    "2.0e-4, x4 (KL x16). fp16 keeps 3 more mantissa bits than bf16, so bf16's floor bounds it. Codec SNR "
+    "(same codes): bf16 floor 47.2 dB (bark-small, 47.7 tiny) minus 6 dB, rounded down")
 INT8 = Tolerance(
     0.35, 0.02, 0.03, 3e-3, 60.0,
     "int8 weights: floor of dynamic int8 vs eager max rel logit err 0.087, KL mean 9.4e-4, p99 1.5e-3, "
