@@ -56,9 +56,9 @@ HALF = Tolerance(
     "2.0e-4, x4 (KL x16). fp16 keeps 3 more mantissa bits than bf16, so bf16's floor bounds it. Codec SNR "
     "(same codes): bf16 floor 47.2 dB (bark-small, 47.7 tiny) minus 6 dB, rounded down")
 INT8 = Tolerance(
-    0.35, 0.02, 0.03, 3e-3, 60.0,
+    0.35, 0.02, 0.03, 6e-3, 60.0,
     "int8 weights: floor of dynamic int8 vs eager max rel logit err 0.087, KL mean 9.4e-4, p99 1.5e-3, "
-    "|Δp| 6.8e-4, x4 (KL x16). Codec stays fp32")
+    "|Δp| 1.5e-3 (fine at generate's 1024 frames), x4 (KL x16). Codec stays fp32")
 FOUR_BIT = Tolerance(
     1.2, 0.25, 0.3, 0.012, 60.0,
     "4-bit weights: floor of NF4-rounded weights (blocks of 64) vs eager max rel logit err 0.30, KL mean "
