@@ -16,17 +16,26 @@ QMD = Path(__file__).resolve().parents[1] / "report" / "report.qmd"
 def _fidelity(results, variant, within):
     folder = results / "cpu-test-xeon" / "suno--bark-small" / "fidelity"
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"schema_version": 2, "status": "ok", "reason": None, "variant": variant, "baseline": "eager",
+    stats = {"positions": 96, "kl_mean": 1e-9 if within else 0.3, "kl_p99": 2e-9, "kl_max": 3e-9, "same_top1": 0.97,
+             "max_dp_top": 1e-6, "max_abs": 1e-4, "max_rel": 1e-3, "margin": {"p10": 0.002, "median": 0.02}}
+    path = {"prefix": 5, "length": 8, "agreement": 0.625, "error_bound": 1e-4, "decisive_share": 0.4,
+            "margin": {"p10": 0.001, "median": 0.02}, "divergence_margin": 1e-5, "decisive_mismatches": 0,
+            "same_context_max_abs": 1e-4, "same_context_max_rel": 1e-3}
+    data = {"schema_version": 3, "status": "ok", "reason": None, "variant": variant, "baseline": "eager",
             "model": {"requested": "suno/bark-small", "id": "synthetic:bark-small", "weights": "synthetic"},
             "device": "cpu", "hardware": {"id": "cpu-test-xeon"}, "versions": {"torch": "2.0.0", "transformers": "4.40.0"},
             "git_commit": "abc1234", "tokens_compared": 8, "error": None, "started_at": "2024-01-01T00:00:00",
             "finished_at": "2024-01-01T00:01:00",
-            "tolerance": {"logits_max_abs": 1e-3, "logits_max_rel": 1e-2, "min_token_agreement": 0.9,
-                          "min_snr_db": 20.0, "note": "test tolerance"},
-            "logits": {s: {"max_abs": 1e-4 if within else 0.5, "max_rel": 1e-3} for s in ("semantic", "coarse", "fine")},
-            "tokens": {s: {"prefix": 8, "length": 8, "agreement": 1.0} for s in ("semantic", "coarse")},
-            "waveform_snr_db": 35.0, "within_tolerance": within,
-            "violations": [] if within else ["semantic logits max_abs 0.5 > 0.001"]}
+            "tolerance": {"logits_max_rel": 1e-2, "kl_mean": 1e-6, "kl_p99": 1e-5,
+                          "max_dp_top": 1e-3, "min_snr_db": 20.0, "note": "test tolerance"},
+            "teacher_forced": {s: stats for s in ("semantic", "coarse", "fine[2]", "fine[7]")},
+            "free_running": {"semantic": path, "coarse": path},
+            "chain": {"codes_agreement": 0.9, "codes_agreement_per_codebook": {"fine[2]": 0.9}, "waveform_snr_db": 12.5,
+                      "fine_decisions": {"calls": 6, "judged_calls": 1, "decisive_share": 0.3, "decisive_mismatches": 0,
+                                         "same_context_max_abs": 1e-4, "same_context_max_rel": 1e-3}},
+            "codec": {"untouched": True, "snr_db": None},
+            "batched": {"batch_size": 3, "tokens": 8, "rows": [path, path, path]},
+            "within_tolerance": within, "violations": [] if within else ["fine[7] KL mean 0.3 > 1e-06"]}
     (folder / f"{variant}.json").write_text(json.dumps(data))
     return folder / f"{variant}.json"
 
@@ -90,6 +99,8 @@ def test_tables_and_sections(report):
     assert "Optimizing Bark using" in html and "bettertransformer" in html  # 2023 comparison
     assert 'id="reproducibility"' in html and "10.05, 10.15, 10.25" in html
     assert 'id="fidelity-vs-the-baseline"' in html and "NO" in html
+    assert "fine[7]" in html and "n/a (codec untouched)" in html and "bs 3 × 8 tokens" in html  # per codebook, codec, batch
+    assert "<strong>0.3 (≤ 1e-06)</strong>" in html  # the measure beside its tolerance, out of bounds in bold
     assert 'id="instrumentation-overhead"' in html and "9.10" in html
     assert "under the 1 % budget" in html  # direct stage-timer cost stated
     assert "Intel Test Xeon" in html and "abc1234" in html  # provenance

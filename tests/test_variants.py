@@ -89,9 +89,13 @@ def test_fa2_leaves_the_codec_on_eager(tiny_checkpoint):
 def test_tolerance_is_the_loosest_of_the_parts():
     assert variants.parse("sdpa").tolerance == variants.FLOAT_ROUNDING
     t = variants.parse("sdpa+bf16").tolerance
-    assert (t.logits_max_abs, t.min_token_agreement, t.min_snr_db) == (0.25, 0.5, 20.0)
-    q = variants.parse("sdpa+int8").tolerance
-    assert (q.logits_max_abs, q.logits_max_rel, q.min_token_agreement, q.min_snr_db) == (0.5, 0.15, 0.25, 15.0)
+    h, f = variants.HALF, variants.FLOAT_ROUNDING
+    assert (t.logits_max_rel, t.kl_mean, t.max_dp_top, t.min_snr_db) == (h.logits_max_rel, h.kl_mean, h.max_dp_top,
+                                                                          min(h.min_snr_db, f.min_snr_db))
+    assert t.note == f"{f.note}; {h.note}"
+    q = variants.parse("bf16+int8wo").tolerance  # half precision and int8 weights: the looser of each bound
+    i = variants.INT8
+    assert (q.logits_max_rel, q.kl_p99, q.min_snr_db) == (i.logits_max_rel, i.kl_p99, h.min_snr_db)
 
 
 def test_load_kwargs_and_placement():

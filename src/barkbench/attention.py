@@ -20,7 +20,8 @@ from transformers.models.bark.modeling_bark import BarkSelfAttention
 
 class BarkSdpaAttention(BarkSelfAttention):
     def forward(self, hidden_states, attention_mask=None, cache=None, use_cache=False, output_attentions=False,
-                **kwargs):
+                past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # named past_key_values before transformers 5.2x
         query, key, value = self.att_proj(hidden_states).split(self.embed_dim, dim=2)
         query = self._split_heads(query, self.num_heads, self.head_dim)
         key = self._split_heads(key, self.num_heads, self.head_dim)

@@ -125,9 +125,11 @@ class FidelityResult(_Record):
     git_commit: str | None
     tokens_compared: int
     tolerance: dict
-    logits: dict | None
-    tokens: dict | None
-    waveform_snr_db: float | None
+    teacher_forced: dict | None
+    free_running: dict | None
+    chain: dict | None
+    codec: dict | None
+    batched: dict | None
     within_tolerance: bool | None
     violations: list
     started_at: str

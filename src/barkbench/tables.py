@@ -234,18 +234,39 @@ def cross_hardware_table(runs: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- quality checks
 
 def fidelity_table(records) -> pd.DataFrame:
+    """One row per (fidelity record, teacher-forced stage: semantic, coarse, fine[i]); the variant-level
+    measures (verdict, tolerance, free-running, chain, codec, batched) repeat on each row of a record."""
     rows = []
     for folder, path, rec in records:
-        row = {"hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
-               "model_id": rec.model.get("id"), "weights": rec.model.get("weights"), "variant": rec.variant,
-               "baseline": rec.baseline, "status": rec.status, "reason": rec.reason,
-               "within_tolerance": rec.within_tolerance, "violations": "; ".join(rec.violations),
-               "waveform_snr_db": rec.waveform_snr_db, "tolerance": json.dumps(rec.tolerance)}
-        for stage in ("semantic", "coarse", "fine"):
-            lg = _get(rec.logits, stage) or {}
-            row[f"{stage}_max_abs"], row[f"{stage}_max_rel"] = lg.get("max_abs"), lg.get("max_rel")
-            row[f"{stage}_agreement"] = _get(rec.tokens, stage, "agreement")
-        rows.append(row)
+        base = {"hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
+                "model_id": rec.model.get("id"), "weights": rec.model.get("weights"), "variant": rec.variant,
+                "baseline": rec.baseline, "status": rec.status, "reason": rec.reason,
+                "within_tolerance": rec.within_tolerance, "violations": "; ".join(rec.violations),
+                "tolerance": json.dumps(rec.tolerance),
+                **{f"tol_{k}": v for k, v in rec.tolerance.items() if k != "note"}}
+        for name in ("semantic", "coarse"):
+            path_ = _get(rec.free_running, name) or {}
+            base.update({f"{name}_{k}": path_.get(k) for k in
+                         ("prefix", "length", "agreement", "decisive_share", "decisive_mismatches",
+                          "divergence_margin", "same_context_max_rel")})
+            base[f"{name}_path_margin_median"] = _get(path_, "margin", "median")
+        fd = _get(rec.chain, "fine_decisions") or {}
+        base.update({"chain_codes_agreement": _get(rec.chain, "codes_agreement"),
+                     "chain_snr_db": _get(rec.chain, "waveform_snr_db"), "chain_calls": fd.get("calls"),
+                     "chain_judged_calls": fd.get("judged_calls"), "chain_decisive_share": fd.get("decisive_share"),
+                     "chain_decisive_mismatches": fd.get("decisive_mismatches"),
+                     "codec_untouched": _get(rec.codec, "untouched"), "codec_snr_db": _get(rec.codec, "snr_db")})
+        batch_rows = _get(rec.batched, "rows") or []
+        base.update({"batched_size": _get(rec.batched, "batch_size"), "batched_tokens": _get(rec.batched, "tokens"),
+                     "batched_min_agreement": min((r["agreement"] for r in batch_rows), default=None),
+                     "batched_decisive_mismatches": sum(r["decisive_mismatches"] for r in batch_rows) if batch_rows else None,
+                     "batched_max_rel": max((r["same_context_max_rel"] for r in batch_rows), default=None)})
+        stages = rec.teacher_forced or {None: {}}
+        for stage, st in stages.items():
+            rows.append({**base, "stage": stage,
+                         **{k: st.get(k) for k in ("positions", "kl_mean", "kl_p99", "kl_max", "same_top1",
+                                                   "max_dp_top", "max_abs", "max_rel")},
+                         "margin_median": _get(st, "margin", "median"), "margin_p10": _get(st, "margin", "p10")})
     return pd.DataFrame(rows)
 
 
