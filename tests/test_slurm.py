@@ -103,7 +103,7 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
 
     # The same report as a local run of the smoke profile: same sections, tables, figures and audio.
     local = _snakemake(work, "--profile", "workflow/profiles/smoke", "--cores", "2", "report",
-                       "--config", "results=results/local", timeout=3600)
+                       "--config", "preset=smoke", "results=results/local", timeout=3600)
     assert local.returncode == 0, local.stderr[-3000:]
     local_hw = next(p.name for p in (work / "results" / "local").iterdir() if p.name.startswith("cpu-"))
     local_html = (work / "results" / "local" / "report.html").read_text()

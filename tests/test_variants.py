@@ -93,7 +93,7 @@ def test_tolerance_is_the_loosest_of_the_parts():
     assert (t.logits_max_rel, t.kl_mean, t.max_dp_top, t.min_snr_db) == (h.logits_max_rel, h.kl_mean, h.max_dp_top,
                                                                           min(h.min_snr_db, f.min_snr_db))
     assert t.note == f"{f.note}; {h.note}"
-    q = variants.parse("bf16+int8wo").tolerance  # half precision and int8 weights: the looser of each bound
+    q = variants.parse("bf16+int8wo+compile").tolerance  # half precision and int8 weights: the looser of each
     i = variants.INT8
     assert (q.logits_max_rel, q.kl_p99, q.min_snr_db) == (i.logits_max_rel, i.kl_p99, h.min_snr_db)
 
