@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from . import legacy
+
 
 class VariantError(ValueError):
     """A variant string that names an unknown optimization or conflicting ones."""
@@ -63,8 +65,11 @@ class Optimization:
     places_model: bool = False  # it moves the model to the device itself (offload)
     tolerance: Tolerance = FLOAT_ROUNDING
     cpu_reason: str | None = None  # why it does not run on CPU even though it could import
+    needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
+        if self.needs_stack and (reason := self.needs_stack()):
+            return reason
         if device.type == "cpu" and self.needs_cuda:
             return f"not applicable on cpu: {self.name} {self.cpu_reason or 'needs a CUDA device'}"
         for package in self.needs_packages:
@@ -92,7 +97,11 @@ def _apply_sdpa(model, ctx):
 
 
 def _apply_offload(model, ctx):
-    model.enable_cpu_offload(accelerator_id=ctx.device.index or 0)
+    legacy.enable_cpu_offload(model, ctx.device.index or 0)
+
+
+def _apply_bt(model, ctx):
+    ctx.notes.append(f"optimum BetterTransformer: {legacy.to_bettertransformer(model)} attention layers converted")
 
 
 def _apply_int8_dynamic(model, ctx):
@@ -155,6 +164,12 @@ register(Optimization(
     load_kwargs=lambda d: {"quantization_config": __import__("transformers").BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
         llm_int8_skip_modules=["codec_model", "lm_head", "lm_heads"])}))
+register(Optimization(
+    "legacy", "the 2023 study's stack: transformers 4.45 + optimum 1.23 (envs/legacy-requirements.txt)",
+    group="stack", order=0, needs_packages=("optimum",), needs_stack=legacy.stack_reason))
+register(Optimization(
+    "bt", "optimum's BetterTransformer (the 2023 study): Bark attention through SDPA with attn_mask=None",
+    group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",)))
