@@ -4,7 +4,9 @@ on the same inputs:
 - teacher-forced logits of each sub-model (max abs error, and max error relative to the logits' range);
 - greedily decoded semantic tokens, and coarse tokens decoded from the baseline's semantic tokens
   (identical-prefix length and its share of the tokens compared);
-- the waveform EnCodec decodes from the same fine codes (SNR in dB, capped where bit-identical).
+- the waveform EnCodec decodes from the same fine codes (SNR in dB, capped where bit-identical);
+- a padded batch (`padded_batch`): 8 prompts of different lengths, where an attention that ignores the
+  mask (optimum's BetterTransformer for Bark) lets real tokens attend to padding.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import numpy as np
 import torch
 
 from . import models, provenance, variants
-from .protocol import DEADLINE_ENV
+from .protocol import DEADLINE_ENV, DEFAULT_PROMPTS
 from .records import FidelityResult
 from .runner import _now, _quiet_transformers
 
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
 SUB_MODELS = ("semantic", "coarse", "fine")
+PADDED_BATCH = 8  # the 2023 study's batch size
 
 
 def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -66,6 +69,10 @@ def check(tol: variants.Tolerance, report: dict) -> list[str]:
         if agree["agreement"] < tol.min_token_agreement:
             violations.append(f"{name} tokens: identical prefix {agree['prefix']}/{agree['length']} "
                               f"< {tol.min_token_agreement:.0%}")
+    padded = (report.get("padded_batch") or {}).get("logits")
+    if padded and padded["max_abs"] > tol.logits_max_abs and padded["max_rel"] > tol.logits_max_rel:
+        violations.append(f"padded batch: logits at real positions of padded rows: max abs {padded['max_abs']:.3g} "
+                          f"> {tol.logits_max_abs:g} and max rel {padded['max_rel']:.3g} > {tol.logits_max_rel:g}")
     if report["waveform_snr_db"] < tol.min_snr_db:
         violations.append(f"waveform SNR {report['waveform_snr_db']:.1f} dB < {tol.min_snr_db:g} dB")
     return violations
@@ -124,7 +131,46 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
                                             temperature=None)
     ref_wave = baseline.codec_decode(fine)[0].float().cpu().numpy()
     cand_wave = candidate.codec_decode(fine)[0].float().cpu().numpy()
-    return {"logits": logits, "tokens": token_report, "waveform_snr_db": snr_db(ref_wave, cand_wave)}
+    return {"logits": logits, "tokens": token_report, "waveform_snr_db": snr_db(ref_wave, cand_wave),
+            "padded_batch": padded_batch(baseline, candidate, processor, device, sem_cfg, tokens)}
+
+
+def padded_batch(baseline, candidate, processor, device: torch.device, sem_cfg, tokens: int) -> dict:
+    """The study's prompts as one batch of 8 (different lengths, so the shorter rows are padded):
+
+    - teacher-forced semantic logits with the tokenizer's attention mask, left-padded as batched
+      decoder-only generation pads: error and argmax agreement at the real positions of the padded rows
+      (a mask-ignoring attention lets them attend to the padding);
+    - the pipeline's own greedy semantic decoding of the batch (BarkModel.generate's path: the processor
+      pads every prompt to 256 tokens and Bark replaces padding by its pad token, the mask never reaching
+      the attention): identical prefix over all rows.
+    """
+    prompts = DEFAULT_PROMPTS[:PADDED_BATCH]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    ids = (enc["input_ids"] + sem_cfg.text_encoding_offset).to(device)
+    mask = enc["attention_mask"].to(device)
+    padded_rows = (mask == 0).any(dim=1)
+    real = mask.bool() & padded_rows[:, None]
+    ref = baseline.semantic(input_ids=ids, attention_mask=mask).logits[real]
+    cand = candidate.semantic(input_ids=ids, attention_mask=mask).logits[real]
+    inputs = processor(prompts, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def generate(m):
+        return m.semantic.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   semantic_generation_config=sem_cfg, do_sample=False,
+                                   max_new_tokens=tokens, min_new_tokens=tokens)
+
+    return {"batch_size": len(prompts), "padded_rows": int(padded_rows.sum()),
+            "padding": "left, to the longest prompt", "real_positions": int(real.sum()),
+            "logits": logits_error(ref, cand),
+            "token_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean()),
+            "pipeline_semantic": prefix_agreement(generate(baseline), generate(candidate))}
 
 
 def _load(source, variant: variants.Variant, device: torch.device):
