@@ -7,9 +7,19 @@ a run needs, `bt` is optimum's conversion as the study applied it, and two calls
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from pathlib import Path
 
 LEGACY_MAJOR = 4  # transformers major version of the 2023 stack
+PREFIX = "legacy+"  # variants run on the 2023 stack are named legacy+<optimizations>
+COMPLETE = ".barkbench-complete"  # written last: the environment is whole
 
 
 def transformers_major() -> int:
@@ -27,6 +37,16 @@ def stack_reason() -> str | None:
     return (f"not applicable here: legacy runs on the 2023 stack (transformers {LEGACY_MAJOR}.x + optimum, "
             f"envs/legacy-requirements.txt), this interpreter has transformers "
             f"{importlib.metadata.version('transformers')}")
+
+
+def is_legacy_variant(variant: str) -> bool:
+    return variant.startswith(PREFIX)
+
+
+def baseline_for(variant: str, baseline: str) -> str:
+    """A legacy variant is compared with the baseline on its own stack (legacy+eager for eager): the
+    fidelity check loads both models in one process, so both must run in the same interpreter."""
+    return PREFIX + baseline if is_legacy_variant(variant) else baseline
 
 
 def from_pretrained_kwargs(kwargs: dict) -> dict:
@@ -60,3 +80,56 @@ def to_bettertransformer(model) -> int:
     if not layers:
         raise RuntimeError("BetterTransformer converted no Bark attention layer")
     return layers
+
+
+# ---------------------------------------------------------------- the legacy environment
+
+def pins(requirements: str | Path) -> list[str]:
+    """The requirement lines of a pins file (comments and blank lines dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(requirements).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def pins_hash(requirements: str | Path) -> str:
+    """What the environment is built from: the pins and the base interpreter's Python version."""
+    text = "\n".join(pins(requirements) + [f"python {sys.version_info.major}.{sys.version_info.minor}"])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def env_dir(requirements: str | Path, root: str | Path | None = None) -> Path:
+    from .models import cache_dir
+
+    return Path(root or cache_dir()) / "envs" / f"legacy-{pins_hash(requirements)}"
+
+
+def env_python(env: Path) -> Path:
+    return env / "bin" / "python"
+
+
+def build_env(requirements: str | Path, root: str | Path | None = None) -> dict:
+    """Build (once) the virtual environment of `requirements` and describe it. Built in a temporary folder
+    beside the target and renamed into place when pip succeeded, so a half-built environment is never
+    used; a finished one is reused (runs use `python -m`, so the renamed venv needs no fixing up)."""
+    target = env_dir(requirements, root)
+    started = time.perf_counter()
+    built = False
+    if not (target / COMPLETE).exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+            staged = Path(tmp) / "env"
+            venv.create(staged, with_pip=True, clear=True)
+            subprocess.run([str(env_python(staged)), "-m", "pip", "install", "--disable-pip-version-check",
+                            "--no-input", "-r", str(Path(requirements).resolve())], check=True,
+                           stdout=sys.stderr)
+            (staged / COMPLETE).write_text("\n".join(pins(requirements)) + "\n")
+            try:
+                os.replace(staged, target)
+                built = True
+            except OSError:  # another process finished first
+                if not (target / COMPLETE).exists():
+                    raise
+    freeze = subprocess.run([str(env_python(target)), "-m", "pip", "freeze", "--all"], check=True,
+                            capture_output=True, text=True).stdout.split()
+    return {"env": str(target), "python": str(env_python(target)), "pins_hash": pins_hash(requirements),
+            "pins": pins(requirements), "built_now": built, "seconds": time.perf_counter() - started,
+            "installed": freeze}
