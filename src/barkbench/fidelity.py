@@ -194,7 +194,8 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
               "model": {"requested": model_id}, "device": device.type, "hardware": provenance.hardware(device),
               "versions": provenance.versions(), "git_commit": provenance.git_commit(),
               "tokens_compared": tokens, "tolerance": {k: getattr(tol, k) for k in tol.__dataclass_fields__},
-              "logits": None, "tokens": None, "waveform_snr_db": None, "within_tolerance": None, "violations": [],
+              "logits": None, "tokens": None, "waveform_snr_db": None, "padded_batch": None, "within_tolerance": None,
+              "violations": [],
               "error": None, "retry_of": retry_of, "started_at": _now(), "finished_at": None}
     reason = variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device)
     deadline = float(os.environ.get(DEADLINE_ENV) or "inf")  # the workflow's run budget
