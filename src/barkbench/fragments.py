@@ -490,7 +490,7 @@ def stacks_md(stacks: pd.DataFrame, fid: pd.DataFrame) -> str:
         "change": [f"{fmt_pct(c)} [{fmt_pct(lo)}, {fmt_pct(hi)}]" if isnum(c) and isnum(lo) else
                    (fmt_pct(c) if isnum(c) else md_escape(n)) for c, lo, hi, n in
                    zip(stacks["latency_change_pct"], stacks["ci_low_pct"], stacks["ci_high_pct"], stacks["note"])],
-        "speed-up 2023 / today": [f"{fmt_num(a)}× / {fmt_num(b)}×" if isnum(a) or isnum(b) else ""
+        "speed-up 2023 / today": [" / ".join(f"{fmt_num(x)}×" if isnum(x) else "–" for x in (a, b))
                                   for a, b in zip(stacks["speedup_2023"], stacks["speedup_today"])],
         "published": stacks["published_pct"].map(lambda x: fmt_pct(x) if isnum(x) else ""),
         "differs": stacks["differs"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
