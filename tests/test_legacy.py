@@ -161,3 +161,13 @@ def test_stacks_table_pairs_each_study_row_with_its_successor(tmp_path):
     assert fastest["variant_today"] == "sdpa"
     assert successor["speedup_2023"] > 1.2 and successor["speedup_today"] > 1.05
     assert successor["published_pct"] == pytest.approx(-25.0)
+
+
+def test_legacy_env_refuses_a_missing_requirements_file(tmp_path, capsys):
+    from barkbench.cli import main
+
+    assert main(["legacy-env", "--requirements", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "env.json"),
+                 "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("barkbench: error: no requirements file") and err.count("\n") == 1
+    assert not (tmp_path / "envs").exists()
