@@ -47,6 +47,8 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
         "repro": tables.repro_table(rep_recs, baseline),
         "overhead": tables.overhead_table(ovh_recs, runs_df, baseline),
     }
+    reference_df = pd.read_csv(reference) if reference else None
+    data["stacks"] = tables.stacks_table(runs_df, baseline, md.PUBLISHED_TO_OURS, reference_df)
     out = Path(out_dir)
     written = {}
     for name in layout.TABLE_NAMES:
@@ -58,7 +60,6 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
     records = [(f, r) for f, _, r in run_recs]
     machines = {f: {**r.hardware, "device": r.device.get("type")} for f, r in records}
     config_text = Path(config).read_text(encoding="utf-8") if config else None
-    reference_df = pd.read_csv(reference) if reference else None
     text = {
         "warning": md.warning_md([r for _, r in records], [r for _, _, r in fid_recs]),
         "findings": md.findings_md(runs_df, data["relative"], data["fidelity"], machines),
@@ -72,6 +73,7 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
         "repro": md.repro_md(data["repro"]),
         "overhead": md.overhead_md(data["overhead"]),
         "comparison": md.comparison_md(reference_df, runs_df, data["relative"]),
+        "stacks": md.stacks_md(data["stacks"], data["fidelity"]),
         "audio": md.audio_md(manifest),
     }
     for name in layout.FRAGMENT_NAMES:

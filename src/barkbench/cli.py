@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-synthetic", help="build (once) a synthetic checkpoint offline")
     build.add_argument("architecture", choices=list(models.ARCHITECTURES))
 
+    env = sub.add_parser("legacy-env", help="build (once) the 2023 stack's virtual environment; describe it as JSON")
+    env.add_argument("--requirements", required=True, help="pins of the stack (envs/legacy-requirements.txt)")
+    env.add_argument("--out", required=True, help="JSON describing the environment (interpreter, installed packages)")
+    env.add_argument("--root", default=None, help="folder of the environments (default: the barkbench cache)")
+
     agg = sub.add_parser("aggregate", help="tables and the report's text from exactly the given result files")
     agg.add_argument("--results-dir", required=True, help="the results folder the files lie in (<hardware>/...)")
     agg.add_argument("--baseline", required=True, help="variant every relative number compares with")
@@ -153,6 +158,20 @@ def main(argv=None) -> int:
             return 0
         if args.command == "build-synthetic":
             print(models.build_synthetic(args.architecture))
+            return 0
+        if args.command == "legacy-env":
+            import json
+
+            from .legacy import build_env
+            from .results import write_atomic
+
+            _check_out(args.out)
+            if not __import__("os").path.isfile(args.requirements):
+                raise UsageError(f"no requirements file {args.requirements!r}")
+            described = build_env(args.requirements, args.root)
+            write_atomic(args.out, (json.dumps(described, indent=1) + "\n").encode())
+            print(f"legacy environment {described['env']} ({'built' if described['built_now'] else 'reused'}, "
+                  f"{described['seconds']:.0f} s)", file=sys.stderr)
             return 0
         if args.command == "aggregate":
             from .aggregate import aggregate

@@ -291,7 +291,36 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
         ref_row, ref_row_steps = semantic(baseline, [prompt], BATCH_TOKENS)
         rows.append(judge_path(ref_row, cand_batch[i], ref_row_steps[0], cand_batch_steps[i], bound["semantic"]))
     return {"teacher_forced": tf, "free_running": free, "chain": chain, "codec": codec,
-            "batched": {"batch_size": len(PROMPTS), "tokens": BATCH_TOKENS, "rows": rows}}
+            "batched": {"batch_size": len(PROMPTS), "tokens": BATCH_TOKENS, "rows": rows},
+            "padded_batch": padded_batch(baseline, candidate, processor, device)}
+
+
+PADDED_BATCH = 8  # the 2023 study's batch size
+
+
+@torch.inference_mode()
+def padded_batch(baseline, candidate, processor, device: torch.device) -> dict:
+    """The study's prompts as one batch of 8, left-padded to the longest as batched decoder-only generation pads:
+    teacher-forced semantic logits with the tokenizer's attention mask, compared at the real positions of the
+    padded rows, where an attention that ignores the mask (optimum's 2023 BetterTransformer for Bark) lets real
+    tokens attend to padding. (BarkModel.generate itself pads every prompt to 256 tokens with Bark's pad token
+    and passes no mask to the attention: its own batches never show the bug.)"""
+    from .protocol import DEFAULT_PROMPTS
+
+    prompts = DEFAULT_PROMPTS[:PADDED_BATCH]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    ids = (enc["input_ids"] + baseline.generation_config.semantic_config["text_encoding_offset"]).to(device)
+    mask = enc["attention_mask"].to(device)
+    padded_rows = (mask == 0).any(dim=1)
+    real = mask.bool() & padded_rows[:, None]
+    logits = [m.semantic(input_ids=ids, attention_mask=mask).logits[real].cpu() for m in (baseline, candidate)]
+    return {"batch_size": len(prompts), "padded_rows": int(padded_rows.sum()), "padding": "left, to the longest prompt",
+            **distribution_stats(*logits)}
 
 
 def _logits_violation(where: str, max_abs: float, max_rel: float, tol: variants.Tolerance) -> list[str]:
@@ -332,6 +361,12 @@ def check(tol: variants.Tolerance, report: dict) -> list[str]:
         violations.append(f"codec SNR (same codes) {snr:.1f} dB < {tol.min_snr_db:g} dB")
     for i, row in enumerate(report["batched"]["rows"]):
         violations += _path_violations(f"batched row {i}", row, tol)
+    padded = report.get("padded_batch")
+    if padded:
+        violations += _logits_violation("padded batch: logits at real positions of padded rows", padded["max_abs"],
+                                        padded["max_rel"], tol)
+        if padded["kl_mean"] > tol.kl_mean:
+            violations.append(f"padded batch: KL mean {padded['kl_mean']:.3g} > {tol.kl_mean:g}")
     return violations
 
 
@@ -358,6 +393,7 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
               "git_commit": provenance.git_commit(), "tokens_compared": tokens,
               "tolerance": {k: getattr(tol, k) for k in tol.__dataclass_fields__},
               "teacher_forced": None, "free_running": None, "chain": None, "codec": None, "batched": None,
+              "padded_batch": None,
               "within_tolerance": None, "violations": [], "error": None, "retry_of": retry_of,
               "started_at": _now(), "finished_at": None}
     reason = variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device)

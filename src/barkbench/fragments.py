@@ -538,3 +538,47 @@ def overhead_md(df: pd.DataFrame) -> str:
     return ("## Instrumentation overhead\n\nInstrumented runs (per-stage timers on) against plain runs without stage "
             "timers, same configuration, separate processes: this comparison is bounded by run-to-run noise (see "
             "Reproducibility)." + verdict + "\n\n" + to_pipe_table(cells))
+
+
+def stacks_md(stacks: pd.DataFrame, fid: pd.DataFrame) -> str:
+    """The 2023 stack vs today: its own section, because the library versions differ."""
+    if stacks.empty:
+        return "_No legacy+ variant configured: the 2023 stack was not measured._\n"
+    text = ("The study's variants on its own software stack (`legacy+`: transformers 4.45 with optimum's "
+            "BetterTransformer `bt`, `envs/legacy-requirements.txt`) beside today's, on the same machine, weights "
+            "and protocol. The library versions differ (column *differs*), so these changes are not in the "
+            "like-for-like tables above. *Change*: today's latency relative to the 2023 stack's (95 % interval); "
+            "*speed-up*: each variant against the eager baseline of its own stack; *published*: the study's "
+            "change for the same optimization (GPU, suno/bark).\n\n")
+    shown = pd.DataFrame({
+        "setup": [f"{md_escape(h)} · {md_escape(m)} · bs {b}" for h, m, b in
+                  zip(stacks["hardware"], stacks["model"], stacks["batch_size"])],
+        "comparison": stacks["comparison"].map(md_escape),
+        "2023 stack": [f"{md_escape(v)}: {fmt_num(x)} s" if isnum(x) else md_escape(v)
+                       for v, x in zip(stacks["variant_2023"], stacks["latency_2023_s"])],
+        "today": [f"{md_escape(v)}: {fmt_num(x)} s" if isnum(x) else md_escape(v or "")
+                  for v, x in zip(stacks["variant_today"], stacks["latency_today_s"])],
+        "change": [f"{fmt_pct(c)} [{fmt_pct(lo)}, {fmt_pct(hi)}]" if isnum(c) and isnum(lo) else
+                   (fmt_pct(c) if isnum(c) else md_escape(n)) for c, lo, hi, n in
+                   zip(stacks["latency_change_pct"], stacks["ci_low_pct"], stacks["ci_high_pct"], stacks["note"])],
+        "speed-up 2023 / today": [" / ".join(f"{fmt_num(x)}×" if isnum(x) else "–" for x in (a, b))
+                                  for a, b in zip(stacks["speedup_2023"], stacks["speedup_today"])],
+        "published": stacks["published_pct"].map(lambda x: fmt_pct(x) if isnum(x) else ""),
+        "differs": stacks["differs"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
+    })
+    text += to_pipe_table(shown)
+    padded = fid[fid["padded_kl_mean"].notna()] if "padded_kl_mean" in fid else fid.iloc[0:0]
+    padded = padded.drop_duplicates(["hardware", "model", "variant"])  # one row per record (rows are per stage)
+    if not padded.empty:
+        text += ("\n**Padded batch** (8 prompts of different lengths, the shorter ones left-padded): semantic logits "
+                 "at the real positions of the padded rows, teacher-forced with the attention mask, against the "
+                 "baseline on the same stack. (`BarkModel.generate` pads every prompt to 256 tokens with Bark's pad "
+                 "token and passes no mask to the attention: its own batches never meet the bug.)\n\n")
+        text += to_pipe_table(pd.DataFrame({
+            "setup": [f"{md_escape(h)} · {md_escape(m)}" for h, m in zip(padded["hardware"], padded["model"])],
+            "variant": padded["variant"].map(md_escape), "against": padded["baseline"].map(md_escape),
+            "padded rows": padded["padded_rows"].map(lambda x: f"{x:.0f}"),
+            "KL mean": padded["padded_kl_mean"].map(_g),
+            "max logit error (of the largest)": padded["padded_max_rel"].map(_g),
+            "same top-1": padded["padded_same_top1"].map(lambda x: f"{100 * x:.1f} %")}))
+    return text

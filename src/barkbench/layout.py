@@ -26,9 +26,9 @@ CONFIG = "config.yaml"
 RESERVED = (FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR)
 
 # Tables written by `barkbench aggregate` (CSV: data; the report's fragments are Markdown beside them).
-TABLE_NAMES = ("runs", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead")
+TABLE_NAMES = ("runs", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead", "stacks")
 FRAGMENT_NAMES = ("warning", "findings", "unavailable", "protocol", "provenance", "tables", "cross_hardware",
-                  "stages", "fidelity", "repro", "overhead", "comparison", "audio")
+                  "stages", "fidelity", "repro", "overhead", "comparison", "stacks", "audio")
 
 
 def slug(model_id: str) -> str:

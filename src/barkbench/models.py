@@ -235,8 +235,10 @@ def load(source: ModelSource, **from_pretrained_kwargs) -> LoadedModel:
     """Load model and processor through `from_pretrained`, whatever the source."""
     from transformers import AutoProcessor, BarkModel
 
+    from .legacy import from_pretrained_kwargs as spelled_for_this_stack
+
     path = source.path or str(build_synthetic(source.architecture))
-    model = BarkModel.from_pretrained(path, **from_pretrained_kwargs)
+    model = BarkModel.from_pretrained(path, **spelled_for_this_stack(from_pretrained_kwargs))
     model.eval()
     processor = AutoProcessor.from_pretrained(path)
     return LoadedModel(model, processor, source, {"path_kind": source.weights})

@@ -136,6 +136,7 @@ class FidelityResult(_Record):
     finished_at: str
     error: str | None = None
     retry_of: str | None = None
+    padded_batch: dict | None = None  # fidelity.padded_batch
     extra: dict | None = None
 
     SCHEMA = staticmethod(_fidelity_schema)

@@ -256,6 +256,10 @@ def fidelity_table(records) -> pd.DataFrame:
                      "chain_judged_calls": fd.get("judged_calls"), "chain_decisive_share": fd.get("decisive_share"),
                      "chain_decisive_mismatches": fd.get("decisive_mismatches"),
                      "codec_untouched": _get(rec.codec, "untouched"), "codec_snr_db": _get(rec.codec, "snr_db")})
+        padded = rec.padded_batch or {}
+        base.update({"padded_rows": padded.get("padded_rows"), "padded_kl_mean": padded.get("kl_mean"),
+                     "padded_max_abs": padded.get("max_abs"), "padded_max_rel": padded.get("max_rel"),
+                     "padded_same_top1": padded.get("same_top1")})
         batch_rows = _get(rec.batched, "rows") or []
         base.update({"batched_size": _get(rec.batched, "batch_size"), "batched_tokens": _get(rec.batched, "tokens"),
                      "batched_min_agreement": min((r["agreement"] for r in batch_rows), default=None),
@@ -305,3 +309,74 @@ def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataF
                                                                  "note": ""})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the 2023 stack vs today
+
+STACK_SUCCESSOR = {"bt": "sdpa"}  # a 2023 optimization -> what replaces it on today's stack
+
+
+def today_counterpart(optimizations: frozenset) -> frozenset:
+    """The optimizations of a legacy variant on today's stack (legacy dropped, BetterTransformer -> SDPA)."""
+    return frozenset(STACK_SUCCESSOR.get(o, o) for o in optimizations if o != "legacy")
+
+
+def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | None = None,
+                 reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's rows on its own stack (legacy+...) beside today's counterparts, per hardware, model and
+    batch size: same machine, weights and protocol, different library versions (named in `differs`), so
+    this is its own table, never part of the like-for-like relative one. `change_pct`: today's latency
+    relative to the 2023 stack's; `speedup_2023` / `speedup_today`: each variant against its own stack's
+    baseline; `published_pct`: the study's published change for the same optimization and batch size."""
+    cols = GROUP + ["comparison", "variant_2023", "variant_today", "latency_2023_s", "latency_today_s",
+                    "latency_change_pct", "ci_low_pct", "ci_high_pct", "within_noise", "speedup_2023",
+                    "speedup_today", "published_pct", "differs", "note"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    legacy_base = "legacy+" + baseline
+    published = {}
+    if reference is not None and published_to_ours:
+        for (src, bs), g in reference.groupby(["source", "batch_size"], sort=False):
+            base = g[g["variant"] == "no optimization"]
+            for p in g.itertuples():
+                if len(base) and p.variant in published_to_ours and src == "blog-2023":
+                    published[(int(bs), frozenset(published_to_ours[p.variant]))] = \
+                        100 * (p.latency_s / base["latency_s"].iloc[0] - 1)
+    rows = []
+    for key, grp in runs.groupby(GROUP, sort=False):
+        ok = grp[(grp["status"] == "ok") & grp["instrumented"]].set_index("variant", drop=False)
+        opts = {v: frozenset(v.split("+")) for v in grp["variant"]}
+        legacy_vs = variant_order([v for v in grp["variant"] if "legacy" in opts[v]], legacy_base)
+        today_vs = [v for v in grp["variant"] if "legacy" not in opts[v]]
+        pairs = []
+        for v in legacy_vs:
+            match = [t for t in today_vs if opts[t] == today_counterpart(opts[v])]
+            what = ("eager on both stacks: what the library versions changed" if v == legacy_base
+                    else f"{v.removeprefix('legacy+')} (2023) vs {match[0]} (today)" if match else "")
+            pairs.append((what, v, match[0] if match else None))
+        fastest = {name: vs[int(np.argmin(ok.loc[vs, "latency_median"]))] if vs else None
+                   for name, vs in (("2023", [v for v in legacy_vs if v in ok.index]),
+                                    ("today", [v for v in today_vs if v in ok.index]))}
+        if fastest["2023"] and fastest["today"]:
+            pairs.append(("fastest of each stack", fastest["2023"], fastest["today"]))
+        for what, old, new in pairs:
+            row = dict(zip(GROUP, key), comparison=what, variant_2023=old, variant_today=new, note="")
+            a = ok.loc[old] if old in ok.index else None
+            b = ok.loc[new] if new is not None and new in ok.index else None
+            for stack, r, base in (("2023", a, legacy_base), ("today", b, baseline)):
+                if r is not None and base in ok.index:
+                    row[f"speedup_{stack}"] = ok.loc[base, "latency_median"] / r["latency_median"]
+            if a is None or b is None:
+                missing = [v for v, r in ((old, a), (new, b)) if v and r is None]
+                row["note"] = ("no today's counterpart configured" if new is None
+                               else "not measured here: " + ", ".join(
+                                   f"{v} ({grp.set_index('variant').loc[v, 'status']})" for v in missing))
+            else:
+                row.update(latency_2023_s=a["latency_median"], latency_today_s=b["latency_median"])
+                cells = _change_cells(latencies(a), latencies(b))
+                row.update({k: cells[k] for k in ("latency_change_pct", "ci_low_pct", "ci_high_pct", "within_noise")})
+                row["differs"] = (difference(a, b, keys=[k for k in LIKE_FOR_LIKE if k != "versions"])
+                                  or f"versions only: {a['versions']} vs {b['versions']}")
+            row["published_pct"] = published.get((int(key[-1]), today_counterpart(opts[old])), np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows).reindex(columns=cols)

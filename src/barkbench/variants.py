@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from . import legacy
+
 
 class VariantError(ValueError):
     """A variant string that names an unknown optimization or conflicting ones."""
@@ -91,8 +93,11 @@ class Optimization:
     cpu_reason: str | None = None  # why it does not run on CPU even though it could import
     cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
     requires_why: str = ""
+    needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
+        if self.needs_stack and (reason := self.needs_stack()):
+            return reason
         if device.type == "cpu" and self.needs_cuda:
             return f"not applicable on cpu: {self.name} {self.cpu_reason or 'needs a CUDA device'}"
         if device.type == "cuda" and self.cuda_reason:
@@ -122,7 +127,11 @@ def _apply_sdpa(model, ctx):
 
 
 def _apply_offload(model, ctx):
-    model.enable_cpu_offload(accelerator_id=ctx.device.index or 0)
+    legacy.enable_cpu_offload(model, ctx.device.index or 0)
+
+
+def _apply_bt(model, ctx):
+    ctx.notes.append(f"optimum BetterTransformer: {legacy.to_bettertransformer(model)} attention layers converted")
 
 
 def _apply_int8_dynamic(model, ctx):
@@ -211,6 +220,12 @@ register(Optimization(
     apply=_apply_static, requires=("sdpa",), conflicts=("offload",),
     requires_why="the causal mask from the cache position is built in the project's SDPA attention"))
 register(Optimization(
+    "legacy", "the 2023 study's stack: transformers 4.45 + optimum 1.23 (envs/legacy-requirements.txt)",
+    group="stack", order=0, needs_packages=("optimum",), needs_stack=legacy.stack_reason))
+register(Optimization(
+    "bt", "optimum's BetterTransformer (the 2023 study): Bark attention through SDPA with attn_mask=None",
+    group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
+register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",)))
 
@@ -282,9 +297,9 @@ def parse(variant: str) -> Variant:
     return Variant("+".join(o.name for o in opts), opts)
 
 
-# The canonical spelling's order: where a model lives, its attention, its weights, its dtype, anything else,
+# The canonical spelling's order: the software stack, where a model lives, its attention, its weights, its dtype, anything else,
 # and compilation last (it compiles what the others made).
-SPELLING_ORDER = ("placement", "attention", "quantization", "dtype", None, "compile")
+SPELLING_ORDER = ("stack", "placement", "attention", "quantization", "dtype", None, "compile")
 
 
 def _spelling_rank(opt: Optimization) -> int:

@@ -2,12 +2,28 @@
 # Outputs name this machine's hardware folder literally: another machine's results are never made here.
 
 
+rule legacy_env:
+    input:
+        LEGACY_REQUIREMENTS,
+    output:
+        LEGACY_ENV_RECORD,
+    conda:
+        "../../envs/barkbench.yaml"
+    log:
+        f"{RESULTS}/logs/legacy-env.log",
+    shell:
+        "python -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
+
+
 rule benchmark:
+    input:
+        stack=stack_input,
     output:
         json=this_machine(layout.RUN),
     params:
         args=lambda wc: run_args(wc.model, wc.bs),
         retry=retry_of(layout.RUN),
+        python=interpreter,
     threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
@@ -18,5 +34,5 @@ rule benchmark:
     log:
         log_of(layout.RUN),
     shell:
-        "python -m barkbench run --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
+        "{params.python:q} -m barkbench run --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
         " --out {output.json:q} 2> {log:q}"

@@ -12,6 +12,7 @@ import yaml
 from snakemake.utils import validate
 
 from barkbench import layout
+from barkbench import legacy as bb_legacy
 from barkbench import variants as bb_variants
 from barkbench.figures import FIGURES
 from barkbench.protocol import DEADLINE_ENV, Protocol
@@ -72,6 +73,10 @@ for _i, _variant in enumerate(config["variants"]):
         raise WorkflowError(f"config: variants {_first!r} and {_given[_i]!r} are the same optimizations; keep one")
 if config["baseline"] not in config["variants"]:
     raise WorkflowError(f"config: baseline {config['baseline']!r} is not among the variants")
+_legacy_baseline = bb_legacy.baseline_for(bb_legacy.PREFIX, config["baseline"])
+if any(map(bb_legacy.is_legacy_variant, config["variants"])) and _legacy_baseline not in config["variants"]:
+    raise WorkflowError(f"config: legacy variants are compared with {_legacy_baseline!r} (the baseline on the "
+                        "2023 stack): add it to the variants")
 
 RESULTS = config["results"]
 REPORT = f"{RESULTS}/{layout.REPORT}"
@@ -129,6 +134,27 @@ MODELS = {layout.slug(m): m for m in config["models"]}
 HARDWARE_FOLDERS = [HARDWARE] + [h for h in config["results_from"] if h != HARDWARE]
 
 
+# ---------------------------------------------------------------- the 2023 stack (legacy+ variants)
+# Built once per pins hash into the barkbench cache ($BARKBENCH_CACHE); its record lies under the results.
+LEGACY_REQUIREMENTS = "envs/legacy-requirements.txt"
+LEGACY_ENV = bb_legacy.env_dir(LEGACY_REQUIREMENTS)
+LEGACY_ENV_RECORD = f"{RESULTS}/envs/{LEGACY_ENV.name}.json"
+SOURCE = os.path.join(os.path.abspath(workflow.basedir), "src")  # the legacy interpreter runs the package from here
+
+
+def stack_input(wc):
+    """Input function: a legacy variant needs the 2023 stack's environment."""
+    return [LEGACY_ENV_RECORD] if bb_legacy.is_legacy_variant(wc.variant) else []
+
+
+def interpreter(wc):
+    """The command that runs `-m barkbench` for a variant: the 2023 stack's interpreter (on this source
+    tree) for a legacy variant, the rule's own `python` otherwise."""
+    if bb_legacy.is_legacy_variant(wc.variant):
+        return ["env", f"PYTHONPATH={SOURCE}", str(bb_legacy.env_python(LEGACY_ENV))]
+    return ["python"]
+
+
 # ---------------------------------------------------------------- job arguments (never through a shell unquoted)
 
 def run_args(model, batch_size, plain=False):
@@ -181,7 +207,8 @@ def run_jsons(folders=None, cfg=config):
 def fidelity_jsons(folders=None, cfg=config):
     if not cfg["fidelity"]["enabled"]:
         return []
-    others = [v for v in cfg["variants"] if v != cfg["baseline"]]
+    baselines = {cfg["baseline"], bb_legacy.baseline_for(bb_legacy.PREFIX, cfg["baseline"])}
+    others = [v for v in cfg["variants"] if v not in baselines]
     return _paths(layout.FIDELITY, folders or HARDWARE_FOLDERS, model=MODELS, variant=others)
 
 
@@ -225,8 +252,13 @@ RUN_BUDGET_MIN = config["run_budget_min"][DEVICE]
 def _pending_jobs():
     """Jobs of this machine that a run would (re)make (missing, failed or unreadable result) and that load a
     model (their variant runs on this device)."""
-    runs_here = [v for v in set(config["variants"] + config["reproducibility"]["variants"])
-                 if bb_variants.parse(v).not_applicable_reason(bb_variants.torch.device(DEVICE)) is None]
+    def runs_here_(v):  # a legacy variant's stack is checked by its own interpreter, not this one
+        opts = bb_variants.parse(v).optimizations
+        if bb_legacy.is_legacy_variant(v):
+            return DEVICE == "cuda" or not any(o.needs_cuda for o in opts)
+        return bb_variants.parse(v).not_applicable_reason(bb_variants.torch.device(DEVICE)) is None
+
+    runs_here = [v for v in set(config["variants"] + config["reproducibility"]["variants"]) if runs_here_(v)]
     here = dict(config, variants=[v for v in config["variants"] if v in runs_here],
                 reproducibility=dict(config["reproducibility"],
                                      variants=[v for v in config["reproducibility"]["variants"] if v in runs_here]),

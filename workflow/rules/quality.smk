@@ -3,13 +3,17 @@
 
 
 rule fidelity:
+    input:
+        stack=stack_input,
     output:
         this_machine(layout.FIDELITY),
     params:
-        args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline", config["baseline"],
+        args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline",
+                         bb_legacy.baseline_for(wc.variant, config["baseline"]),
                          "--tokens", str(config["fidelity"]["tokens"])]
         + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
         retry=retry_of(layout.FIDELITY),
+        python=interpreter,
     threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
@@ -20,7 +24,7 @@ rule fidelity:
     log:
         log_of(layout.FIDELITY),
     shell:
-        "python -m barkbench fidelity --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
+        "{params.python:q} -m barkbench fidelity --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
         " --out {output:q} 2> {log:q}"
 
 
@@ -30,6 +34,7 @@ use rule benchmark as reproducibility with:
     params:
         args=lambda wc: run_args(wc.model, config["reproducibility"]["batch_size"]),
         retry=retry_of(layout.REPRO),
+        python=interpreter,
     log:
         log_of(layout.REPRO),
 
@@ -40,5 +45,6 @@ use rule benchmark as overhead with:
     params:
         args=lambda wc: run_args(wc.model, wc.bs, plain=True),
         retry=retry_of(layout.OVERHEAD),
+        python=interpreter,
     log:
         log_of(layout.OVERHEAD),
