@@ -23,6 +23,7 @@ Tolerances are per optimization (`barkbench.variants`), derived from measured no
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -130,6 +131,7 @@ class StepRecorder:
         self._own = self.module.__dict__.get("forward")
         inner = self.module.forward
 
+        @functools.wraps(inner)  # generate reads forward's signature (transformers 4.x validates kwargs with it)
         def forward(*args, **kwargs):
             out = inner(*args, **kwargs)
             inputs = [a.detach().cpu().clone() for a in args if torch.is_tensor(a)] if self.keep_inputs else None
