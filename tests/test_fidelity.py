@@ -359,3 +359,35 @@ def test_bf16_report_is_produced(tiny_checkpoint, tmp_path):
     for name, stats in report["teacher_forced"].items():  # bf16 does change the numbers, within half precision
         assert 0.0 < stats["max_abs"] and stats["kl_mean"] <= variants.HALF.kl_mean, name
     assert report["codec"]["untouched"] is False and report["codec"]["snr_db"] < 200.0  # bf16 codec too
+
+
+def test_decode_places_the_codec_as_generate_does_under_offload(tiny_baseline):
+    """accelerate's offload hooks move a sub-model only when its forward runs; codec_decode never calls the
+    codec's forward, so the codec is moved to the model's device by hand (and offloaded after), as
+    BarkModel.generate does."""
+    model, events = copy.deepcopy(tiny_baseline.model), []
+
+    class Hook:
+        def __init__(self, name):
+            self.name = name
+
+        def offload(self):
+            events.append(f"offload {self.name}")
+
+    codec_to = model.codec_model.to
+
+    def to(*args, **kwargs):
+        events.append(f"codec to {args[0]}")
+        return codec_to(*args, **kwargs)
+
+    codes = torch.zeros(1, 8, 75, dtype=torch.long)
+    plain = fidelity.decode(model, codes)
+    assert events == []  # no offload: nothing moved
+    model.fine_acoustics_hook, model.codec_model_hook = Hook("fine"), Hook("codec")
+    model.codec_model.to = to
+    try:
+        audio = fidelity.decode(model, codes)
+    finally:
+        del model.fine_acoustics_hook, model.codec_model_hook, model.codec_model.to
+    assert events == ["offload fine", f"codec to {model.device}", "offload codec"]
+    assert np.array_equal(audio, plain)

@@ -178,6 +178,20 @@ def codec_untouched(baseline, candidate) -> bool:
         sa[k].dtype == sb[k].dtype and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
+@torch.inference_mode()
+def decode(model, codes) -> np.ndarray:
+    """The first waveform `model.codec_decode` makes of `codes`, placed as `BarkModel.generate` places it: under
+    CPU offload, accelerate's hooks move a sub-model to the accelerator only when its forward runs, and
+    codec_decode never calls the codec's forward, so the codec is moved by hand and offloaded after."""
+    if getattr(model, "fine_acoustics_hook", None) is not None:
+        model.fine_acoustics_hook.offload()
+        model.codec_model = model.codec_model.to(model.device)
+    audio = model.codec_decode(codes)[0].float().cpu().numpy()
+    if getattr(model, "codec_model_hook", None) is not None:
+        model.codec_model_hook.offload()
+    return audio
+
+
 def _judge_fine_calls(ref_calls, cand_calls, frames: int, codebook_size: int, bounds: dict) -> dict:
     """The fine model's decisions in generate (one call per codebook and window): judged while the two
     models' inputs are identical, at positions whose baseline margin exceeds twice the measured error."""
@@ -275,16 +289,16 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
     cand_fine, cand_fine_calls = fine(candidate, ref_coarse)
     n_coarse = coarse_cfg.n_coarse_codebooks
     same = (ref_fine == cand_fine)[0, n_coarse:].cpu()  # (codebooks, frames); the coarse codebooks are copied
-    ref_wave = baseline.codec_decode(ref_fine)[0].float().cpu().numpy()
+    ref_wave = decode(baseline, ref_fine)
     chain = {"codes_agreement": same.float().mean().item(),
              "codes_agreement_per_codebook": {f"fine[{n_coarse + i}]": row.float().mean().item()
                                               for i, row in enumerate(same)},
              "fine_decisions": _judge_fine_calls(ref_fine_calls, cand_fine_calls, ref_fine.shape[-1],
                                                  gc.codebook_size, bound),
-             "waveform_snr_db": snr_db(ref_wave, candidate.codec_decode(cand_fine)[0].float().cpu().numpy())}
+             "waveform_snr_db": snr_db(ref_wave, decode(candidate, cand_fine))}
     untouched = codec_untouched(baseline, candidate)
     codec = {"untouched": untouched,
-             "snr_db": None if untouched else snr_db(ref_wave, candidate.codec_decode(ref_fine)[0].float().cpu().numpy())}
+             "snr_db": None if untouched else snr_db(ref_wave, decode(candidate, ref_fine))}
 
     # batched: a padded batch through the candidate's generate, row by row against the baseline at bs 1
     cand_batch, cand_batch_steps = semantic(candidate, PROMPTS, BATCH_TOKENS)
