@@ -164,9 +164,11 @@ def _apply_compile(model, ctx):
     # dynamic KV cache (Bark's attention derives its causal mask from the key length): compiling them
     # buys guard and recompile cost, not speed (measured: slower on CPU), so they stay eager unless
     # the static optimization gives them a fixed-size cache. EnCodec's decoder is tiny.
-    mode = "max-autotune-no-cudagraphs" if ctx.device.type == "cuda" else None
-    model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward, mode=mode)
-    ctx.notes.append(f"torch.compile (mode={mode or 'default'}) of the fine model's forward")
+    # Default inductor mode on every device: max-autotune benchmarks kernel configurations per shape (minutes of
+    # compilation per batch size on a GPU, against the job's time limit), and the fine model's per-codebook
+    # calls are few and large, so CUDA graphs would buy little.
+    model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward)
+    ctx.notes.append("torch.compile (mode=default) of the fine model's forward")
     # With a static cache (static), every decode step has the same shapes: compiled once.
     from .static_decode import StaticCacheDecoding, compile_decode_steps
 
