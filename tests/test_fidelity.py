@@ -391,3 +391,12 @@ def test_decode_places_the_codec_as_generate_does_under_offload(tiny_baseline):
         del model.fine_acoustics_hook, model.codec_model_hook, model.codec_model.to
     assert events == ["offload fine", f"codec to {model.device}", "offload codec"]
     assert np.array_equal(audio, plain)
+
+
+def test_a_compiled_static_decode_step_passes_the_whole_check(tiny_checkpoint, tmp_path):
+    """The check runs the candidate at several batch sizes and records its steps: each is a new graph of the
+    compiled (fullgraph) decode step, which must not fail the check."""
+    torch._dynamo.reset()
+    report = _run("sdpa+static+compile", tmp_path)
+    assert report["status"] == "ok", report["reason"]
+    assert report["within_tolerance"] is True, report["violations"]
