@@ -158,6 +158,15 @@ def _apply_static(model, ctx):
                      "cache position)")
 
 
+def _apply_devloop(model, ctx):
+    from .device_decode import use_device_decode
+
+    use_device_decode(model)
+    graphed = "one CUDA graph per decode step" if ctx.device.type == "cuda" else "launched eagerly (no CUDA)"
+    ctx.notes.append(f"semantic and coarse decode in a device-side loop (static cache, logits processing and "
+                     f"sampling on the device, no host sync per step): {graphed}")
+
+
 def _apply_compile(model, ctx):
     # The fine model runs fixed 1024-frame windows (static shapes) and holds most of the compute:
     # compiled as a full graph. Semantic and coarse decode one token at a time against a growing
@@ -220,6 +229,11 @@ register(Optimization(
     "static", "semantic and coarse models decode against a pre-allocated KV cache (fixed shapes per step; "
     "with compile: the decode step compiled, CUDA graphs on a GPU)", group="cache", order=40,
     apply=_apply_static, requires=("sdpa",), conflicts=("offload",),
+    requires_why="the causal mask from the cache position is built in the project's SDPA attention"))
+register(Optimization(
+    "devloop", "semantic and coarse models decode in a device-side loop: static KV cache, Bark's logits processing "
+    "and sampling on the device, no host sync per step, the step replayed as one CUDA graph on a GPU",
+    group="cache", order=40, apply=_apply_devloop, requires=("sdpa",), conflicts=("offload",),
     requires_why="the causal mask from the cache position is built in the project's SDPA attention"))
 register(Optimization(
     "legacy", "the 2023 study's stack: transformers 4.45 + optimum 1.23 (envs/legacy-requirements.txt)",
