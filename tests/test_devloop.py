@@ -1,0 +1,222 @@
+"""The device-side decode loop (devloop): token-exact against `BarkModel.generate` of eager fp32, greedy and
+seeded sampling, at batch size 1 and on a padded batch, in fixed-length and natural (EOS) mode; its step
+has fixed shapes and never reads a tensor value on the host; it runs through the registry and the runner."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+from transformers import StaticCache, set_seed
+from transformers.models.bark.generation_configuration_bark import BarkSemanticGenerationConfig
+
+from barkbench import models, runner, variants
+from barkbench.attention import use_sdpa
+from barkbench.device_decode import (DecodeState, DeviceDecoding, LogitsProgram, ProgramSpec, decode_step,
+                                     model_forward_of, use_device_decode)
+from barkbench.protocol import Protocol
+from conftest import PROMPTS, TINY, TORCH_THREADS
+
+CPU = torch.device("cpu")
+TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first window...
+WINDOW = 24  # ...with a sliding window this short (Bark's is 60)
+
+
+def _load(variant_name: str, model: str = TINY, device: torch.device = CPU):
+    variant = variants.parse(variant_name)
+    loaded = models.load(models.resolve(model), **variant.load_kwargs(device))
+    loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = WINDOW
+    loaded.model.to(device)
+    variant.apply(loaded.model, variants.Context(device=device))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return {name: _load(name) for name in ("eager", "sdpa+devloop")}
+
+
+def _stage_tokens(loaded_model, prompts, do_sample: bool, fixed_length: bool = True, tokens: int = TOKENS,
+                  device: torch.device = CPU) -> dict:
+    """Semantic, coarse and fine tokens and the audio of one seeded BarkModel.generate call."""
+    model, processor = loaded_model.model, loaded_model.processor
+    captured = {}
+    for stage, sub in {"semantic": model.semantic, "coarse": model.coarse_acoustics,
+                       "fine": model.fine_acoustics}.items():
+        def capture(*args, _stage=stage, _original=sub.generate, **kwargs):
+            out = _original(*args, **kwargs)
+            captured[_stage] = (out[0] if isinstance(out, tuple) else out).clone()
+            return out
+
+        sub.generate = capture
+    inputs = {k: v.to(device) for k, v in processor(prompts, return_tensors="pt").items()}
+    length = {"semantic_min_new_tokens": tokens} if fixed_length else {}  # as Protocol.generate_kwargs
+    set_seed(0)
+    try:
+        with torch.inference_mode():
+            audio, _ = model.generate(**inputs, do_sample=do_sample, semantic_max_new_tokens=tokens, **length,
+                                      coarse_temperature=0.8, fine_temperature=0.4, return_output_lengths=True)
+    finally:
+        for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
+            sub.__dict__.pop("generate", None)
+    captured["audio"] = audio
+    return captured
+
+
+CASES = [pytest.param([PROMPTS[0]], False, id="greedy-bs1"),
+         pytest.param([PROMPTS[0]], True, id="sampled-bs1"),
+         pytest.param(PROMPTS + ["Hi"], False, id="greedy-padded-bs3"),
+         pytest.param(PROMPTS + ["Hi"], True, id="sampled-padded-bs3")]
+
+
+@pytest.mark.parametrize("prompts, do_sample", CASES)
+def test_devloop_gives_the_tokens_of_eager_generate(loaded, prompts, do_sample):
+    reference = _stage_tokens(loaded["eager"], prompts, do_sample)
+    tokens = _stage_tokens(loaded["sdpa+devloop"], prompts, do_sample)
+    assert reference["semantic"].shape == (len(prompts), TOKENS)
+    assert reference["coarse"].shape[-1] > WINDOW  # more than one sliding window
+    for sub in (loaded["sdpa+devloop"].model.semantic, loaded["sdpa+devloop"].model.coarse_acoustics):
+        _, decoder = sub._device_decoder  # the loop ran, on a static cache of this batch
+        assert isinstance(decoder.cache, StaticCache) and decoder.state.out.shape[0] == len(prompts)
+    for stage in ("semantic", "coarse", "fine", "audio"):
+        assert tokens[stage].shape == reference[stage].shape, stage
+        assert torch.equal(tokens[stage], reference[stage]), stage
+
+
+def _semantic(loaded_model, prompts, do_sample, **kwargs):
+    model = loaded_model.model
+    config = BarkSemanticGenerationConfig(**model.generation_config.semantic_config)
+    set_seed(0)
+    with torch.inference_mode():
+        return model.semantic.generate(**loaded_model.processor(prompts, return_tensors="pt"),
+                                       semantic_generation_config=config, do_sample=do_sample, **kwargs)
+
+
+# Bark's EOS prioritizer ends a sequence once p(EOS) > min_eos_p; on the tiny synthetic weights p(EOS) sits
+# near 1e-4, so these thresholds end the rows at different steps (1.2e-4) or all at the second step (1e-4).
+@pytest.mark.parametrize("min_eos_p", [1.2e-4, 1.0e-4])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_natural_length_stops_and_pads_as_generate(loaded, min_eos_p, do_sample):
+    prompts = PROMPTS + ["Hi"]
+    reference = _semantic(loaded["eager"], prompts, do_sample, max_new_tokens=80, min_eos_p=min_eos_p)
+    ended = (reference == 10_000).any(dim=1)  # the semantic EOS, also its pad token
+    assert ended.any()  # the case exercises EOS
+    if min_eos_p == 1.0e-4:
+        assert reference.shape[1] < 80 and ended.all()  # stopped early: the loop must cut its extra steps
+    tokens = _semantic(loaded["sdpa+devloop"], prompts, do_sample, max_new_tokens=80, min_eos_p=min_eos_p)
+    assert tokens.shape == reference.shape and torch.equal(tokens, reference)
+
+
+def test_an_unsupported_logits_processor_is_refused(loaded):
+    with pytest.raises(NotImplementedError, match="RepetitionPenaltyLogitsProcessor"):
+        _semantic(loaded["sdpa+devloop"], [PROMPTS[0]], False, max_new_tokens=4, repetition_penalty=1.3)
+
+
+def _meta_decoder(semantic_model, batch_size=2, cache_length=300, out_length=8):
+    """A decode step whose tensors all live on the meta device: shapes only, no values."""
+    use_sdpa(semantic_model)  # the attention the loop runs with
+    model = semantic_model.to("meta")
+    cache = StaticCache(config=model.config, max_cache_len=cache_length)
+    spec = ProgramSpec(vocab_size=model.config.output_vocab_size, suppressed=(5, 7), alternating=(10_000, 1024, 0),
+                       eos_token_id=10_000, pad_token_id=10_000, eos_masked_steps=3, min_eos_p=0.2,
+                       temperature=0.8, top_k=50, renormalize=True, do_sample=True)
+    program = LogitsProgram(spec, torch.device("meta"))
+    state = DecodeState.empty(batch_size, out_length, torch.device("meta"))
+    return model, cache, program, state
+
+
+def test_the_decode_step_has_fixed_shapes_and_no_host_read(tiny_checkpoint):
+    """The stand-in for CUDA-graph capture on CPU: on the meta device a tensor has no value, so any host read
+    (.item(), bool(), Python branching on a tensor) raises; the buffers keep their shapes step after step."""
+    model, cache, program, state = _meta_decoder(models.load(models.resolve(TINY)).model.semantic)
+    forward = model_forward_of(model, cache)
+    shapes = {k: v.shape for k, v in vars(state).items()}
+    prompt = torch.zeros(2, 17, dtype=torch.long, device="meta")
+    model(input_ids=prompt, cache=cache, position_ids=torch.arange(17, device="meta")[None], use_cache=True)
+    for _ in range(3):
+        decode_step(forward, program, state)
+        assert {k: v.shape for k, v in vars(state).items()} == shapes
+    assert cache.layers[0].keys.shape[2] == 300  # the pre-allocated cache, not a growing one
+
+
+def test_the_meta_stand_in_catches_a_host_read(tiny_checkpoint):
+    model, cache, program, state = _meta_decoder(models.load(models.resolve(TINY)).model.semantic)
+    forward = model_forward_of(model, cache)
+
+    def forward_with_a_host_read(tokens, positions):
+        if positions.max() > 1000:  # Python branching on a tensor value: a host sync on a GPU
+            raise AssertionError("unreachable")
+        return forward(tokens, positions)
+
+    with pytest.raises(RuntimeError, match="meta"):
+        decode_step(forward_with_a_host_read, program, state)
+
+
+def test_the_sampler_draws_as_multinomial(tiny_checkpoint):
+    """Same seed, same draws as torch.multinomial (what generate samples with), and on another RNG stream
+    the same distribution (chi-square against the probabilities)."""
+    torch.manual_seed(1)
+    scores = torch.randn(64, 300)
+    program = LogitsProgram(ProgramSpec(vocab_size=300, do_sample=True), CPU)
+    torch.manual_seed(7)
+    expected = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    torch.manual_seed(7)
+    assert torch.equal(program.choose(scores), expected)
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    many = torch.log(probs).expand(40_000, -1).contiguous()
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(123)
+    counts = np.bincount(program.choose(many).numpy(), minlength=5)
+    torch.set_rng_state(generator_state)
+    assert scipy_stats.chisquare(counts, probs.numpy() * counts.sum()).pvalue > 1e-4
+
+
+def test_devloop_needs_sdpa_and_excludes_static():
+    with pytest.raises(variants.VariantError, match="needs sdpa"):
+        variants.parse("devloop")
+    with pytest.raises(variants.VariantError, match="static and devloop|devloop and static"):
+        variants.parse("sdpa+static+devloop")
+    assert variants.parse("devloop+sdpa").name == "sdpa+devloop"
+
+
+def test_devloop_refuses_a_model_without_sdpa(tiny_checkpoint):
+    with pytest.raises(RuntimeError, match="sdpa"):
+        use_device_decode(models.load(models.resolve(TINY)).model)
+
+
+def test_a_devloop_run_through_the_runner(tiny_checkpoint, tmp_path):
+    proto = Protocol(warmup=1, min_iterations=1, max_iterations=2, budget_s=1e6, batch_size=2, max_new_tokens=8,
+                     length_mode="fixed")
+    out = tmp_path / "results" / "sdpa+devloop" / "bs2.json"
+    result = runner.run(runner.RunRequest(TINY, "sdpa+devloop", proto, device="cpu", threads=TORCH_THREADS), out)
+    assert result["status"] == "ok", result["reason"]
+    assert result["variant"]["optimizations"] == ["sdpa", "devloop"]
+    assert any("device-side loop" in note for note in result["variant"]["notes"])
+    assert result["iterations"]["semantic_tokens"] == [8] * 2  # fixed length: max_new_tokens every call
+    assert out.exists() and out.with_suffix(".wav").exists()
+
+
+@pytest.mark.slow
+def test_devloop_gives_the_tokens_of_eager_generate_on_bark_small():
+    """bark-small's width and depth (synthetic weights): greedy, bs 1 and a padded batch of 2."""
+    eager, devloop = _load("eager", "synthetic:bark-small"), _load("sdpa+devloop", "synthetic:bark-small")
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        reference = _stage_tokens(eager, prompts, False, tokens=10)
+        tokens = _stage_tokens(devloop, prompts, False, tokens=10)
+        assert reference["coarse"].shape[-1] > WINDOW
+        for stage in ("semantic", "coarse", "fine"):
+            assert torch.equal(tokens[stage], reference[stage]), stage
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_devloop_replays_a_cuda_graph_and_matches_sdpa_on_cuda(tiny_checkpoint):
+    cuda = torch.device("cuda")
+    reference = _stage_tokens(_load("sdpa", device=cuda), PROMPTS, False, device=cuda)
+    devloop = _load("sdpa+devloop", device=cuda)
+    tokens = _stage_tokens(devloop, PROMPTS, False, device=cuda)
+    for sub in (devloop.model.semantic, devloop.model.coarse_acoustics):
+        assert isinstance(sub, DeviceDecoding)
+        assert sub._device_decoder[1].step.replays > 0  # the step ran as a CUDA graph
+    for stage in ("semantic", "coarse"):
+        assert torch.equal(tokens[stage], reference[stage]), stage
