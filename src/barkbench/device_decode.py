@@ -280,13 +280,15 @@ class DeviceDecoding:
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
 
     def _decoder(self, batch_size: int, cache_length: int, out_length: int, spec: ProgramSpec) -> Decoder:
+        device = self.device
+        # A forward replaced on the instance (a step recorder, a compiled forward) is called at every step, uncaptured.
+        graphed = device.type == "cuda" and self.use_cuda_graph and "forward" not in vars(self)
         # Kept while the key matches: a CUDA graph replays against these very buffers.
-        key = (batch_size, cache_length, out_length, spec, torch.is_inference_mode_enabled())
+        key = (batch_size, cache_length, out_length, spec, torch.is_inference_mode_enabled(), graphed)
         held = getattr(self, "_device_decoder", None)
         if held is not None and held[0] == key:
             held[1].cache.reset()
             return held[1]
-        device = self.device
         cache = StaticCache(config=self.config, max_cache_len=cache_length)
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
@@ -295,7 +297,7 @@ class DeviceDecoding:
         def step():
             decode_step(forward, program, state)
 
-        if device.type == "cuda" and self.use_cuda_graph:
+        if graphed:
             step = CudaGraphStep(step)
             cache.reset()
         decoder = Decoder(cache, program, state, step)
