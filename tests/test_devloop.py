@@ -83,6 +83,36 @@ def test_devloop_gives_the_tokens_of_eager_generate(loaded, prompts, do_sample):
         assert torch.equal(tokens[stage], reference[stage]), stage
 
 
+class WarmedUpStep:
+    """CPU stand-in for CudaGraphStep: the same warm-up steps before the first real call, then the step itself."""
+
+    def __init__(self, step):
+        for _ in range(3):
+            step()
+        self.step, self.replays = step, 0
+
+    def __call__(self):
+        self.step()
+        self.replays += 1
+
+
+def test_the_capture_path_resets_what_its_warm_up_ran(tiny_checkpoint, monkeypatch):
+    """Capturing runs real steps first (cache writes, positions, tokens): the loop must start clean after."""
+    from barkbench import device_decode
+
+    monkeypatch.setattr(device_decode, "CudaGraphStep", WarmedUpStep)
+    monkeypatch.setattr(DeviceDecoding, "_graphed", lambda self: True)
+    captured = _load("sdpa+devloop")
+    prompts = PROMPTS + ["Hi"]
+    reference = _stage_tokens(_load("eager"), prompts, False)
+    for _ in range(2):  # the second call reuses the decoders (and their "graphs")
+        tokens = _stage_tokens(captured, prompts, False)
+        for stage in ("semantic", "coarse"):
+            assert torch.equal(tokens[stage], reference[stage]), stage
+    for sub in (captured.model.semantic, captured.model.coarse_acoustics):
+        assert isinstance(sub._device_decoder[1].step, WarmedUpStep) and sub._device_decoder[1].step.replays > 0
+
+
 def _semantic(loaded_model, prompts, do_sample, **kwargs):
     model = loaded_model.model
     config = BarkSemanticGenerationConfig(**model.generation_config.semantic_config)

@@ -279,10 +279,13 @@ class DeviceDecoding:
 
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
 
+    def _graphed(self) -> bool:
+        # A forward replaced on the instance (a step recorder, a compiled forward) is called at every step, uncaptured.
+        return self.device.type == "cuda" and self.use_cuda_graph and "forward" not in vars(self)
+
     def _decoder(self, batch_size: int, cache_length: int, out_length: int, spec: ProgramSpec) -> Decoder:
         device = self.device
-        # A forward replaced on the instance (a step recorder, a compiled forward) is called at every step, uncaptured.
-        graphed = device.type == "cuda" and self.use_cuda_graph and "forward" not in vars(self)
+        graphed = self._graphed()
         # Kept while the key matches: a CUDA graph replays against these very buffers.
         key = (batch_size, cache_length, out_length, spec, torch.is_inference_mode_enabled(), graphed)
         held = getattr(self, "_device_decoder", None)
