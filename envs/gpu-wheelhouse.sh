@@ -34,7 +34,9 @@ mkdir -p "$out"
 rm -f "$out"/*.whl
 "$python" -m pip download --quiet --dest "$out" --only-binary=:all: --python-version "$python_version" \
     "${platforms[@]}" "$jsonschema_pin" "$nvml_pin"
+had_build=$([ -e build ] && echo yes || echo no)
 "$python" -m pip wheel --quiet --no-deps --wheel-dir "$out" .
+[ "$had_build" = yes ] || rm -rf build  # setuptools' build folder in the checkout, made just now
 # What the node installs from the folder: the pins with their dependencies; then barkbench's wheel with
 # --no-deps (its other dependencies are the node's stack; snakemake and pypandoc-binary serve the workflow
 # and the renderer, not the engine).
