@@ -32,6 +32,10 @@ def test_default_and_smoke_configs_are_valid(default_config):
     validate(copy.deepcopy(default_config), str(SCHEMA))
     smoke = {**default_config, **yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())}
     validate(smoke, str(SCHEMA))
+    reference = yaml.safe_load((ROOT / "config" / "gpu-reference.yaml").read_text())
+    composed = {**default_config, **reference,
+                "protocol": {**default_config["protocol"], **reference["protocol"]}}  # nested keys merged
+    validate(composed, str(SCHEMA))
 
 
 def test_schema_knows_exactly_the_registry():
@@ -101,7 +105,7 @@ def test_bad_config_stops_before_any_job(tmp_path, bad, message):
 @pytest.mark.parametrize("text,message", [
     ("models: [synthetic:tiny\n  variants: [eager]\n", "config/config.yaml:2:11: expected ',' or ']'"),
     ("- eager\n- sdpa\n", "config/config.yaml: must hold keys at top level (a YAML mapping), not a list"),
-    ("preset: nonesuch\n", "config: preset: 'nonesuch' is not a file config/<preset>.yaml; presets: smoke"),
+    ("preset: nonesuch\n", "config: preset: 'nonesuch' is not a file config/<preset>.yaml; presets: gpu-reference, smoke"),
 ])
 def test_bad_config_file_is_named_with_its_line(tmp_path, text, message):
     work = _workflow_copy(tmp_path)
