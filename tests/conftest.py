@@ -148,3 +148,28 @@ def tiny_checkpoint(barkbench_cache, torch_threads):
     path = models.build_synthetic("tiny")
     assert path.parent == barkbench_cache
     return path
+
+
+# --- not applicable is a skip, never a pass (tests/test_cuda.py) ---
+
+EXPECT_ENV = "BARKBENCH_EXPECT"  # optimizations this node must run, e.g. fa2,nf4: their skip is a failure
+
+
+def expected_optimizations() -> set[str]:
+    from barkbench import variants
+
+    names = {n.strip() for n in os.environ.get(EXPECT_ENV, "").split(",") if n.strip()}
+    unknown = sorted(names - set(variants.REGISTRY))
+    if unknown:
+        pytest.fail(f"{EXPECT_ENV}: unknown optimization {', '.join(unknown)}; known: {', '.join(variants.REGISTRY)}")
+    return names
+
+
+def skip_not_applicable(variant: str, reason: str):
+    """Skip with the variant's reason; fail instead when $BARKBENCH_EXPECT names one of its optimizations."""
+    from barkbench import variants
+
+    expected = sorted(expected_optimizations() & set(variants.parse(variant).names))
+    if expected:
+        pytest.fail(f"{variant} is not applicable here, but {EXPECT_ENV} expects {', '.join(expected)}: {reason}")
+    pytest.skip(reason)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_workflow import _json, _snakemake, _workflow_copy
+pytest.importorskip("snakemake", reason="the SLURM workflow test needs snakemake (not installed)")
+from test_workflow import _json, _snakemake, _workflow_copy  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

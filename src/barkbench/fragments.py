@@ -127,7 +127,40 @@ def absolute_cells(g: pd.DataFrame) -> pd.DataFrame:
         "first-call overhead s": g["first_call_overhead_s"].map(lambda x: fmt_num(x, 1)),
         "compile s": g["compile_s"].map(lambda x: fmt_num(x, 1)),
         "stopped by": g["stopped_by"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
+        **energy_and_graph_cells(g),
     })
+
+
+def energy_and_graph_cells(g: pd.DataFrame) -> dict:
+    """Energy per sample and per second of audio, and for compiled runs what torch.compile did (CUDA graph
+    replays per call, graph skips, recompiles during the timed calls); old tables without them: none."""
+    cells = {}
+    if "joules_per_sample" in g:
+        cells["J/sample"] = g["joules_per_sample"].map(lambda x: fmt_num(x, 3))
+        cells["J/audio s"] = g["joules_per_audio_s"].map(lambda x: fmt_num(x, 3))
+    if "cuda_graph_replays_per_call" in g and g["cuda_graph_replays_per_call"].map(isnum).any():
+        cells["compiled: graph replays/call, skips, recompiles"] = [
+            f"{fmt_num(r, 1)}, {int(k)}, {int(c)}" if isnum(r) else ""
+            for r, k, c in zip(g["cuda_graph_replays_per_call"], g["cuda_graph_skips"], g["recompiles_timed"])]
+    return cells
+
+
+def energy_and_graph_notes(g: pd.DataFrame) -> str:
+    """Below a machine's table: where no energy counter exists, and each CUDA graph skip's reason."""
+    notes = []
+    if "energy_counter" in g:
+        ok = g[g["status"] == "ok"]
+        if len(ok) and ok["energy_counter"].isna().all():
+            notes.append("Energy: no energy counter on this machine.")
+        for s in ok["energy_counter"].dropna().unique():
+            notes.append(f"Energy counter: {md_escape(s)} ({'the GPU board' if s == 'nvml' else 'the CPU packages, all processes on them'}), "
+                         "read before and after each timed call.")
+    if "cuda_graph_skip_reasons" in g:
+        for variant, bs, reasons in zip(g["variant"], g["batch_size"], g["cuda_graph_skip_reasons"]):
+            for reason in json.loads(reasons) if isinstance(reasons, str) and reasons else []:
+                notes.append(f"CUDA graphs skipped in {md_escape(variant)} at batch size {int(bs)}: "
+                             f"{md_escape(reason.splitlines()[0][:200])}")
+    return "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
 
 
 def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
@@ -154,7 +187,7 @@ def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame) -> str:
         r = relative[(relative["hardware"] == hw) & (relative["model"] == model)]
         base = md_escape(r["baseline"].iloc[0]) if len(r) else ""
         parts.append(f"### {md_escape(hw)} · {md_escape(model)}\n\nAbsolute numbers:\n\n"
-                     f"{to_pipe_table(absolute_cells(g))}\nChange vs {base} (same hardware, model and batch size; "
+                     f"{to_pipe_table(absolute_cells(g))}\n{energy_and_graph_notes(g)}Change vs {base} (same hardware, model and batch size; "
                      f"like for like only):\n\n{to_pipe_table(relative_cells(r))}")
     return "\n".join(parts)
 

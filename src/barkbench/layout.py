@@ -16,6 +16,10 @@ RUN = "{hardware}/{model}/{variant}/bs{bs}.json"
 FIDELITY = "{hardware}/{model}/%s/{variant}.json" % FIDELITY_DIR
 REPRO = "{hardware}/{model}/%s/{variant}/rep{k}.json" % REPRO_DIR
 OVERHEAD = "{hardware}/{model}/%s/{variant}/bs{bs}.json" % OVERHEAD_DIR
+# Written by scripts/gpu-reference: the fidelity noise floors measured on that machine (one JSON per line),
+# and the config its runs declare (the report's --configfile).
+NOISE_FLOOR = "{hardware}/{model}/noise-floor.jsonl"
+REFERENCE_CONFIG = "{hardware}/gpu-reference.yaml"
 
 TABLES = "tables"
 FIGURES = "figures"

@@ -37,8 +37,7 @@ def _nf4_weights(model) -> None:
                     module.weight.copy_(nf4_round(module.weight))
 
 
-def measure(model_id: str, names: list[str], seed: int = 0) -> list[dict]:
-    device = torch.device("cpu")
+def measure(model_id: str, names: list[str], seed: int = 0, device: torch.device = torch.device("cpu")) -> list[dict]:
     source = models.resolve(model_id)
     base = fidelity._load(source, variants.parse("eager"), device)
     rows = []
@@ -50,12 +49,13 @@ def measure(model_id: str, names: list[str], seed: int = 0) -> list[dict]:
             cand = fidelity._load(source, variants.parse(name), device)
         stats = fidelity.teacher_forced(base.model, cand.model, device, seed)
         codes = torch.randint(0, base.model.generation_config.codebook_size, (1, 8, 150),
-                              generator=torch.Generator().manual_seed(seed))  # 2 s of random codes
+                              generator=torch.Generator().manual_seed(seed)).to(device)  # 2 s of random codes
         with torch.inference_mode():
             codec_snr = None if fidelity.codec_untouched(base.model, cand.model) else fidelity.snr_db(
-                base.model.codec_decode(codes)[0].float().numpy(), cand.model.codec_decode(codes)[0].float().numpy())
+                base.model.codec_decode(codes)[0].float().cpu().numpy(),
+                cand.model.codec_decode(codes)[0].float().cpu().numpy())
         worst = {k: max(s[k] for s in stats.values()) for k in ("kl_mean", "kl_p99", "max_dp_top", "max_abs", "max_rel")}
-        rows.append({"model": model_id, "variant": name, "worst_over_sub_models": worst, "codec_snr_db": codec_snr,
+        rows.append({"model": model_id, "variant": name, "device": device.type, "worst_over_sub_models": worst, "codec_snr_db": codec_snr,
                      "min_same_top1": min(s["same_top1"] for s in stats.values()),
                      "baseline_margin_median": {k: s["margin"]["median"] for k, s in stats.items()}})
     return rows
@@ -65,11 +65,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m barkbench.noise_floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("variants", nargs="+")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the floors of that device's kernels")
     args = parser.parse_args(argv)
     for name in args.variants:
         if name != "nf4-weights":
             variants.parse(name)  # refuse unknown names before any model is loaded
-    for row in measure(args.model, args.variants):
+    from .provenance import resolve_device
+
+    for row in measure(args.model, args.variants, device=resolve_device(args.device)):
         print(json.dumps(row))
 
 

@@ -11,9 +11,6 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import jsonschema
-from jsonschema.exceptions import best_match
-
 from . import results
 from .layout import RESERVED
 
@@ -34,7 +31,10 @@ def _check(data, schema: dict, where: str) -> None:
     if data.get("schema_version") != expected:
         raise ResultError(f"{where}: schema_version {data.get('schema_version')!r}, this barkbench reads "
                           f"{expected}: re-run it (or delete it) with this version")
-    error = best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    package = results.jsonschema()
+    from jsonschema.exceptions import best_match
+
+    error = best_match(package.Draft202012Validator(schema).iter_errors(data))
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path) or "top level"
         raise ResultError(f"{where}: not a valid {schema['title'].split(':')[0]} ({at}: {error.message[:200]})")

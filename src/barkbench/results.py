@@ -8,7 +8,6 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 
 SCHEMA_VERSION = 2
@@ -25,8 +24,20 @@ def schema() -> dict:
     return doc
 
 
+def jsonschema():
+    """The jsonschema package, imported on first use: commands that validate nothing (and test collection)
+    run without it; on a machine without a package index it comes from the wheelhouse (README, GPU)."""
+    try:
+        import jsonschema as package
+    except ImportError as exc:
+        raise ImportError(f"barkbench validates results with the package 'jsonschema', not importable here ({exc}): "
+                          "pip install jsonschema, or without a package index install the wheelhouse that "
+                          "envs/gpu-wheelhouse.sh prepares (README, On a GPU node)") from None
+    return package
+
+
 def validate(result: dict) -> None:
-    jsonschema.validate(result, schema())
+    jsonschema().validate(result, schema())
 
 
 def slug(model_id: str) -> str:

@@ -24,7 +24,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import models, provenance, results, stats, variants
+from . import compile_counters, energy, models, provenance, results, stats, variants
 from .protocol import DEADLINE_ENV, Protocol
 from .records import RunResult
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
@@ -155,6 +155,8 @@ class Timed:
     wav: bytes | None
     stopped_by: str
     peak_rss: PeakRSS
+    energy: dict | None = None  # energy.record
+    compiled: dict | None = None  # compile_counters.counting of the timed calls (compiled variants)
 
 
 def load_model(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
@@ -230,16 +232,22 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
         torch.cuda.reset_peak_memory_stats(device)
     latencies: list[float] = []
     audio_s: list[float] = []  # appended last: a call counts once its audio is recorded
+    joules: list[float] = []
     stages = StageTracker(loaded.model, clock) if req.instrument_stages else None
     wav = None
-    with PeakRSS() as rss, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
+    counter = energy.counter_for(device)
+    counting = compile_counters.counting() if "compile" in req.variant.split("+") else nullcontext()
+    with PeakRSS() as rss, counting as compiled, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
         try:
             while (stopped_by := stop_reason(proto, latencies, job)) is None:
                 if req.fail_with:
                     raise RuntimeError(req.fail_with)
+                start = counter.read() if counter else None
                 with stages if stages else nullcontext():
                     with clock.measure(latencies):
                         output = loaded.call()
+                if counter:
+                    joules.append(counter.joules(start, counter.read()))
                 lengths = _audio_lengths(output, proto.batch_size)
                 if wav is None:
                     audio = output[0] if isinstance(output, tuple) else output
@@ -251,11 +259,12 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
                 raise job.exceeded(f"after {len(audio_s)} of min {proto.min_iterations} timed calls") from None
             stopped_by = "time_limit"
     n = len(audio_s)
-    return Timed(latencies[:n], audio_s, stages.as_dict(n) if stages else None, wav, stopped_by, rss)
+    return Timed(latencies[:n], audio_s, stages.as_dict(n) if stages else None, wav, stopped_by, rss,
+                 energy.record(counter, joules[:n], proto.batch_size, audio_s), compiled)
 
 
 def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
-                  job: Job, loaded: Loaded, warmup_s: list[float], timed: Timed) -> None:
+                  job: Job, loaded: Loaded, warmup_s: list[float], timed: Timed, warmup_counts: dict | None = None) -> None:
     """The result's timing, iterations, summary, memory and throughput."""
     proto, latencies = req.protocol, timed.latency_s
     job_s = job.elapsed()
@@ -286,6 +295,9 @@ def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, devi
                     "rtf": median / (proto.batch_size * audio_mean)},
     )
     result["hardware"]["torch_threads"] = torch.get_num_threads()
+    result["energy"] = timed.energy
+    if timed.compiled is not None:
+        result["compiled"] = compile_counters.summary(warmup_counts, timed.compiled, len(latencies))
 
 
 def measure(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> bytes | None:
@@ -294,9 +306,11 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
     label = f"{variant.name} bs{req.protocol.batch_size}"
     with TimeLimit(job.limit_s - job.elapsed()):
         loaded = load_model(req, result, variant, device, job)
-        warmup_s = warm_up(loaded, req.protocol, label, clock, job)
+        compiled = "compile" in variant.names
+        with compile_counters.counting() if compiled else nullcontext() as warmup_counts:
+            warmup_s = warm_up(loaded, req.protocol, label, clock, job)
         timed = timed_loop(req, loaded, label, device, clock, job)
-    summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed)
+    summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed, warmup_counts)
     return timed.wav
 
 

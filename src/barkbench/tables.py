@@ -122,6 +122,9 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         "stopped_by": timing.get("stopped_by"), "timed_s": timing.get("timed_s", np.nan),
         "stage_timer_overhead_s": timing.get("stage_timer_overhead_s") or np.nan,
     })
+    extra = rec.extra or {}
+    row.update(energy_cells(extra.get("energy")))
+    row.update(compiled_cells(extra.get("compiled")))
     stages = it.get("stages") or {}
     for st in STAGES:
         row[f"stage_{st}_s"] = _median(_get(stages, st, "seconds"))
@@ -134,6 +137,24 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         "path": str(path),
     })
     return row
+
+
+def energy_cells(energy: dict | None) -> dict:
+    """Energy columns of a run (barkbench.energy.record); energy_counter None: the machine had none."""
+    energy = energy or {}
+    return {"energy_counter": energy.get("counter"), "energy_scope": energy.get("scope"),
+            "joules_per_sample": energy.get("joules_per_sample") or np.nan,
+            "joules_per_audio_s": energy.get("joules_per_audio_s") or np.nan}
+
+
+def compiled_cells(compiled: dict | None) -> dict:
+    """What torch.compile did in a compiled run (barkbench.compile_counters.summary); NaN for other runs."""
+    if not compiled:
+        return {"cuda_graph_replays_per_call": np.nan, "cuda_graph_skips": np.nan, "recompiles_timed": np.nan,
+                "cuda_graph_skip_reasons": None}
+    return {"cuda_graph_replays_per_call": compiled.get("cuda_graph_replays_per_call") or 0.0,
+            "cuda_graph_skips": compiled["cuda_graph_skips"], "recompiles_timed": compiled["recompiles_timed"],
+            "cuda_graph_skip_reasons": json.dumps(compiled["cuda_graph_skip_reasons"])}
 
 
 def variant_order(variants, baseline: str) -> list[str]:
@@ -159,7 +180,9 @@ def latencies(row) -> list[float]:
 def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
     cols = GROUP + ["variant", "status", "reason", "n", "latency_median", "latency_ci_low", "latency_ci_high",
                     "latency_min", "latency_max", "latency_ci_method", "latency_cv", "peak_memory_mb", "memory_kind",
-                    "samples_per_s", "rtf", "first_call_overhead_s", "compile_s", "stopped_by"]
+                    "samples_per_s", "rtf", "first_call_overhead_s", "compile_s", "stopped_by",
+                    "energy_counter", "joules_per_sample", "joules_per_audio_s",
+                    "cuda_graph_replays_per_call", "cuda_graph_skips", "cuda_graph_skip_reasons", "recompiles_timed"]
     return runs[cols].reset_index(drop=True)
 
 

@@ -6,13 +6,12 @@ it is held to against eager fp32. Adding an optimization is one `register(...)` 
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import legacy
+from . import availability, legacy
 
 
 class VariantError(ValueError):
@@ -94,6 +93,7 @@ class Optimization:
     cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
     requires_why: str = ""
     needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
+    needs_on_device: Callable[[torch.device], str | None] | None = None  # what this machine lacks for it there
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if self.needs_stack and (reason := self.needs_stack()):
@@ -102,9 +102,11 @@ class Optimization:
             return f"not applicable on cpu: {self.name} {self.cpu_reason or 'needs a CUDA device'}"
         if device.type == "cuda" and self.cuda_reason:
             return f"not applicable on cuda: {self.name} {self.cuda_reason}"
-        for package in self.needs_packages:
-            if importlib.util.find_spec(package) is None:
-                return f"not applicable here: {self.name} needs the package '{package}', not installed"
+        if self.needs_on_device and (problem := self.needs_on_device(device)):
+            return f"not applicable here: {self.name}: {problem}"
+        for package in self.needs_packages:  # imported and one operation run: a broken install is not available
+            if problem := availability.package_problem(package, device):
+                return f"not applicable here: {self.name} needs the package '{package}', {problem}"
         return None
 
 
@@ -243,7 +245,7 @@ register(Optimization(
     group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
-    order=90, apply=_apply_compile, conflicts=("offload",)))
+    order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem))
 
 
 @dataclass(frozen=True)
