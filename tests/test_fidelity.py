@@ -310,6 +310,46 @@ def test_compare_covers_every_fine_codebook_and_the_chain(tiny_baseline):
         assert stats["max_abs"] <= 1e-5 and stats["same_top1"] == 1.0
 
 
+def test_fine_windows_match_generate(tiny_baseline):
+    """The positions `fine_windows` says each outer loop decides are the ones fine generate writes."""
+    from transformers.models.bark.generation_configuration_bark import (
+        BarkCoarseGenerationConfig, BarkFineGenerationConfig, BarkSemanticGenerationConfig)
+    model, gc = tiny_baseline.model, tiny_baseline.model.generation_config
+    fine_cfg = BarkFineGenerationConfig(**{**gc.fine_acoustics_config, "max_fine_input_length": 64,
+                                           "max_fine_history_length": 32})
+    for frames in (40, 65, 100):
+        coarse = torch.stack([torch.randint(0, gc.codebook_size, (frames,)) + 10_000 + k * gc.codebook_size
+                              for k in range(2)])[None]
+        with fidelity.StepRecorder(model.fine_acoustics, keep_inputs=True) as rec, torch.inference_mode():
+            model.fine_acoustics.generate(coarse, semantic_generation_config=BarkSemanticGenerationConfig(**gc.semantic_config),
+                                          coarse_generation_config=BarkCoarseGenerationConfig(**gc.coarse_acoustics_config),
+                                          fine_generation_config=fine_cfg, codebook_size=gc.codebook_size, temperature=None)
+        windows = fidelity.fine_windows(frames, 64, 32)
+        assert len(rec.calls) == 6 * len(windows)
+        # a call's decided positions are the only ones of its codebook that change in the next call's input
+        for w, (start, stop) in enumerate(windows[:-1]):
+            before, after = rec.calls[6 * w][1][0], rec.calls[6 * w + 1][1][0]
+            changed = (before[0, :, 2] != after[0, :, 2]).nonzero().flatten()
+            assert changed.numel() == 0 or (changed.min() >= start and changed.max() < stop)
+
+
+def test_the_check_spans_several_windows_of_coarse_and_fine(tiny_baseline):
+    """48 semantic tokens give 72 coarse frames: three coarse windows (60 tokens each) and, with the fine
+    window shortened to 64 frames (history 32), two fine windows; every step is judged."""
+    baseline = copy.deepcopy(tiny_baseline.model)
+    baseline.generation_config.fine_acoustics_config.update(max_fine_input_length=64, max_fine_history_length=32)
+    candidate = copy.deepcopy(baseline)
+    sdpa(candidate)
+    report = fidelity.compare(baseline, candidate, tiny_baseline.processor, torch.device("cpu"), 48)
+    coarse = report["free_running"]["coarse"]
+    assert coarse["length"] > 2 * baseline.generation_config.coarse_acoustics_config["sliding_window_len"]
+    assert coarse["agreement"] == 1.0 and coarse["decisive_mismatches"] == 0
+    fine = report["chain"]["fine_decisions"]
+    assert fine["windows"] == 2 and fine["judged_calls"] == fine["calls"] == 12
+    assert report["chain"]["codes_agreement"] == 1.0
+    assert fidelity.check(variants.FLOAT_ROUNDING, report) == []
+
+
 # --- the recorded job --------------------------------------------------------------------------------
 
 def _run(variant, tmp_path):

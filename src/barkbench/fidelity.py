@@ -94,11 +94,11 @@ def distribution_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict
 def judge_path(ref_tokens, cand_tokens, ref_steps: torch.Tensor, cand_steps: torch.Tensor, bound: float) -> dict:
     """Free-running agreement of one row, judged by margins.
 
-    `ref_steps`/`cand_steps`: (T, V) logits each model chose its T tokens from (over the tokens the step
-    could pick). Up to the first divergence the contexts are identical, so the logits are compared there.
-    `bound` is the candidate's measured (teacher-forced) max logit error: a step whose baseline margin
-    exceeds twice the bound cannot flip from that error, so a divergence there is a fault; a divergence at
-    a smaller margin is a near tie and is not judged.
+    `ref_steps`/`cand_steps`: (T, V) logits each model chose its T tokens from, -inf where a step could not pick
+    a token (the same tokens in both). Up to the first divergence the contexts are identical, so the logits are
+    compared there. `bound` is a fixed logit error (set from the reference, never from the candidate): a step
+    whose baseline margin exceeds twice the bound cannot flip from an error within it, so a divergence there is a
+    fault; a divergence at a smaller margin is a near tie and is not judged.
     """
     ref_tokens, cand_tokens = torch.as_tensor(ref_tokens).flatten().cpu(), torch.as_tensor(cand_tokens).flatten().cpu()
     length = int(ref_tokens.numel())
@@ -107,10 +107,12 @@ def judge_path(ref_tokens, cand_tokens, ref_steps: torch.Tensor, cand_steps: tor
     prefix = int(differ[0].item()) if len(differ) else n
     m = margins(ref_steps)
     same_context = min(prefix + 1, n, len(ref_steps), len(cand_steps))  # steps decided on identical contexts
-    err = (ref_steps[:same_context].float() - cand_steps[:same_context].float()).abs()
+    ref_seen, cand_seen = ref_steps[:same_context].float(), cand_steps[:same_context].float()
+    allowed = torch.isfinite(ref_seen)
+    err = torch.where(allowed, ref_seen - cand_seen, torch.zeros(())).abs()
     decisive = m > 2.0 * bound
     diverged_at_decisive = prefix < n and bool(decisive[prefix])
-    scale = ref_steps[:same_context].float().abs().max().item() if same_context else 1.0
+    scale = ref_seen[allowed].abs().max().item() if same_context else 1.0
     max_abs = err.max().item() if same_context else 0.0
     return {"prefix": prefix, "length": length, "agreement": prefix / max(1, length),
             "error_bound": bound, "decisive_share": decisive.float().mean().item() if len(m) else 0.0,
@@ -154,13 +156,23 @@ def _semantic_steps(calls, vocab: int) -> torch.Tensor:
     return torch.stack([logits[:, -1, :vocab] for _, _, logits in calls], 1)
 
 
-def _coarse_steps(calls, ref_tokens: torch.Tensor, offset: int, codebook_size: int) -> torch.Tensor:
-    """(T, codebook_size) logits of each coarse step over the codebook that step decodes (they alternate;
-    the block is read from the baseline's token)."""
-    rows = []
-    for (_, _, logits), token in zip(calls, ref_tokens.flatten().tolist()):
-        start = offset + ((token - offset) // codebook_size) * codebook_size
-        rows.append(logits[0, -1, start:start + codebook_size])
+def _coarse_steps(calls, offset: int, codebook_size: int, n_codebooks: int) -> torch.Tensor:
+    """(T, V - offset) logits of each coarse step over the tokens that step could pick, -inf elsewhere.
+
+    Coarse generation runs in sliding windows, one `generate` each, whose first call sees the whole window
+    (a prefill of several positions). In each window the codebooks alternate from the first step, and the
+    logits processor (AlternatingCodebooksLogitsProcessor) masks the semantic vocabulary and the other codebooks'
+    blocks, but not the tokens past the last codebook's block: those are choosable at the last codebook's steps
+    (random weights pick them)."""
+    rows, step = [], 0
+    for _, _, logits in calls:
+        step = 0 if logits.shape[1] > 1 else step + 1  # a prefill starts a window
+        book = step % n_codebooks
+        row = logits[0, -1, offset:].clone()
+        start = book * codebook_size
+        stop = start + codebook_size if book < n_codebooks - 1 else row.numel()
+        row[:start], row[stop:] = -math.inf, -math.inf
+        rows.append(row)
     return torch.stack(rows)
 
 
@@ -192,14 +204,31 @@ def decode(model, codes) -> np.ndarray:
     return audio
 
 
-def _judge_fine_calls(ref_calls, cand_calls, frames: int, codebook_size: int, bounds: dict) -> dict:
+def fine_windows(frames: int, window: int, history: int) -> list[tuple[int, int]]:
+    """The positions each outer loop of `BarkFineModel.generate` decides, relative to its input buffer, as
+    (start, stop): one window of `window` frames (padded when shorter), then windows that move by `history`
+    frames and decide the frames after the ones they keep as context (no speaker history prompt)."""
+    length = max(frames, window)
+    loops = max(0, math.ceil((frames - window) / history)) + 1
+    out = []
+    for n in range(loops):
+        start = min(n * history, length - window)
+        fill = min(n * history, length - history)
+        out.append((fill - start, min(window, frames - start)))
+    return out
+
+
+def _judge_fine_calls(ref_calls, cand_calls, frames: int, codebook_size: int, bounds: dict, windows) -> dict:
     """The fine model's decisions in generate (one call per codebook and window): judged while the two
-    models' inputs are identical, at positions whose baseline margin exceeds twice the measured error."""
+    models' inputs are identical, at the positions the call decides whose baseline margin exceeds twice the
+    fixed logit bound of that codebook."""
     judged, mismatches, decisive, total, max_abs, scale = 0, 0, 0, 0, 0.0, 0.0
-    for (idx, ref_in, ref_logits), (cidx, cand_in, cand_logits) in zip(ref_calls, cand_calls):
+    per_window = len(ref_calls) // max(1, len(windows))
+    for i, ((idx, ref_in, ref_logits), (cidx, cand_in, cand_logits)) in enumerate(zip(ref_calls, cand_calls)):
         if idx != cidx or not all(torch.equal(x, y) for x, y in zip(ref_in, cand_in)):
             break  # an earlier decision differed: contexts differ from here on
-        r, c = ref_logits[0, :frames, :codebook_size], cand_logits[0, :frames, :codebook_size]
+        start, stop = windows[min(i // max(1, per_window), len(windows) - 1)]
+        r, c = ref_logits[0, start:stop, :codebook_size], cand_logits[0, start:stop, :codebook_size]
         m = margins(r)
         is_decisive = m > 2.0 * bounds[f"fine[{idx}]"]
         judged += 1
@@ -208,9 +237,9 @@ def _judge_fine_calls(ref_calls, cand_calls, frames: int, codebook_size: int, bo
         mismatches += int(((r.argmax(-1) != c.argmax(-1)) & is_decisive).sum())
         max_abs = max(max_abs, (r - c).abs().max().item())
         scale = max(scale, r.abs().max().item())
-    return {"calls": len(ref_calls), "judged_calls": judged, "decisive_share": decisive / max(1, total),
-            "decisive_mismatches": mismatches, "same_context_max_abs": max_abs,
-            "same_context_max_rel": max_abs / (scale or 1.0)}
+    return {"calls": len(ref_calls), "windows": len(windows), "judged_calls": judged,
+            "decisive_share": decisive / max(1, total), "decisive_mismatches": mismatches,
+            "same_context_max_abs": max_abs, "same_context_max_rel": max_abs / (scale or 1.0)}
 
 
 @torch.inference_mode()
@@ -280,8 +309,8 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
     cand_coarse, cand_coarse_calls = coarse(candidate, ref_sem)
     free = {"semantic": judge_path(ref_sem, cand_sem, ref_sem_steps[0], cand_sem_steps[0], bound["semantic"]),
             "coarse": judge_path(ref_coarse, cand_coarse,
-                                 _coarse_steps(ref_coarse_calls, ref_coarse, vocab, gc.codebook_size),
-                                 _coarse_steps(cand_coarse_calls, ref_coarse, vocab, gc.codebook_size),
+                                 _coarse_steps(ref_coarse_calls, vocab, gc.codebook_size, coarse_cfg.n_coarse_codebooks),
+                                 _coarse_steps(cand_coarse_calls, vocab, gc.codebook_size, coarse_cfg.n_coarse_codebooks),
                                  bound["coarse"])}
 
     # end-to-end chain from the same (baseline) coarse tokens
@@ -293,8 +322,9 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
     chain = {"codes_agreement": same.float().mean().item(),
              "codes_agreement_per_codebook": {f"fine[{n_coarse + i}]": row.float().mean().item()
                                               for i, row in enumerate(same)},
-             "fine_decisions": _judge_fine_calls(ref_fine_calls, cand_fine_calls, ref_fine.shape[-1],
-                                                 gc.codebook_size, bound),
+             "fine_decisions": _judge_fine_calls(
+                 ref_fine_calls, cand_fine_calls, ref_fine.shape[-1], gc.codebook_size, bound,
+                 fine_windows(ref_fine.shape[-1], fine_cfg.max_fine_input_length, fine_cfg.max_fine_history_length)),
              "waveform_snr_db": snr_db(ref_wave, decode(candidate, cand_fine))}
     untouched = codec_untouched(baseline, candidate)
     codec = {"untouched": untouched,
