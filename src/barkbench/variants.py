@@ -282,8 +282,10 @@ class Variant:
 
     @property
     def reference_formats(self) -> list[str]:
-        """The number formats the reference simulation applies to the baseline, in application order."""
-        return [o.reference for o in sorted(self.optimizations, key=lambda o: o.order) if o.reference]
+        """The number formats the reference simulation applies to the baseline, in the order the variant applies
+        them: what loading does (a dtype) first, then what is applied to the loaded model."""
+        return [o.reference for o in sorted(self.optimizations, key=lambda o: (o.load_kwargs is None, o.order))
+                if o.reference]
 
     @property
     def limit(self) -> ImplementationLimit:
