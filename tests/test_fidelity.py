@@ -532,3 +532,12 @@ def test_a_compiled_static_decode_step_passes_the_whole_check(tiny_checkpoint, t
     report = _run("sdpa+static+compile", tmp_path)
     assert report["status"] == "ok", report["reason"]
     assert report["within_tolerance"] is True, report["violations"]
+
+
+def test_cost_targets_need_a_known_format_and_a_source():
+    ok = fidelity.parse_cost_targets('{"int8-dynamic": {"kl_mean": 0.01, "source": "llama.cpp Q8_0 on a 7B model"}}')
+    assert ok["int8-dynamic"]["kl_mean"] == 0.01
+    for bad in ('{"int9": {"kl_mean": 0.01, "source": "x"}}', '{"bf16": {"kl_mean": 0.01}}',
+                '{"bf16": {"source": "x"}}', '{"bf16": {"kl_max": 1, "source": "x"}}', '[1]'):
+        with pytest.raises(ValueError):
+            fidelity.parse_cost_targets(bad)

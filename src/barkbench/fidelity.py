@@ -24,6 +24,7 @@ Tolerances are per optimization (`barkbench.variants`), derived from measured no
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping
 import os
@@ -557,6 +558,23 @@ def _load(source, variant: variants.Variant, device: torch.device):
 
 SYNTHETIC_COST_REASON = ("synthetic weights: random weights give near-flat distributions with near ties everywhere, so "
                          "what a number format costs on them says nothing about what it costs the trained model")
+
+
+def parse_cost_targets(text: str) -> dict:
+    """Cost targets as JSON: {format: {"kl_mean": x, "same_top1": y, "source": "where the target comes from"}}; a
+    target without its source, or for a format no reference simulates, is refused."""
+    from .references import FORMATS
+
+    targets = json.loads(text)
+    if not isinstance(targets, dict):
+        raise ValueError("cost targets: expected a JSON object of formats")
+    for fmt, target in targets.items():
+        if fmt not in FORMATS:
+            raise ValueError(f"cost targets: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        measures = set(target) - {"source"} if isinstance(target, dict) else set()
+        if not measures or not measures <= {"kl_mean", "same_top1"} or not target.get("source"):
+            raise ValueError(f"cost targets for {fmt}: expected kl_mean and/or same_top1 with a source, got {target!r}")
+    return targets
 
 
 def format_cost(base_logits: dict, ref_logits: dict, cand_logits: dict, ref_snr, cand_snr, weights: str | None,
