@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import attention, fidelity, models, references, variants
 
@@ -71,8 +72,12 @@ def int8_activation_twice(model) -> None:
 
 
 class _SoftmaxBf16Accumulation(attention.BarkSelfAttention):
-    """Eager attention whose softmax sums its exponentials in a bfloat16 accumulator (blocks of 16 summed, then
-    added one block at a time), as a kernel without fp32 accumulation does."""
+    """Eager attention whose softmax sums its exponentials in a bfloat16 accumulator, one key at a time, as a naive
+    kernel without fp32 accumulation does. (Summing blocks of 16 in fp32 and only the block sums in bf16 lands at
+    0.49 of the bf16 limit on synthetic:tiny, as far from the reference as a correct sdpa+bf16 at 0.48: at these
+    lengths that error is the size of any legitimate bf16 reordering, and the check cannot tell them apart.)"""
+
+    BLOCK = 1
 
     def _attn(self, query, key, value, attention_mask=None):
         w = torch.matmul(query, key.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
@@ -83,8 +88,8 @@ class _SoftmaxBf16Accumulation(attention.BarkSelfAttention):
             w = w + attention_mask
         e = torch.exp(w - w.amax(-1, keepdim=True))
         acc = torch.zeros(e.shape[:-1], dtype=e.dtype, device=e.device)
-        for start in range(0, e.shape[-1], 16):
-            acc = (acc + e[..., start:start + 16].sum(-1)).to(e.dtype)
+        for start in range(0, e.shape[-1], self.BLOCK):
+            acc = (acc + e[..., start:start + self.BLOCK].sum(-1)).to(e.dtype)
         p = (e / acc.unsqueeze(-1)).to(value.dtype)
         return torch.matmul(p, value), p
 
@@ -213,7 +218,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     source, device = models.resolve(args.model), torch.device("cpu")
     base = fidelity._load(source, variants.parse("eager"), device)
-    rows = [judge(source, case, device, args.tokens, base) for case in CASES]
+    rows = []
+    for case in tqdm(CASES, desc="cases"):
+        torch._dynamo.reset()
+        rows.append(judge(source, case, device, args.tokens, base))
     print(f"Fault suite on {args.model} (cpu, check inputs seed 0; limits calibrated on seed 1):\n")
     print(table(rows))
 

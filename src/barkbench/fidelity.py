@@ -1,5 +1,12 @@
-"""Does an optimization keep the output? A variant against the baseline variant (eager fp32 by default)
-on the same inputs, in four parts:
+"""Does an optimization keep the output? Two questions, answered apart.
+
+Is the implementation right? The variant against the reference simulation of its number format applied to the
+baseline (`barkbench.references`; the baseline itself for exact optimizations), with limits fixed in the registry
+(`variants.ImplementationLimit`: the fp32 floor plus a share of the reference's own distance to the baseline,
+and per simulated layer a share of its quantization error), never from the candidate. What does the format cost?
+The reference's and the candidate's distance to the baseline (`format_cost`, llama.cpp's KL statistics), judged
+only on hub weights against targets written before the run. The comparison itself has four parts (below,
+"baseline" is what the candidate is compared with):
 
 - teacher-forced distributions of the semantic and coarse models and of the fine model at EVERY
   codebook index (each index has its own lm_head, and its own graph under torch.compile): KL divergence
@@ -9,27 +16,26 @@ on the same inputs, in four parts:
 - free-running greedy decoding through the sub-models' own `generate` (semantic, then coarse from the
   baseline's semantic tokens). Until the first divergence both models see the same context, so the
   logits of each step are compared there. A divergence is a fault only where the baseline's margin is
-  larger than twice the candidate's teacher-forced max logit error (no logit moving by less than that
-  error can flip such a step); near ties, which random weights produce almost everywhere, are reported
-  as not judged instead of failing or passing a variant by chance;
+  larger than twice the logit error the limit allows (fixed from the reference, never the candidate's own
+  error); near ties, which random weights produce almost everywhere, are reported as not judged instead of
+  failing or passing a variant by chance. Coarse generation runs in sliding windows and the fine model in
+  windows of frames: every window's steps are judged;
 - the end-to-end chain: the candidate's fine codes from the baseline's coarse tokens and the candidate's
   codec on them, against the baseline's chain (codes agreement, waveform SNR, fine decisions judged like
   free-running tokens); and, separately, the codec alone (baseline codes through the candidate's codec),
   n/a where the codec is bit-for-bit untouched;
 - a batched check: a batch of prompts of different lengths (padded by the processor) through the
   semantic `generate` at bs > 1, each row against the baseline at bs 1 on the same prompt.
-
-Tolerances are per optimization (`barkbench.variants`), derived from measured noise floors.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
-from collections.abc import Mapping
 import os
 import time
 import traceback
+from collections.abc import Mapping
 
 import numpy as np
 import torch
