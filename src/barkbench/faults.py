@@ -117,8 +117,8 @@ def sdpa_mask_off_by_one(model) -> None:
 
 
 def fine_head_in_bf16(model) -> None:
-    """One op in the wrong precision: the fine model's lm_heads[3] computed in bfloat16 (as a compiled graph that
-    lowered one matmul to bf16 would)."""
+    """One op in the wrong precision: the fine model's lm_heads[3] (codebook index 4: the fine model has one head per
+    codebook after the first) computed in bfloat16, as a compiled graph that lowered one matmul to bf16 would."""
     head = model.fine_acoustics.lm_heads[3]
     head.forward = lambda x: F.linear(x.to(torch.bfloat16), head.weight.to(torch.bfloat16)).to(x.dtype)
 
@@ -145,7 +145,7 @@ CASES = [
     Case("int8: activation quantized twice", "int8", int8_activation_twice, "layer"),
     Case("bf16: softmax without fp32 accumulation", "bf16", bf16_softmax_accumulation),
     Case("sdpa: padded row's mask off by one", "sdpa", sdpa_mask_off_by_one, "padded batch"),
-    Case("exact: one op (fine lm_heads[3]) in bf16", "sdpa", fine_head_in_bf16, "fine[5]"),
+    Case("exact: one op (fine lm_heads[3], codebook 4) in bf16", "sdpa", fine_head_in_bf16, "fine[4]"),
 ]
 
 

@@ -483,7 +483,7 @@ def _format_cost_md(fid: pd.DataFrame) -> str:
             return "within targets"
         if r["cost_within_targets"] is False:
             return "**outside targets**: " + md_escape(r["cost_misses"] or "")
-        return "no verdict: " + md_escape(r["cost_verdict_reason"] or "")
+        return "no verdict (below)"
 
     table = pd.DataFrame({
         "hardware": lossy["hardware"].map(md_escape), "model": lossy["model"].map(md_escape),
@@ -505,7 +505,8 @@ def _format_cost_md(fid: pd.DataFrame) -> str:
             "99th percentile, percentiles of Δp = p(model) − p(baseline) of the baseline's top token, same top-1 share "
             "± its binomial σ), teacher-forced on the same inputs. A verdict is given only on hub weights, against "
             "targets written in the config before the run; on synthetic weights the numbers are reported without "
-            "one.\n\n" + to_pipe_table(table))
+            "one.\n\n" + to_pipe_table(table) + "\n\nNo verdict:\n\n"
+            + "\n".join(f"- {md_escape(r)}" for r in sorted(set(lossy["cost_verdict_reason"].dropna()))))
 
 
 def fidelity_md(fid: pd.DataFrame) -> str:

@@ -37,13 +37,13 @@ class Tolerance:
 
 
 # fp32's own rounding, the floor of every limit: float32 eager against the same model in float64, teacher-forced on
-# inputs disjoint from the check's (`python -m barkbench.noise_floor synthetic:tiny|synthetic:bark-small`, seed 1; the
+# inputs disjoint from the check's (`python -m barkbench.noise_floor synthetic:tiny fp32`, seed 1; the
 # check uses seed 0), worst over sub-models, CPU, synthetic weights: max rel logit error 3.2e-7 (tiny), KL mean
 # 5.2e-16, p99 2.2e-15, |Δp| 2.3e-10. The bounds below leave a margin of >10 on the logit error (fused kernels
 # reorder sums differently from eager: sdpa vs eager measured at the float64 floor, 3.2e-7).
 FLOAT_ROUNDING = Tolerance(
     4e-6, 2e-12, 2e-12, 5e-8, 60.0,
-    "fp32 rounding floor: float32 vs float64 eager (seed 1, CPU, synthetic tiny and bark-small) max rel logit err "
+    "fp32 rounding floor: float32 vs float64 eager (seed 1, CPU, synthetic:tiny) max rel logit err "
     "3.2e-7, KL mean 5.2e-16, |Δp| 2.3e-10; bounds with a margin >10. Codec: no exact variant touches it, 60 dB "
     "kept as a plain bound")
 
@@ -63,7 +63,7 @@ class ImplementationLimit:
 
 
 # Where every limit above was measured (recorded beside each verdict; a verdict elsewhere says so).
-LIMITS_CALIBRATION = {"device": "cpu", "weights": "synthetic", "models": ["synthetic:tiny", "synthetic:bark-small"],
+LIMITS_CALIBRATION = {"device": "cpu", "weights": "synthetic", "models": ["synthetic:tiny"],
                       "inputs": "teacher-forced random token inputs of seed 1 (the check uses seed 0) and the fault "
                                 "suite on the check's own prompts"}
 
@@ -79,8 +79,8 @@ HALF_PRECISION = ImplementationLimit(
     "error from another (sdpa+bf16 vs eager bf16: 0.94x logit error, 1.5x |Δp|, seed 1); share 3")
 INT8_WEIGHTS = ImplementationLimit(
     2.0, 0.05, "int8: one activation rounding tie decided the other way changes a whole model's output by a share of "
-    "the format's error (torch.ao vs its simulation: 0.2x, seed 1): model share 2; per layer the kernel matches the "
-    "simulation to float rounding: layer share 0.05")
+    "the format's error (torch.ao vs its simulation: 0.2x, seed 1): model share 2, and per layer the kernel matches "
+    "the simulation to float rounding: layer share 0.05")
 FOUR_BIT = ImplementationLimit(2.0, 0.05, "4-bit weights: as int8 (not calibrated on a device with bitsandbytes)")
 
 
