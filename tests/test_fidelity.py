@@ -469,6 +469,17 @@ def test_bf16_report_is_produced(tiny_checkpoint, tmp_path):
         assert report["limits"][name]["kl_mean"] > variants.FLOAT_ROUNDING.kl_mean
     assert cost["codec_snr_db"]["reference"] < 200.0  # bf16 codec too
     assert report["limits_measured"]["device"] == "cpu" and report["limits_measured"]["warning"] is None
+    # the report shows the implementation verdict and the format's cost apart, and where the limits were measured
+    from pathlib import Path
+
+    from barkbench import fragments, tables
+    from barkbench.records import FidelityResult
+
+    path = tmp_path / "bf16.json"
+    md = fragments.fidelity_md(tables.fidelity_table([("cpu-x", Path(path), FidelityResult.from_dict(report, path))]))
+    verdicts, cost = md.split("### What each number format costs")
+    assert "| bf16 simulation | yes |" in verdicts and "cpu, synthetic weights, synthetic:tiny" in verdicts
+    assert cost.count("no verdict (below)") == len(report["teacher_forced"]) and fidelity.SYNTHETIC_COST_REASON in cost
 
 
 def test_cost_verdict_only_on_hub_weights_against_written_targets():
