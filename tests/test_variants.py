@@ -86,16 +86,17 @@ def test_fa2_leaves_the_codec_on_eager(tiny_checkpoint):
         assert getattr(config, name)._attn_implementation == "flash_attention_2"
 
 
-def test_tolerance_is_the_loosest_of_the_parts():
-    assert variants.parse("sdpa").tolerance == variants.FLOAT_ROUNDING
-    t = variants.parse("sdpa+bf16").tolerance
-    h, f = variants.HALF, variants.FLOAT_ROUNDING
-    assert (t.logits_max_rel, t.kl_mean, t.max_dp_top, t.min_snr_db) == (h.logits_max_rel, h.kl_mean, h.max_dp_top,
-                                                                          min(h.min_snr_db, f.min_snr_db))
-    assert t.note == f"{f.note}; {h.note}"
-    q = variants.parse("bf16+int8wo+compile").tolerance  # half precision and int8 weights: the looser of each
-    i = variants.INT8
-    assert (q.logits_max_rel, q.kl_p99, q.min_snr_db) == (i.logits_max_rel, i.kl_p99, h.min_snr_db)
+def test_limit_is_the_loosest_of_the_parts_and_the_reference_composes_their_formats():
+    sdpa = variants.parse("sdpa")
+    assert sdpa.limit == variants.EXACT and sdpa.reference_formats == []
+    half = variants.parse("sdpa+bf16")
+    assert half.reference_formats == ["bf16"]
+    assert (half.limit.model_share, half.limit.layer_share) == (variants.HALF_PRECISION.model_share,
+                                                                variants.HALF_PRECISION.layer_share)
+    q = variants.parse("bf16+int8wo+compile")  # half precision and int8 weights: the looser share of each
+    assert q.reference_formats == ["bf16", "int8-weight-only"]  # loaded in bf16, then quantized
+    assert q.limit.model_share == max(variants.HALF_PRECISION.model_share, variants.INT8_WEIGHTS.model_share)
+    assert variants.INT8_WEIGHTS.calibration in q.limit.calibration
 
 
 def test_load_kwargs_and_placement():

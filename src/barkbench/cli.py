@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--offline-fallback", choices=["synthetic"], default=None)
     fid.add_argument("--tokens", type=_positive("tokens"), default=32, help="greedy semantic tokens compared")
     fid.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)
+    fid.add_argument("--cost-targets", default=None, metavar="JSON",
+                     help="targets of each number format's cost, written before the run: "
+                          '{"int8-dynamic": {"kl_mean": 0.01, "same_top1": 0.9, "source": "..."}} (judged on hub weights only)')
 
     rep = sub.add_parser("render", help="render the report from the tables' fragments and the figures")
     rep.add_argument("--qmd", required=True)
@@ -187,9 +190,12 @@ def main(argv=None) -> int:
         if args.command == "fidelity":
             from .fidelity import run_fidelity
 
+            from .fidelity import parse_cost_targets
+
             variants.parse(args.baseline)
+            targets = parse_cost_targets(args.cost_targets) if args.cost_targets else None
             run_fidelity(args.model, args.variant, args.out, args.device, args.offline_fallback, args.tokens,
-                         baseline=args.baseline, retry_of=args.retry_of)
+                         baseline=args.baseline, retry_of=args.retry_of, cost_targets=targets)
             return 0
         if args.command == "render":
             from .render import render_report

@@ -483,6 +483,65 @@ def _batched_cell(r) -> str:
             + (f"; **{faults} decisive divergence(s)**" if faults else ""))
 
 
+def _reference_cell(r) -> str:
+    formats = r.get("reference_formats")
+    return md_escape(f"{formats} simulation" if isinstance(formats, str) and formats else "baseline")
+
+
+def _measured_cell(r) -> str:
+    where, warning = r.get("limits_measured"), r.get("limits_warning")
+    if not isinstance(where, str):
+        return "–"
+    return md_escape(where) + (f" — **{md_escape(warning)}**" if isinstance(warning, str) and warning else "")
+
+
+def _format_cost_md(fid: pd.DataFrame) -> str:
+    """What each lossy variant's number format costs, apart from the implementation verdict: llama.cpp's KL
+    statistics of the reference and of the candidate against the baseline, per sub-model and fine codebook."""
+    if "cost_reference_kl_mean" not in fid:
+        return ""
+    lossy = fid[fid["cost_reference_kl_mean"].notna()]
+    if lossy.empty:
+        return ""
+
+    def kl(r, who):
+        se = r[f"cost_{who}_kl_mean_se"]
+        return f"{_g(r[f'cost_{who}_kl_mean'])} ± {_g(se)}" if isnum(se) else _g(r[f"cost_{who}_kl_mean"])
+
+    def top1(r, who):
+        return f"{r[f'cost_{who}_same_top1']:.1%} ± {r[f'cost_{who}_same_top1_sigma']:.1%}"
+
+    def verdict(r):
+        if r["cost_within_targets"] is True:
+            return "within targets"
+        if r["cost_within_targets"] is False:
+            return "**outside targets**: " + md_escape(r["cost_misses"] or "")
+        return "no verdict (below)"
+
+    table = pd.DataFrame({
+        "hardware": lossy["hardware"].map(md_escape), "model": lossy["model"].map(md_escape),
+        "variant": lossy["variant"].map(md_escape), "format": lossy["reference_formats"].map(md_escape),
+        "sub-model": lossy["stage"].map(md_escape),
+        "reference: KL mean ± se": [kl(r, "reference") for _, r in lossy.iterrows()],
+        "reference: KL p99": lossy["cost_reference_kl_p99"].map(_g),
+        "reference: Δp p1 / p99": [f"{_g(r['cost_reference_dp_p1'])} / {_g(r['cost_reference_dp_p99'])}"
+                                   for _, r in lossy.iterrows()],
+        "reference: same top-1 ± σ": [top1(r, "reference") for _, r in lossy.iterrows()],
+        "candidate: KL mean ± se": [kl(r, "candidate") for _, r in lossy.iterrows()],
+        "candidate: Δp p1 / p99": [f"{_g(r['cost_candidate_dp_p1'])} / {_g(r['cost_candidate_dp_p99'])}"
+                                   for _, r in lossy.iterrows()],
+        "candidate: same top-1 ± σ": [top1(r, "candidate") for _, r in lossy.iterrows()],
+        "cost verdict": [verdict(r) for _, r in lossy.iterrows()],
+    })
+    return ("\n\n### What each number format costs\n\nThe reference simulation's and the candidate's distance to "
+            "the baseline, as llama.cpp reports a quantized model's (KL(baseline ‖ model) mean ± its standard error and "
+            "99th percentile, percentiles of Δp = p(model) − p(baseline) of the baseline's top token, same top-1 share "
+            "± its binomial σ), teacher-forced on the same inputs. A verdict is given only on hub weights, against "
+            "targets written in the config before the run; on synthetic weights the numbers are reported without "
+            "one.\n\n" + to_pipe_table(table) + "\n\nNo verdict:\n\n"
+            + "\n".join(f"- {md_escape(r)}" for r in sorted(set(lossy["cost_verdict_reason"].dropna()))))
+
+
 def fidelity_md(fid: pd.DataFrame) -> str:
     if fid.empty:
         return ""
@@ -492,9 +551,12 @@ def fidelity_md(fid: pd.DataFrame) -> str:
         "hardware": per_variant["hardware"].map(md_escape), "model": per_variant["model"].map(md_escape),
         "variant": per_variant["variant"].map(md_escape), "baseline": per_variant["baseline"].map(md_escape),
         "status": per_variant["status"].map(md_escape),
-        "within tolerance": ["yes" if w is True else "**NO** ⚠" if w is False else "" for w in per_variant["within_tolerance"]],
-        "tolerance": [md_escape(" + ".join(part.split(":")[0] for part in (json.loads(t).get("note") or "").split("; ")))
-                      for t in per_variant["tolerance"]],
+        "judged against": [_reference_cell(r) for _, r in per_variant.iterrows()],
+        "implementation: within limits": ["yes" if w is True else "**NO** ⚠" if w is False else ""
+                                          for w in per_variant["within_tolerance"]],
+        "limits": [md_escape(" + ".join(part.split(":")[0] for part in (json.loads(t).get("note") or "").split("; ")))
+                   for t in per_variant["tolerance"]],
+        "limits measured on": [_measured_cell(r) for _, r in per_variant.iterrows()],
         "semantic tokens (free-running)": [_path_cell(r, "semantic") for _, r in per_variant.iterrows()],
         "coarse tokens (free-running)": [_path_cell(r, "coarse") for _, r in per_variant.iterrows()],
         "end-to-end chain (fine codes + codec)": [_chain_cell(r) for _, r in per_variant.iterrows()],
@@ -515,19 +577,24 @@ def fidelity_md(fid: pd.DataFrame) -> str:
         "baseline margin median / p10": [f"{_g(r['margin_median'])} / {_g(r['margin_p10'])}" for _, r in staged.iterrows()],
     })
     notes = "\n".join(f"- {md_escape(part)}" for part in sorted({p for t in tol if t for p in t.split("; ")}))
-    return ("## Fidelity vs the baseline\n\nEach variant against the baseline variant on the same inputs, with the "
-            "tolerance of its optimizations beside each measure (a variant is held to the loosest bound of its "
-            f"optimizations; where each bound comes from is listed below the table). Logit errors are judged relative to the "
-            "baseline's largest |logit| (random weights give far smaller logits than trained ones). Free-running tokens are judged by margins: a step whose "
-            "baseline top-1/top-2 margin exceeds twice the candidate's measured max logit error cannot flip from that "
-            "error (\"decisive\"), so a divergence there is a fault; a divergence at a smaller margin is a near tie and "
-            "is not judged. The chain compares the candidate's fine codes (from the baseline's coarse tokens) decoded "
+    return ("## Fidelity vs the baseline\n\nTwo questions, two answers. *Is the implementation right?* Each variant "
+            "against the reference simulation of its number format (the baseline cast to bf16/fp16, or with its "
+            "Linear layers fake-quantized as the variant's scheme quantizes them; the baseline itself for exact "
+            "optimizations), on the same inputs, with limits fixed in the registry before any variant is measured: the "
+            "fp32 rounding floor plus a share of the reference's own distance to the baseline, per sub-model, and per "
+            "quantized layer on the candidate's own input (where each limit was calibrated is listed below the table, "
+            "and a verdict on another device or another kind of weights says so). *What does the format cost?* The "
+            "reference's and the candidate's distance to the baseline, in the next table. Logit errors are judged "
+            "relative to the reference's largest |logit| (random weights give far smaller logits than trained ones). "
+            "Free-running tokens are judged by margins: a step whose top-1/top-2 margin exceeds twice the logit error "
+            "the limit allows cannot flip within the limit (\"decisive\"), so a divergence there is a fault; a "
+            "divergence at a smaller margin is a near tie and is not judged. The chain compares the candidate's fine codes (from the baseline's coarse tokens) decoded "
             "by the candidate's codec with the baseline's chain; the codec-only SNR decodes the baseline's codes with "
             "the candidate's codec and is n/a where the codec is untouched. Batched: a padded batch of prompts of "
             "different lengths through the candidate's semantic generate, each row against the baseline at bs 1.\n\n"
-            + to_pipe_table(verdicts) + f"\n\nTolerances (measured noise floor and margin):\n\n{notes}"
-            + ("\n\n### Teacher-forced distributions per sub-model and fine codebook\n\nKL(baseline ‖ candidate) in "
-               "nats over the same inputs, share of positions with the same top-1 token, max |Δp| of the baseline's "
+            + to_pipe_table(verdicts) + f"\n\nLimits (how each was calibrated):\n\n{notes}" + _format_cost_md(fid)
+            + ("\n\n### Teacher-forced distributions per sub-model and fine codebook\n\nKL(reference ‖ candidate) in "
+               "nats over the same inputs (the reference: the baseline, or its number format's simulation), share of positions with the same top-1 token, max |Δp| of the baseline's "
                "top token, max logit error, and the baseline's top-1/top-2 logit margin (small margins: a flat "
                "model, where greedy tokens flip on any perturbation).\n\n" + to_pipe_table(stages) if len(stages) else ""))
 

@@ -1,74 +1,75 @@
-"""Noise floors of the fidelity measures: how far legitimate numeric changes move the teacher-forced
-distributions of every sub-model against eager fp32 (`python -m barkbench.noise_floor MODEL VARIANT...`).
+"""Calibration of the fidelity limits (`python -m barkbench.noise_floor MODEL VARIANT...`), on teacher-forced inputs
+of seed 1, disjoint from the check's (seed 0):
 
-The tolerances in `barkbench.variants` are set from these numbers. Besides registry variants it measures
-`nf4-weights`: NF4 rounding of the transformers' Linear weights (blocks of 64, absmax scale, the
-bitsandbytes code book) computed in fp32, i.e. the 4-bit weight error alone where bitsandbytes cannot run.
+- `fp32`: fp32's own rounding, the floor of every limit: the eager model in float32 against itself in float64;
+- each variant: its reference simulation's distance to the baseline (what the format costs) and the correct
+  implementation's distance to that reference, as a share of the cost (logit error, |Δp|, the square root of KL:
+  the same scale as `ImplementationLimit.model_share`), and per simulated layer (`layer_share`).
+
+The registry's limits (`barkbench.variants`) are set from these numbers, never from the variant a check judges;
+the fault suite (`python -m barkbench.faults`) shows that faults near the limits fall outside.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 
 import torch
 
-from . import fidelity, models, variants
+from . import fidelity, models, references, variants
 
-# bitsandbytes' NF4 code book (quantiles of a unit normal, scaled to [-1, 1])
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])
+CALIBRATION_SEED = 1  # the check uses seed 0
+MEASURES = ("kl_mean", "kl_p99", "max_dp_top", "max_rel")
 
 
-def nf4_round(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """`weight` rounded to NF4 in blocks of `block` values with an absmax scale each."""
-    flat = weight.detach().float().reshape(-1, block)
-    scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-12)
-    codes = (flat / scale).unsqueeze(-1).sub(NF4).abs().argmin(-1)
-    return (NF4[codes] * scale).reshape(weight.shape).to(weight.dtype)
+def _worst(stats: dict) -> dict:
+    return {**{k: max(s[k] for s in stats.values()) for k in MEASURES},
+            "min_same_top1": min(s["same_top1"] for s in stats.values())}
 
 
-def _nf4_weights(model) -> None:
-    for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
-        for module in sub.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.numel() % 64 == 0:
-                with torch.no_grad():
-                    module.weight.copy_(nf4_round(module.weight))
+def _shares(impl: dict, cost: dict) -> dict:
+    """The implementation's distance over the format's, per stage, worst over stages (KL: square root)."""
+    out = {}
+    for k in MEASURES:
+        ratios = [(impl[s][k] / cost[s][k]) if cost[s][k] else (0.0 if not impl[s][k] else math.inf) for s in cost]
+        out[k] = max(math.sqrt(r) if k.startswith("kl") else r for r in ratios)
+    return out
 
 
-def measure(model_id: str, names: list[str], seed: int = 0, device: torch.device = torch.device("cpu")) -> list[dict]:
+def measure(model_id: str, names: list[str], seed: int = CALIBRATION_SEED,
+            device: torch.device = torch.device("cpu")) -> list[dict]:
     source = models.resolve(model_id)
-    base = fidelity._load(source, variants.parse("eager"), device)
+    base = fidelity._load(source, variants.parse("eager"), device).model
     rows = []
     for name in names:
-        if name == "nf4-weights":
-            cand = fidelity._load(source, variants.parse("eager"), device)
-            _nf4_weights(cand.model)
-        else:
-            cand = fidelity._load(source, variants.parse(name), device)
-        stats = fidelity.teacher_forced(base.model, cand.model, device, seed)
-        codes = torch.randint(0, base.model.generation_config.codebook_size, (1, 8, 150),
-                              generator=torch.Generator().manual_seed(seed)).to(device)  # 2 s of random codes
-        with torch.inference_mode():
-            codec_snr = None if fidelity.codec_untouched(base.model, cand.model) else fidelity.snr_db(
-                base.model.codec_decode(codes)[0].float().cpu().numpy(),
-                cand.model.codec_decode(codes)[0].float().cpu().numpy())
-        worst = {k: max(s[k] for s in stats.values()) for k in ("kl_mean", "kl_p99", "max_dp_top", "max_abs", "max_rel")}
-        rows.append({"model": model_id, "variant": name, "device": device.type, "worst_over_sub_models": worst, "codec_snr_db": codec_snr,
-                     "min_same_top1": min(s["same_top1"] for s in stats.values()),
-                     "baseline_margin_median": {k: s["margin"]["median"] for k, s in stats.items()}})
+        if name == "fp32":
+            exact = copy.deepcopy(base).double()
+            rows.append({"model": model_id, "seed": seed, "variant": "fp32",
+                         "float64_vs_float32": _worst(fidelity.teacher_forced(exact, base, device, seed))})
+            continue
+        variant = variants.parse(name)
+        cand = fidelity._load(source, variant, device).model
+        reference = references.simulate(base, variant.reference_formats)
+        cost = fidelity.teacher_forced(base, reference, device, seed)
+        impl = fidelity.teacher_forced(reference, cand, device, seed)
+        layers = fidelity.layer_check(base, reference, cand, device, variant.limit, seed)
+        rows.append({"model": model_id, "seed": seed, "variant": name, "formats": variant.reference_formats,
+                     "format_cost": _worst(cost), "implementation_vs_reference": _worst(impl),
+                     "implementation_share_of_cost": _shares(impl, cost) if variant.reference_formats else None,
+                     "layer_share_max": (layers["max_ratio"] * variant.limit.layer_share) if layers else None})
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m barkbench.noise_floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
-    parser.add_argument("variants", nargs="+")
+    parser.add_argument("variants", nargs="+", help="registry variants, or fp32 for the rounding floor")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the floors of that device's kernels")
     args = parser.parse_args(argv)
     for name in args.variants:
-        if name != "nf4-weights":
+        if name != "fp32":
             variants.parse(name)  # refuse unknown names before any model is loaded
     from .provenance import resolve_device
 

@@ -137,6 +137,11 @@ class FidelityResult(_Record):
     error: str | None = None
     retry_of: str | None = None
     padded_batch: dict | None = None  # fidelity.padded_batch
+    reference: dict | None = None  # the number formats simulated and the limit's shares (fidelity.run_fidelity)
+    limits: dict | None = None  # per stage, the limits the check applied
+    limits_measured: dict | None = None  # where the limits were calibrated, and where they are applied
+    layers: dict | None = None  # fidelity.layer_check
+    format_cost: dict | None = None  # fidelity.format_cost
     extra: dict | None = None
 
     SCHEMA = staticmethod(_fidelity_schema)

@@ -256,6 +256,21 @@ def cross_hardware_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- quality checks
 
+def _fidelity_reference_columns(rec) -> dict:
+    """What a fidelity record was judged against, where its limits were measured, and the format's cost verdict."""
+    ref, measured, cost, layers = rec.reference or {}, rec.limits_measured or {}, rec.format_cost or {}, rec.layers or {}
+    return {"reference_formats": "+".join(ref.get("formats") or []) or None,
+            "compared_with": ref.get("compared_with", "baseline"),
+            "limits_measured": (f"{measured['device']}, {measured['weights']} weights, {', '.join(measured['models'])}; "
+                                f"{measured['inputs']}") if measured else None,
+            "limits_warning": measured.get("warning"),
+            "layers_checked": layers.get("layers"), "layers_max_ratio": layers.get("max_ratio"),
+            "cost_within_targets": cost.get("within_targets"), "cost_verdict_reason": cost.get("verdict_reason"),
+            "cost_misses": "; ".join(cost.get("misses") or []) or None,
+            "cost_codec_snr_reference": _get(cost, "codec_snr_db", "reference"),
+            "cost_codec_snr_candidate": _get(cost, "codec_snr_db", "candidate")}
+
+
 def fidelity_table(records) -> pd.DataFrame:
     """One row per (fidelity record, teacher-forced stage: semantic, coarse, fine[i]); the variant-level
     measures (verdict, tolerance, free-running, chain, codec, batched) repeat on each row of a record."""
@@ -267,6 +282,7 @@ def fidelity_table(records) -> pd.DataFrame:
                 "within_tolerance": rec.within_tolerance, "violations": "; ".join(rec.violations),
                 "tolerance": json.dumps(rec.tolerance),
                 **{f"tol_{k}": v for k, v in rec.tolerance.items() if k != "note"}}
+        base.update(_fidelity_reference_columns(rec))
         for name in ("semantic", "coarse"):
             path_ = _get(rec.free_running, name) or {}
             base.update({f"{name}_{k}": path_.get(k) for k in
@@ -290,7 +306,15 @@ def fidelity_table(records) -> pd.DataFrame:
                      "batched_max_rel": max((r["same_context_max_rel"] for r in batch_rows), default=None)})
         stages = rec.teacher_forced or {None: {}}
         for stage, st in stages.items():
+            stage_limits = _get(rec.limits, stage) or _get(rec.limits, "all") or {}
+            cost = {who: _get(rec.format_cost, who, stage) or {} for who in ("reference", "candidate")}
             rows.append({**base, "stage": stage,
+                         **{f"tol_{k}": v for k, v in stage_limits.items() if k != "note"},
+                         **{f"cost_{who}_{k}": v for who, c in cost.items() for k, v in (
+                             ("kl_mean", c.get("kl_mean")), ("kl_mean_se", c.get("kl_mean_se")),
+                             ("kl_p99", _get(c, "kl", "p99")), ("dp_p1", _get(c, "dp", "p1")),
+                             ("dp_p99", _get(c, "dp", "p99")), ("dp_rms", _get(c, "dp", "rms")),
+                             ("same_top1", c.get("same_top1")), ("same_top1_sigma", c.get("same_top1_sigma")))},
                          **{k: st.get(k) for k in ("positions", "kl_mean", "kl_p99", "kl_max", "same_top1",
                                                    "max_dp_top", "max_abs", "max_rel")},
                          "margin_median": _get(st, "margin", "median"), "margin_p10": _get(st, "margin", "p10")})

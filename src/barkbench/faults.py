@@ -1,0 +1,230 @@
+"""Plausible implementation faults near the fidelity limits, and the correct variants beside them: each fault must
+be caught and each correct variant pass, on the check's own prompts and inputs (seed 0), disjoint from the ones the
+limits were calibrated on (seed 1). `python -m barkbench.faults [MODEL]` prints the separation: each one's largest
+measure over its limit (below 1: within).
+
+A fault is a registry variant, loaded as the check loads it, with one thing done wrong after loading; it is judged
+exactly as `fidelity.run_fidelity` judges that variant (same reference simulation, same limits).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import attention, fidelity, models, references, variants
+
+
+def _quantized_linears(model):
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "_packed_params")]
+
+
+def int8_scale_off(model) -> None:
+    """One quantized layer (the coarse model's first MLP input projection) dequantized with a weight scale 2 % off."""
+    module = model.get_submodule("coarse_acoustics.layers.0.mlp.in_proj")
+    inner, bias = module.forward, module.bias()
+
+    def forward(x):
+        out = inner(x)
+        return out if bias is None else (out - bias) * 1.02 + bias
+
+    module.forward = forward if bias is not None else (lambda x: inner(x) * 1.02)
+
+
+def int8_per_channel(model) -> None:
+    """Dynamic int8 with per-channel weight scales (torch.ao's per_channel_dynamic_qconfig) where torch.ao's default,
+    and the variant's scheme, is one scale per tensor."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
+        for name, module in list(sub.named_modules()):
+            if type(module).__name__ == "Linear" and hasattr(module, "_packed_params"):
+                w, b = module.weight().dequantize(), module.bias()
+                plain = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+                with torch.no_grad():  # the float weights are gone: start again from the baseline's
+                    plain.weight.copy_(_baseline_weights[f"{_prefix(model, sub)}.{name}.weight"])
+                    if b is not None:
+                        plain.bias.copy_(b)
+                parent, _, attr = name.rpartition(".")
+                setattr(sub.get_submodule(parent) if parent else sub, attr,
+                        quantize_dynamic(torch.nn.Sequential(plain), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                         dtype=torch.qint8)[0])
+
+
+_baseline_weights: dict = {}
+
+
+def _prefix(model, sub) -> str:
+    return next(n for n, m in model.named_children() if m is sub)
+
+
+def int8_activation_twice(model) -> None:
+    """Activations quantized twice: once on the full 0..255 range, again by the kernel on its 0..127 range."""
+    for _, module in _quantized_linears(model):
+        inner = module.forward
+        module.forward = (lambda inner: lambda x: inner(references.fake_quant_activation(x, 255)))(inner)
+
+
+class _SoftmaxBf16Accumulation(attention.BarkSelfAttention):
+    """Eager attention whose softmax sums its exponentials in a bfloat16 accumulator, one key at a time, as a naive
+    kernel without fp32 accumulation does. (Summing blocks of 16 in fp32 and only the block sums in bf16 lands at
+    0.49 of the bf16 limit on synthetic:tiny, as far from the reference as a correct sdpa+bf16 at 0.48: at these
+    lengths that error is the size of any legitimate bf16 reordering, and the check cannot tell them apart.)"""
+
+    BLOCK = 1
+
+    def _attn(self, query, key, value, attention_mask=None):
+        w = torch.matmul(query, key.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        if self.is_causal:
+            q, k = query.size(-2), key.size(-2)
+            w = w.masked_fill(self.bias[:, :, k - q:k, :k] == 0, torch.finfo(w.dtype).min)
+        if attention_mask is not None:
+            w = w + attention_mask
+        e = torch.exp(w - w.amax(-1, keepdim=True))
+        acc = torch.zeros(e.shape[:-1], dtype=e.dtype, device=e.device)
+        for start in range(0, e.shape[-1], self.BLOCK):
+            acc = (acc + e[..., start:start + self.BLOCK].sum(-1)).to(e.dtype)
+        p = (e / acc.unsqueeze(-1)).to(value.dtype)
+        return torch.matmul(p, value), p
+
+
+def bf16_softmax_accumulation(model) -> None:
+    for module in model.modules():
+        if type(module) is attention.BarkSelfAttention:
+            module.__class__ = _SoftmaxBf16Accumulation
+
+
+class _PaddingOffByOne(attention.BarkSdpaAttention):
+    """SDPA attention whose padding mask lets each query see one padded key more (the last pad before a left-
+    padded row's first real token)."""
+
+    def _attn(self, query, key, value, attention_mask=None, query_positions=None):
+        if attention_mask is not None:
+            attention_mask = torch.maximum(attention_mask, attention_mask.roll(-1, -1))
+        return super()._attn(query, key, value, attention_mask, query_positions)
+
+
+def sdpa_mask_off_by_one(model) -> None:
+    for module in model.modules():
+        if type(module) is attention.BarkSdpaAttention:
+            module.__class__ = _PaddingOffByOne
+
+
+def fine_head_in_bf16(model) -> None:
+    """One op in the wrong precision: the fine model's lm_heads[3] (codebook index 4: the fine model has one head per
+    codebook after the first) computed in bfloat16, as a compiled graph that lowered one matmul to bf16 would."""
+    head = model.fine_acoustics.lm_heads[3]
+    head.forward = lambda x: F.linear(x.to(torch.bfloat16), head.weight.to(torch.bfloat16)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    variant: str
+    perturb: Callable | None = None  # None: the correct variant
+    needs: str = ""  # the violation must name this (empty: any)
+
+    @property
+    def fault(self) -> bool:
+        return self.perturb is not None
+
+
+CASES = [
+    Case("sdpa", "sdpa"),
+    Case("bf16", "bf16"),
+    Case("sdpa+bf16", "sdpa+bf16"),
+    Case("int8", "int8"),
+    Case("int8: one layer's scale 2 % off", "int8", int8_scale_off, "layer coarse_acoustics.layers.0.mlp.in_proj"),
+    Case("int8: per-channel instead of per-tensor scales", "int8", int8_per_channel, "layer"),
+    Case("int8: activation quantized twice", "int8", int8_activation_twice, "layer"),
+    Case("bf16: softmax without fp32 accumulation", "bf16", bf16_softmax_accumulation),
+    Case("sdpa: padded row's mask off by one", "sdpa", sdpa_mask_off_by_one, "padded batch"),
+    Case("exact: one op (fine lm_heads[3], codebook 4) in bf16", "sdpa", fine_head_in_bf16, "fine[4]"),
+]
+
+
+def _distance(limits, report) -> float:
+    """The largest measure over its limit (1: at the limit), over the teacher-forced stages, the layers, the padded
+    batch and the codec; a decisive free-running divergence counts as infinitely far outside."""
+    worst = 0.0
+    for name, s in report["teacher_forced"].items():
+        tol = fidelity.limit_for(limits, name)
+        for measure, bound in (("kl_mean", tol.kl_mean), ("kl_p99", tol.kl_p99), ("max_dp_top", tol.max_dp_top),
+                               ("max_rel", tol.logits_max_rel)):
+            worst = max(worst, s[measure] / bound if bound else (math.inf if s[measure] else 0.0))
+    padded = report.get("padded_batch")
+    if padded:
+        tol = fidelity.limit_for(limits, "semantic")
+        worst = max(worst, padded["max_rel"] / tol.logits_max_rel, padded["kl_mean"] / tol.kl_mean)
+    if report.get("layers"):
+        worst = max(worst, report["layers"]["max_ratio"])
+    paths = [*report["free_running"].values(), *report["batched"]["rows"]]
+    if any(p["decisive_mismatches"] for p in paths) or report["chain"]["fine_decisions"]["decisive_mismatches"]:
+        worst = math.inf
+    return worst
+
+
+def judge(source, case: Case, device: torch.device, tokens: int = 8, base=None) -> dict:
+    """Load the case's variant as the check does, apply its fault, and judge it as `run_fidelity` does."""
+    variant = variants.parse(case.variant)
+    base = base or fidelity._load(source, variants.parse("eager"), device)
+    _baseline_weights.clear()
+    _baseline_weights.update({k: v.detach().clone() for k, v in base.model.state_dict().items()})
+    candidate = fidelity._load(source, variant, device)
+    if case.perturb:
+        case.perturb(candidate.model)
+    formats = variant.reference_formats
+    reference = references.simulate(base.model, formats)
+    layers = None
+    if formats:
+        logits = [fidelity.teacher_forced_logits(m, device) for m in (base.model, reference)]
+        cost = {k: fidelity.distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+        limits = fidelity.stage_limits(variant.limit, cost, fidelity.codec_snr(base.model, reference))
+        layers = fidelity.layer_check(base.model, reference, candidate.model, device, variant.limit)
+    else:
+        limits = variants.FLOAT_ROUNDING
+    report = fidelity.compare(reference, candidate.model, base.processor, device, tokens, limits=limits)
+    report["layers"] = layers
+    violations = fidelity.check(limits, report)
+    recorded = ({k: fidelity._tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
+                else fidelity._tolerance_dict(limits))
+    return {"case": case.name, "variant": case.variant, "fault": case.fault, "violations": violations,
+            "limits": recorded,
+            "distance": _distance(limits, report), "caught": bool(violations),
+            "named": (not case.needs) or any(v.startswith(case.needs) for v in violations)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | variant | kind | largest measure / limit | verdict | first violation |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = ("caught" if r["caught"] else "**MISSED**") if r["fault"] else ("within" if not r["caught"]
+                                                                                  else "**FAILS**")
+        first = re.sub(r"\|", "/", r["violations"][0])[:90] if r["violations"] else ""
+        lines.append(f"| {r['case']} | {r['variant']} | {'fault' if r['fault'] else 'correct'} | "
+                     f"{r['distance']:.3g} | {verdict} | {first} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m barkbench.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default="synthetic:bark-small")
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    source, device = models.resolve(args.model), torch.device("cpu")
+    base = fidelity._load(source, variants.parse("eager"), device)
+    rows = []
+    for case in tqdm(CASES, desc="cases"):
+        torch._dynamo.reset()
+        rows.append(judge(source, case, device, args.tokens, base))
+    print(f"Fault suite on {args.model} (cpu, check inputs seed 0; limits calibrated on seed 1):\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
