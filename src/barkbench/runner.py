@@ -24,7 +24,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import models, provenance, results, stats, variants
+from . import calibration, models, provenance, results, stats, variants
 from .protocol import DEADLINE_ENV, Protocol
 from .records import RunResult
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
@@ -179,6 +179,8 @@ def load_model(req: RunRequest, result: dict, variant: variants.Variant, device:
     except TimeLimitExceeded:
         raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
     result["variant"]["notes"] = ctx.notes
+    # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
+    result["model"]["stage_work"] = calibration.stage_work(model)
     result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
@@ -322,6 +324,8 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
         result["model"].update(_describe_source(req))
     else:
         try:
+            if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
+                result["hardware"]["calibration"] = calibration.measure()
             with cold_compile_cache():
                 wav = measure(req, result, variant, device, job)
         except models.ModelSourceError:

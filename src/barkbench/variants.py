@@ -66,6 +66,15 @@ FOUR_BIT = Tolerance(
     "4-bit weights: floor of NF4-rounded weights (blocks of 64) vs eager max rel logit err 0.30, KL mean "
     "0.013, p99 0.016, |Δp| 2.8e-3, x4 (KL x16). Codec stays fp32")
 
+# The fine window changes what the non-causal fine model attends to (not the arithmetic): no noise floor of
+# a number format bounds it. Logit and distribution bounds are not judged on it (the teacher-forced check runs
+# generate's full window, which finewin leaves unchanged); the codec is untouched. Placeholder bounds of the
+# int8 class until a reference simulation of the shortened window gives its own.
+FINE_WINDOW = Tolerance(
+    0.35, 0.02, 0.03, 6e-3, 60.0,
+    "fine window: the real frames rounded up to 64 instead of 1024 padded frames; judged on the chain (fine codes "
+    "from the same coarse tokens, waveform SNR); bounds of the int8 class until a reference of its own")
+
 
 @dataclass
 class Context:
@@ -94,6 +103,10 @@ class Optimization:
     cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
     requires_why: str = ""
     needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
+    # CPU instruction-set guidance: it pays off on a CPU only with at least one of these features (the
+    # names of `provenance.CPU_FEATURES`); empty: pays off on any CPU. Why, for the report.
+    pays_off_with: tuple[str, ...] = ()
+    pays_off_why: str = ""
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if self.needs_stack and (reason := self.needs_stack()):
@@ -106,6 +119,13 @@ class Optimization:
             if importlib.util.find_spec(package) is None:
                 return f"not applicable here: {self.name} needs the package '{package}', not installed"
         return None
+
+    def pays_off_on(self, cpu_features) -> str | None:
+        """None when it can pay off on a CPU with these features; else why it cannot (it still runs)."""
+        if not self.pays_off_with or set(self.pays_off_with) & set(cpu_features):
+            return None
+        return (f"{self.name} needs {' or '.join(self.pays_off_with)} to pay off on a CPU"
+                + (f" ({self.pays_off_why})" if self.pays_off_why else ""))
 
 
 REGISTRY: dict[str, Optimization] = {}
@@ -141,6 +161,13 @@ def _apply_int8_dynamic(model, ctx):
     for sub in _transformer_submodels(model):
         quantize_dynamic(sub, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     ctx.notes.append(f"dynamic int8 Linear (torch.ao, engine {torch.backends.quantized.engine})")
+
+
+def _apply_fine_window(model, ctx):
+    from .fine_window import WINDOW_MULTIPLE, use_fine_window
+
+    use_fine_window(model)
+    ctx.notes.append(f"fine model on the real frames rounded up to {WINDOW_MULTIPLE} (not a 1024-frame window)")
 
 
 def _apply_int8_weight_only(model, ctx):
@@ -195,7 +222,10 @@ register(Optimization(
     load_kwargs=lambda d: {"dtype": torch.float16}, tolerance=HALF))
 register(Optimization(
     "bf16", "bfloat16 weights and activations", group="dtype",
-    load_kwargs=lambda d: {"dtype": torch.bfloat16}, tolerance=HALF))
+    load_kwargs=lambda d: {"dtype": torch.bfloat16}, tolerance=HALF,
+    pays_off_with=("avx512_bf16", "amx_bf16"),
+    pays_off_why="without native bf16 dot products oneDNN converts to fp32 around every matmul: several times "
+                 "slower than fp32"))
 register(Optimization(
     "offload", "model.enable_cpu_offload(): one sub-model on the accelerator at a time (accelerate hooks)",
     group="placement", needs_cuda=True, cpu_reason="offloads to CPU from an accelerator; CPU is already home",
@@ -204,7 +234,8 @@ register(Optimization(
     "int8", "dynamic int8 quantization of the transformers' Linear layers (torch.ao)", group="quantization",
     order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload", "compile"),
     cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
-    tolerance=INT8))
+    tolerance=INT8, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
+    pays_off_why="fbgemm/oneDNN int8 GEMMs need at least AVX2; VNNI or AMX make them pay in compute-bound stages"))
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
     group="quantization", order=20, needs_cuda=True, needs_packages=("torchao",), apply=_apply_int8_weight_only,
@@ -227,6 +258,10 @@ register(Optimization(
 register(Optimization(
     "bt", "optimum's BetterTransformer (the 2023 study): Bark attention through SDPA with attn_mask=None",
     group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
+register(Optimization(
+    "finewin", "fine model on the real frames rounded up to a multiple of 64 instead of a padded 1024-frame "
+    "window (approximate: the non-causal fine model no longer sees the padding)", group="fine_window", order=60,
+    apply=_apply_fine_window, conflicts=("offload",), tolerance=FINE_WINDOW))
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",)))
@@ -254,6 +289,11 @@ class Variant:
             if opt.load_kwargs:
                 kwargs.update(opt.load_kwargs(device))
         return kwargs
+
+    def pays_off_on(self, cpu_features) -> str | None:
+        """None when every optimization can pay off on a CPU with these features; else the reasons."""
+        reasons = [r for o in self.optimizations if (r := o.pays_off_on(cpu_features))]
+        return "; ".join(reasons) or None
 
     @property
     def places_model(self) -> bool:
