@@ -1,6 +1,8 @@
 """The floor of each stage: bytes read per decode step, FLOPs of the fine passes, and floors from a calibration."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -90,3 +92,23 @@ def test_measure_records_every_figure():
     assert set(cal["gemm_flops_per_s"]) == {"fp32", "bf16", "int8"}
     assert all(v > 0 for v in cal["gemm_flops_per_s"].values())
     assert cal["threads"] == torch.get_num_threads()
+
+
+def test_stage_table_shows_floors_and_multiples(tmp_path):
+    from barkbench import fragments, tables
+    from conftest import make_run_json
+
+    path = make_run_json(tmp_path, "eager", 1, [10.0, 10.0, 10.0, 10.0])
+    data = json.loads(path.read_text())
+    data["hardware"]["calibration"] = CAL
+    data["model"]["stage_work"] = WORK
+    path.write_text(json.dumps(data))
+    runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
+    row = runs.iloc[0]
+    # make_run_json: the semantic stage takes 40 % of each 10 s call and counts 100 tokens
+    assert row["stage_semantic_floor_s"] == pytest.approx(3e8 * 100 / 1e10)
+    assert row["stage_semantic_x_floor"] == pytest.approx(4.0 / 3.0)
+    assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
+    assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
+    text = fragments.stages_md(runs, tables.calibration_table(runs))
+    assert "semantic floor s (× floor)" in text and "(×1.3)" in text and "read bandwidth 10 GB/s" in text
