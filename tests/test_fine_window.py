@@ -107,3 +107,18 @@ def test_fine_window_is_declared_lossy():
     opt = variants.REGISTRY["finewin"]
     assert opt.tolerance.kl_mean > variants.FLOAT_ROUNDING.kl_mean
     assert "padding" in opt.summary
+
+
+def test_fidelity_judges_a_shorter_window_on_the_same_real_frames():
+    from barkbench.fidelity import _same_frames
+
+    full = torch.full((1, 1024, 8), 1024)
+    full[:, :48] = torch.randint(0, 1024, (1, 48, 8))
+    short = full[:, :64].clone()
+    assert _same_frames(full, short, 48)
+    short[0, 47, 3] = (short[0, 47, 3] + 1) % 1024
+    assert not _same_frames(full, short, 48)
+    # same shapes: the whole input, padding included, must match
+    other = full.clone()
+    other[0, 500, 2] = 5
+    assert not _same_frames(full, other, 48)

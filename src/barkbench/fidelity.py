@@ -192,12 +192,21 @@ def decode(model, codes) -> np.ndarray:
     return audio
 
 
+def _same_frames(ref_in: torch.Tensor, cand_in: torch.Tensor, frames: int) -> bool:
+    """The same fine-model input; a candidate with a shorter window (finewin) counts as the same on the same
+    real frames, so the cost of dropping the padding is judged as a logit error on them."""
+    if ref_in.shape == cand_in.shape:
+        return torch.equal(ref_in, cand_in)
+    return (ref_in.dim() == 3 and ref_in.shape[0] == cand_in.shape[0] and ref_in.shape[2:] == cand_in.shape[2:]
+            and min(ref_in.shape[1], cand_in.shape[1]) >= frames and torch.equal(ref_in[:, :frames], cand_in[:, :frames]))
+
+
 def _judge_fine_calls(ref_calls, cand_calls, frames: int, codebook_size: int, bounds: dict) -> dict:
     """The fine model's decisions in generate (one call per codebook and window): judged while the two
     models' inputs are identical, at positions whose baseline margin exceeds twice the measured error."""
     judged, mismatches, decisive, total, max_abs, scale = 0, 0, 0, 0, 0.0, 0.0
     for (idx, ref_in, ref_logits), (cidx, cand_in, cand_logits) in zip(ref_calls, cand_calls):
-        if idx != cidx or not all(torch.equal(x, y) for x, y in zip(ref_in, cand_in)):
+        if idx != cidx or not all(_same_frames(x, y, frames) for x, y in zip(ref_in, cand_in)):
             break  # an earlier decision differed: contexts differ from here on
         r, c = ref_logits[0, :frames, :codebook_size], cand_logits[0, :frames, :codebook_size]
         m = margins(r)
