@@ -180,7 +180,11 @@ def load_model(req: RunRequest, result: dict, variant: variants.Variant, device:
         raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
     result["variant"]["notes"] = ctx.notes
     # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
-    result["model"]["stage_work"] = calibration.stage_work(model)
+    try:
+        result["model"]["stage_work"] = calibration.stage_work(model)
+    except Exception as exc:  # a model the floors do not know (another stack, a foreign layer): no floors, the run goes on
+        result["model"]["stage_work"] = None
+        ctx.notes.append(f"no stage floors: {type(exc).__name__}: {exc}"[:300])
     result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
