@@ -44,6 +44,7 @@ def gemm_flops(m: int, n: int, k: int) -> int:
 def measure(budget_s: float = 0.3) -> dict:
     """Read bandwidth (a sum over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
     throughput (1024^3) in fp32, bf16 and dynamic int8 Linear, on torch's current threads. ~4 x budget_s."""
+    start = time.perf_counter()
     x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
     y = torch.empty_like(x)
     read_s = _best_seconds(lambda: x.sum(), budget_s)
@@ -63,6 +64,7 @@ def measure(budget_s: float = 0.3) -> dict:
         "read_bandwidth_bytes_per_s": BANDWIDTH_BYTES / read_s,
         "copy_bandwidth_bytes_per_s": 2 * BANDWIDTH_BYTES / copy_s,
         "gemm_flops_per_s": {"fp32": flops / fp32_s, "bf16": flops / bf16_s, "int8": flops / int8_s},
+        "seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "method": f"best of repeated calls, {budget_s} s each: sum of a {BANDWIDTH_BYTES >> 20} MiB fp32 tensor "

@@ -330,6 +330,7 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
         try:
             if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
                 result["hardware"]["calibration"] = calibration.measure()
+                job = job_time_limit(req.protocol, time.time())  # the time limit is the measurement's
             with cold_compile_cache():
                 wav = measure(req, result, variant, device, job)
         except models.ModelSourceError:
