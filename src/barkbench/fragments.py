@@ -357,7 +357,8 @@ def provenance_md(records: list) -> str:
             + "\nSoftware:\n\n" + to_pipe_table(pd.DataFrame(list(sw_rows.values()))))
 
 
-def stages_md(runs: pd.DataFrame) -> str:
+def stages_md(runs: pd.DataFrame, calibration: pd.DataFrame | None = None,
+              guidance: pd.DataFrame | None = None) -> str:
     ok = runs[runs["status"] == "ok"]
     parts = []
     for (hw, model), g in _setups(ok):
@@ -366,9 +367,51 @@ def stages_md(runs: pd.DataFrame) -> str:
             sec, tok = g[f"stage_{st}_s"].astype(float), g[f"stage_{st}_tokens"].astype(float)
             cells[f"{st} s (tokens/s)"] = [f"{fmt_num(s)} ({fmt_num(t / s, 1)})" if isnum(s) and s > 0 and isnum(t)
                                            else fmt_num(s) for s, t in zip(sec, tok)]
+        for st in ("semantic", "coarse", "fine"):
+            if f"stage_{st}_floor_s" in g and g[f"stage_{st}_floor_s"].notna().any():
+                cells[f"{st} floor s (× floor)"] = [
+                    f"{fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) else "–"
+                    for f, x in zip(g[f"stage_{st}_floor_s"], g[f"stage_{st}_x_floor"])]
         parts.append(f"**{md_escape(hw)} · {md_escape(model)}** (medians over the timed calls)\n\n"
                      + to_pipe_table(pd.DataFrame(cells)))
+        parts.append(_calibration_md(calibration, hw) + _guidance_md(guidance, hw, model))
     return "\n".join(parts) if parts else "_No ok runs._\n"
+
+
+def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
+    c = calibration[calibration["hardware"] == hw] if calibration is not None and len(calibration) else None
+    if c is None or c.empty:
+        return ""
+    r = c.iloc[0]
+
+    def fig(col, unit):
+        return (f"{fmt_num(r[col + '_median'], 0)} {unit} ({fmt_num(r[col + '_min'], 0)}–"
+                f"{fmt_num(r[col + '_max'], 0)})")
+
+    return (f"Floors: semantic and coarse, weights read per decode step (embedding tables excepted, KV cache and "
+            f"prefill left out) × steps ÷ read bandwidth; fine, FLOPs of its passes over the window it runs ÷ GEMM "
+            f"throughput of its number format; each run's own calibration, measured on the job's threads before "
+            f"loading (median and range over the {int(r['runs'])} runs): read bandwidth "
+            f"{fig('read_bandwidth_gb_s', 'GB/s')}, GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "
+            f"{fig('gemm_bf16_gflop_s', 'GFLOP/s')} bf16, {fig('gemm_int8_gflop_s', 'GFLOP/s')} int8 "
+            f"(dynamic int8 Linear).\n\n")
+
+
+def _guidance_md(guidance: pd.DataFrame | None, hw: str, model: str) -> str:
+    g = guidance[(guidance["hardware"] == hw) & (guidance["model"] == model)] if guidance is not None and len(
+        guidance) else None
+    if g is None or g.empty:
+        return ""
+    lines = [f"Guidance for this CPU ({md_escape(g.iloc[0]['cpu_features']) or 'no listed features'}):"]
+    for r in g.itertuples():
+        best = (f"fastest within its fidelity limits **{md_escape(r.fastest_within_limits)}** "
+                f"({fmt_num(r.latency_median)} s" + (f", {fmt_num(r.speedup)}× the baseline)" if isnum(r.speedup)
+                                                    else ")")) if r.fastest_within_limits else "no variant within its limits"
+        cannot = json.loads(r.cannot_pay_off or "{}")
+        lines.append(f"- batch size {r.batch_size}: {best}" + (
+            "; cannot pay off here: " + "; ".join(f"{md_escape(v)} ({md_escape(why)})" for v, why in cannot.items())
+            if cannot else "") + ".")
+    return "\n".join(lines) + "\n"
 
 
 def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:

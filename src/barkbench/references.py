@@ -13,6 +13,8 @@ function here, added to `FORMATS`.
   127.5 per row), activations unquantized.
 - `nf4`: bitsandbytes 4-bit NF4 weights (blocks of 64 with an absmax scale each, the NF4 code book) for the
   transformers' Linear layers except the lm heads, computed in float16 (`bnb_4bit_compute_dtype`).
+- `fine-window`: the fine model's generate on the real frames rounded up to 64 (`barkbench.fine_window`); it
+  changes no arithmetic, so teacher-forced measures do not see it: its cost is the chain's (fine codes, audio).
 """
 from __future__ import annotations
 
@@ -127,8 +129,14 @@ def nf4(model) -> None:
         skip=NF4_SKIP)
 
 
+def fine_window(model) -> None:
+    from .fine_window import use_fine_window
+
+    use_fine_window(model)
+
+
 FORMATS: dict[str, Callable] = {"bf16": bf16, "fp16": fp16, "int8-dynamic": int8_dynamic,
-                                "int8-weight-only": int8_weight_only, "nf4": nf4}
+                                "int8-weight-only": int8_weight_only, "nf4": nf4, "fine-window": fine_window}
 
 
 def simulate(baseline, formats) -> torch.nn.Module:

@@ -24,7 +24,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import compile_counters, energy, models, provenance, results, stats, variants
+from . import calibration, compile_counters, energy, models, provenance, results, stats, variants
 from .protocol import DEADLINE_ENV, Protocol
 from .records import RunResult
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
@@ -181,6 +181,12 @@ def load_model(req: RunRequest, result: dict, variant: variants.Variant, device:
     except TimeLimitExceeded:
         raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
     result["variant"]["notes"] = ctx.notes
+    # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
+    try:
+        result["model"]["stage_work"] = calibration.stage_work(model)
+    except Exception as exc:  # a model the floors do not know (another stack, a foreign layer): no floors, the run goes on
+        result["model"]["stage_work"] = None
+        ctx.notes.append(f"no stage floors: {type(exc).__name__}: {exc}"[:300])
     result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
@@ -336,6 +342,9 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
         result["model"].update(_describe_source(req))
     else:
         try:
+            if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
+                result["hardware"]["calibration"] = calibration.measure()
+                job = job_time_limit(req.protocol, time.time())  # the time limit is the measurement's
             with cold_compile_cache():
                 wav = measure(req, result, variant, device, job)
         except models.ModelSourceError:

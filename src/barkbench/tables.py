@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import layout
+from . import calibration, layout, variants
 from .records import FidelityResult, ResultError, RunResult, hardware_folder
 from .stats import relative_change
 
@@ -129,6 +129,17 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     for st in STAGES:
         row[f"stage_{st}_s"] = _median(_get(stages, st, "seconds"))
         row[f"stage_{st}_tokens"] = _median(_get(stages, st, "tokens"))
+    # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration)
+    cal = rec.hardware.get("calibration")
+    floors = calibration.stage_floors(rec.model.get("stage_work"), cal,
+                                      {st: row[f"stage_{st}_tokens"] for st in STAGES}, row["batch_size"])
+    for st, floor in floors.items():
+        row[f"stage_{st}_floor_s"] = floor if floor is not None else np.nan
+        row[f"stage_{st}_x_floor"] = row[f"stage_{st}_s"] / floor if floor else np.nan
+    row["cpu_features"] = " ".join(rec.hardware.get("cpu_features") or [])
+    row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan
+    for fmt in ("fp32", "bf16", "int8"):
+        row[f"gemm_{fmt}_gflop_s"] = cal["gemm_flops_per_s"][fmt] / 1e9 if cal else np.nan
     row.update({
         "semantic_len_median": float(np.median(sem)) if sem else np.nan,
         "wav": str(path.parent / wav) if wav else None,
@@ -184,6 +195,49 @@ def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
                     "energy_counter", "joules_per_sample", "joules_per_audio_s",
                     "cuda_graph_replays_per_call", "cuda_graph_skips", "cuda_graph_skip_reasons", "recompiles_timed"]
     return runs[cols].reset_index(drop=True)
+
+
+def calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per hardware: median and range over its runs of the calibration each run measured before loading."""
+    cols = ["read_bandwidth_gb_s"] + [f"gemm_{f}_gflop_s" for f in ("fp32", "bf16", "int8")]
+    have = runs[runs[cols[0]].notna()] if cols[0] in runs else runs.iloc[0:0]
+    rows = []
+    for hw, g in have.groupby("hardware", sort=False):
+        row = {"hardware": hw, "runs": len(g)}
+        for c in cols:
+            row.update({f"{c}_median": g[c].median(), f"{c}_min": g[c].min(), f"{c}_max": g[c].max()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame, fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Per CPU hardware, model and batch size: the fastest variant whose fidelity check is within its limits
+    (the baseline counts as within), its speedup from the relative table, and the variants that cannot pay
+    off on this CPU's features (the registry's `pays_off_on`)."""
+    rows = []
+    cpu = runs[runs["device"] == "cpu"] if len(runs) else runs
+    for (hw, model, bs), g in cpu.groupby(GROUP, sort=False):
+        features = next((f.split() for f in g["cpu_features"] if isinstance(f, str)), [])
+        fid = fidelity[(fidelity["hardware"] == hw) & (fidelity["model"] == model)] if len(fidelity) else fidelity
+        within = set(fid.loc[fid["within_tolerance"].fillna(False).astype(bool), "variant"]) if len(fid) else set()
+        ok = g[(g["status"] == "ok") & ((g["variant"] == g["baseline"]) | g["variant"].isin(within))]
+        best = ok.loc[ok["latency_median"].idxmin()] if len(ok) else None
+        rel = relative[(relative["hardware"] == hw) & (relative["model"] == model) & (relative["batch_size"] == bs)
+                       & (relative["variant"] == (best["variant"] if best is not None else None))]
+        cannot = {}
+        for v in g["variant"]:
+            try:
+                reason = variants.parse(v).pays_off_on(features)
+            except variants.VariantError:
+                continue
+            if reason:
+                cannot[v] = reason
+        rows.append({"hardware": hw, "model": model, "batch_size": bs, "cpu_features": " ".join(features),
+                     "fastest_within_limits": best["variant"] if best is not None else None,
+                     "latency_median": best["latency_median"] if best is not None else np.nan,
+                     "speedup": rel["speedup"].iloc[0] if len(rel) and "speedup" in rel else np.nan,
+                     "cannot_pay_off": json.dumps(cannot)})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- like for like

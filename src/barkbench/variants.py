@@ -83,6 +83,7 @@ INT8_WEIGHTS = ImplementationLimit(
 FOUR_BIT = ImplementationLimit(2.0, 0.05, "4-bit weights: as int8 (not calibrated on a device with bitsandbytes)")
 
 
+
 @dataclass
 class Context:
     """What an optimization may need when it is applied after loading."""
@@ -112,6 +113,10 @@ class Optimization:
     requires_why: str = ""
     needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
     needs_on_device: Callable[[torch.device], str | None] | None = None  # what this machine lacks for it there
+    # CPU instruction-set guidance: it pays off on a CPU only with at least one of these features (the
+    # names of `provenance.CPU_FEATURES`); empty: pays off on any CPU. Why, for the report.
+    pays_off_with: tuple[str, ...] = ()
+    pays_off_why: str = ""
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if self.needs_stack and (reason := self.needs_stack()):
@@ -126,6 +131,13 @@ class Optimization:
             if problem := availability.package_problem(package, device):
                 return f"not applicable here: {self.name} needs the package '{package}', {problem}"
         return None
+
+    def pays_off_on(self, cpu_features) -> str | None:
+        """None when it can pay off on a CPU with these features; else why it cannot (it still runs)."""
+        if not self.pays_off_with or set(self.pays_off_with) & set(cpu_features):
+            return None
+        return (f"{self.name} needs {' or '.join(self.pays_off_with)} to pay off on a CPU"
+                + (f" ({self.pays_off_why})" if self.pays_off_why else ""))
 
 
 REGISTRY: dict[str, Optimization] = {}
@@ -161,6 +173,13 @@ def _apply_int8_dynamic(model, ctx):
     for sub in _transformer_submodels(model):
         quantize_dynamic(sub, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     ctx.notes.append(f"dynamic int8 Linear (torch.ao, engine {torch.backends.quantized.engine})")
+
+
+def _apply_fine_window(model, ctx):
+    from .fine_window import WINDOW_MULTIPLE, use_fine_window
+
+    use_fine_window(model)
+    ctx.notes.append(f"fine model on the real frames rounded up to {WINDOW_MULTIPLE} (not a 1024-frame window)")
 
 
 def _apply_int8_weight_only(model, ctx):
@@ -224,7 +243,10 @@ register(Optimization(
     load_kwargs=lambda d: {"dtype": torch.float16}, reference="fp16", limit=HALF_PRECISION))
 register(Optimization(
     "bf16", "bfloat16 weights and activations", group="dtype",
-    load_kwargs=lambda d: {"dtype": torch.bfloat16}, reference="bf16", limit=HALF_PRECISION))
+    load_kwargs=lambda d: {"dtype": torch.bfloat16}, reference="bf16", limit=HALF_PRECISION,
+    pays_off_with=("avx512_bf16", "amx_bf16"),
+    pays_off_why="without native bf16 dot products oneDNN converts to fp32 around every matmul: several times "
+                 "slower than fp32"))
 register(Optimization(
     "offload", "model.enable_cpu_offload(): one sub-model on the accelerator at a time (accelerate hooks)",
     group="placement", needs_cuda=True, cpu_reason="offloads to CPU from an accelerator; CPU is already home",
@@ -233,7 +255,8 @@ register(Optimization(
     "int8", "dynamic int8 quantization of the transformers' Linear layers (torch.ao)", group="quantization",
     order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload", "compile"),
     cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
-    reference="int8-dynamic", limit=INT8_WEIGHTS))
+    reference="int8-dynamic", limit=INT8_WEIGHTS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
+    pays_off_why="fbgemm/oneDNN int8 GEMMs need at least AVX2; VNNI or AMX make them pay in compute-bound stages"))
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
     group="quantization", order=20, needs_cuda=True, needs_packages=("torchao",), apply=_apply_int8_weight_only,
@@ -262,6 +285,13 @@ register(Optimization(
     "bt", "optimum's BetterTransformer (the 2023 study): Bark attention through SDPA with attn_mask=None",
     group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
 register(Optimization(
+    "finewin", "fine model on the real frames rounded up to a multiple of 64 instead of a padded 1024-frame "
+    "window (approximate: the non-causal fine model no longer sees the padding)", group="fine_window", order=60,
+    apply=_apply_fine_window, conflicts=("offload",),
+    # its reference is the baseline with the same window: the implementation is judged exactly, and what the
+    # shorter window costs is measured on the chain (fine codes and audio from the same coarse tokens)
+    reference="fine-window"))
+register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem))
 
@@ -288,6 +318,11 @@ class Variant:
             if opt.load_kwargs:
                 kwargs.update(opt.load_kwargs(device))
         return kwargs
+
+    def pays_off_on(self, cpu_features) -> str | None:
+        """None when every optimization can pay off on a CPU with these features; else the reasons."""
+        reasons = [r for o in self.optimizations if (r := o.pays_off_on(cpu_features))]
+        return "; ".join(reasons) or None
 
     @property
     def places_model(self) -> bool:

@@ -1,0 +1,189 @@
+"""The machine's physical floor of each Bark stage: a short calibration of the machine (memory bandwidth, GEMM
+throughput) measured in every CPU run on the job's threads, the work of each stage described from the loaded
+model, and the floor they give.
+
+- semantic and coarse decode are memory-bound at batch size 1: every step reads the sub-model's weights once
+  (embedding tables excepted: one row per token). Floor = bytes read per step x steps / read bandwidth.
+  The KV cache read per step (a few MB at the default lengths) is left out.
+- the fine model is compute-bound: FLOPs of its passes over the window / GEMM throughput of its number format
+  (fp32, bf16, or int8 as the int8 variants run it: torch.ao dynamic quantized Linear).
+- the EnCodec decode has no floor here (convolutions and an LSTM, well under 1 % of the time).
+
+Each run records its own calibration and stage work, so the report's floors are a pure function of the run
+records: no separate calibration file, no second measurement of the same thing.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .fine_window import WINDOW_MULTIPLE, window_frames
+
+BANDWIDTH_BYTES = 256 * 2**20  # well beyond any last-level cache
+GEMM_SIZE = 1024  # M = N = K
+
+
+def _best_seconds(fn, budget_s: float, min_reps: int = 3) -> float:
+    """Fastest of repeated calls (after one warm-up) within `budget_s`: the machine's capability, as far as a
+    noisy shared machine lets one see it."""
+    fn()
+    best, start, reps = float("inf"), time.perf_counter(), 0
+    while reps < min_reps or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best
+
+
+def gemm_flops(m: int, n: int, k: int) -> int:
+    return 2 * m * n * k
+
+
+def measure(budget_s: float = 0.3) -> dict:
+    """Read bandwidth (a sum over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
+    throughput (1024^3) in fp32, bf16 and dynamic int8 Linear, on torch's current threads. ~4 x budget_s."""
+    start = time.perf_counter()
+    x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+    y = torch.empty_like(x)
+    read_s = _best_seconds(lambda: x.sum(), budget_s)
+    copy_s = _best_seconds(lambda: y.copy_(x), budget_s)
+    del x, y
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    fp32_s = _best_seconds(lambda: torch.mm(a, b), budget_s)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    bf16_s = _best_seconds(lambda: torch.mm(a16, b16), budget_s)
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    qlinear = DynamicLinear(GEMM_SIZE, GEMM_SIZE, dtype=torch.qint8)
+    int8_s = _best_seconds(lambda: qlinear(a), budget_s)
+    flops = gemm_flops(GEMM_SIZE, GEMM_SIZE, GEMM_SIZE)
+    return {
+        "read_bandwidth_bytes_per_s": BANDWIDTH_BYTES / read_s,
+        "copy_bandwidth_bytes_per_s": 2 * BANDWIDTH_BYTES / copy_s,
+        "gemm_flops_per_s": {"fp32": flops / fp32_s, "bf16": flops / bf16_s, "int8": flops / int8_s},
+        "seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "method": f"best of repeated calls, {budget_s} s each: sum of a {BANDWIDTH_BYTES >> 20} MiB fp32 tensor "
+                  f"(read), copy_ of it (read + write), {GEMM_SIZE}^3 torch.mm fp32 and bf16, dynamic int8 Linear "
+                  f"(torch.ao, activations quantized per call)",
+    }
+
+
+# ---------------------------------------------------------------- what each stage does
+
+
+def _is_dynamic_int8(module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+def _linear_weight(module):
+    """The weight tensor of a Linear or a torch.ao dynamic int8 Linear; None for other modules."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    if _is_dynamic_int8(module) and hasattr(module, "weight"):
+        return module.weight()
+    return None
+
+
+def bytes_read_per_step(submodel) -> int:
+    """Bytes of weights one decode step reads: every parameter and quantized weight except embedding tables
+    (a step reads one row of those)."""
+    total = 0
+    for module in submodel.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        weight = _linear_weight(module)
+        if weight is not None and _is_dynamic_int8(module):
+            total += weight.numel() * weight.element_size()
+            bias = module.bias()
+            total += bias.numel() * bias.element_size() if bias is not None else 0
+            continue
+        total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return int(total)
+
+
+def gemm_dtype(submodel) -> str:
+    """The number format of the sub-model's matmuls: int8 (torch.ao dynamic), or its Linear weights' dtype."""
+    for module in submodel.modules():
+        if _is_dynamic_int8(module) and _linear_weight(module) is not None:
+            return "int8"
+        if isinstance(module, torch.nn.Linear):
+            return str(module.weight.dtype).removeprefix("torch.").replace("float32", "fp32").replace(
+                "bfloat16", "bf16").replace("float16", "fp16")
+    return "fp32"
+
+
+def fine_work(fine, passes_per_window: int, fine_window: bool) -> dict:
+    """The fine model's FLOPs per frame of one pass, split into what grows with the window (Linear layers
+    of the transformer plus the one lm head a pass uses) and attention (QK^T and AV: 4 x hidden per pair of
+    frames, per layer)."""
+    cfg = fine.config
+    linear_params = 0
+    for name, module in fine.named_modules():
+        weight = _linear_weight(module)
+        if weight is None or name.startswith("lm_heads"):
+            continue
+        linear_params += weight.numel()
+    head = fine.lm_heads[0]
+    head_weight = _linear_weight(head)
+    linear_params += head_weight.numel() if head_weight is not None else 0
+    return {"linear_flops_per_frame": 2 * linear_params,
+            "attention_flops_per_frame_pair": 4 * cfg.num_layers * cfg.hidden_size,
+            "passes_per_window": passes_per_window,
+            "codebooks": cfg.n_codes_total,
+            "window_multiple": WINDOW_MULTIPLE if fine_window else None,
+            "gemm_dtype": gemm_dtype(fine)}
+
+
+def stage_work(model) -> dict:
+    """What each stage of this loaded (and optimized) model must at least read or compute."""
+    from .fine_window import WindowedBarkFineModel
+
+    fine, gen = model.fine_acoustics, model.generation_config
+    # generate predicts the codebooks after the coarse ones, one pass each
+    passes = int(gen.fine_acoustics_config["n_fine_codebooks"] - gen.coarse_acoustics_config["n_coarse_codebooks"])
+    return {"semantic": {"bytes_per_step": bytes_read_per_step(model.semantic)},
+            "coarse": {"bytes_per_step": bytes_read_per_step(model.coarse_acoustics)},
+            "fine": {**fine_work(fine, passes, isinstance(fine, WindowedBarkFineModel)),
+                     "max_window": int(gen.fine_acoustics_config["max_fine_input_length"])}}
+
+
+# ---------------------------------------------------------------- floors
+
+
+def decode_floor_s(bytes_per_step: float, steps: float, read_bandwidth: float) -> float:
+    return bytes_per_step * steps / read_bandwidth
+
+
+def fine_flops(work: dict, frames: int, batch_size: int) -> float:
+    """FLOPs of the fine stage for `frames` real frames: the passes over the window generate runs (one window
+    while the frames fit in `max_window`; longer inputs slide windows, not modelled: the floor is then None)."""
+    window = window_frames(frames, work["max_window"], work.get("window_multiple"))
+    per_pass = work["linear_flops_per_frame"] * window + work["attention_flops_per_frame_pair"] * window * window
+    return float(batch_size * work["passes_per_window"] * per_pass)
+
+
+def stage_floors(work: dict | None, calibration: dict | None, stage_tokens: dict, batch_size: int) -> dict:
+    """Floor seconds per stage ({semantic, coarse, fine}; None where it cannot be given) from a run's
+    recorded stage work and calibration and the median tokens of each stage (as the stage timers count them:
+    semantic tokens, coarse tokens, fine codes = frames x codebooks)."""
+    floors = {"semantic": None, "coarse": None, "fine": None}
+    if not work or not calibration:
+        return floors
+    bandwidth = calibration["read_bandwidth_bytes_per_s"]
+    for stage in ("semantic", "coarse"):
+        steps = stage_tokens.get(stage)
+        if steps and steps == steps:  # not NaN
+            floors[stage] = decode_floor_s(work[stage]["bytes_per_step"], steps, bandwidth)
+    fine = work["fine"]
+    codes = stage_tokens.get("fine")
+    throughput = calibration["gemm_flops_per_s"].get(fine["gemm_dtype"])
+    if codes and codes == codes and throughput:
+        frames = int(round(codes / fine["codebooks"]))
+        if frames < fine["max_window"]:
+            floors["fine"] = fine_flops(fine, frames, batch_size) / throughput
+    return floors

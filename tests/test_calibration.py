@@ -1,0 +1,114 @@
+"""The floor of each stage: bytes read per decode step, FLOPs of the fine passes, and floors from a calibration."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from barkbench import calibration, models, variants
+from conftest import TINY
+
+CPU = torch.device("cpu")
+
+
+def _toy():
+    return torch.nn.Sequential(torch.nn.Embedding(1000, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                               torch.nn.Linear(16, 4, bias=False))
+
+
+def test_bytes_read_per_step_skips_embeddings_and_counts_int8_weights_as_bytes():
+    toy = _toy()
+    # Linear 8x16 + bias 16, LayerNorm 2x16, Linear 16x4: fp32, 4 bytes each; the 1000x8 table is not read whole
+    assert calibration.bytes_read_per_step(toy) == 4 * (8 * 16 + 16 + 2 * 16 + 16 * 4)
+    assert calibration.gemm_dtype(toy) == "fp32"
+    assert calibration.bytes_read_per_step(toy.to(torch.bfloat16)) == 2 * (8 * 16 + 16 + 2 * 16 + 16 * 4)
+    assert calibration.gemm_dtype(toy) == "bf16"
+    q = torch.ao.quantization.quantize_dynamic(_toy(), {torch.nn.Linear}, dtype=torch.qint8)
+    # int8 weights (1 byte), fp32 bias and LayerNorm
+    assert calibration.bytes_read_per_step(q) == (8 * 16 + 16 * 4) + 4 * (16 + 2 * 16)
+    assert calibration.gemm_dtype(q) == "int8"
+
+
+@pytest.mark.parametrize("window", [64, 128])
+def test_fine_flops_match_torch_flop_counter(tiny_checkpoint, window):
+    """The analytic FLOPs of one fine pass equal what torch's FLOP counter sees in the fine model's forward."""
+    model = models.load(models.resolve(TINY, None)).model
+    work = calibration.stage_work(model)["fine"]
+    assert work["passes_per_window"] == 6 and work["gemm_dtype"] == "fp32" and work["window_multiple"] is None
+    codes = torch.randint(0, 1024, (1, window, work["codebooks"]))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.fine_acoustics(3, codes)
+    one_pass = calibration.fine_flops({**work, "max_window": window}, window, 1) / work["passes_per_window"]
+    assert one_pass == counter.get_total_flops()
+
+
+def test_stage_work_of_a_variant_follows_its_optimizations(tiny_checkpoint):
+    def work(name):
+        variant = variants.parse(name)
+        model = models.load(models.resolve(TINY, None), **variant.load_kwargs(CPU)).model
+        variant.apply(model, variants.Context(device=CPU))
+        return calibration.stage_work(model)
+
+    eager, int8 = work("eager"), work("sdpa+int8+finewin")
+    assert int8["fine"]["gemm_dtype"] == "int8" and int8["fine"]["window_multiple"] == 64
+    assert eager["fine"]["window_multiple"] is None and eager["fine"]["max_window"] == 1024
+    for stage in ("semantic", "coarse"):
+        assert int8[stage]["bytes_per_step"] < eager[stage]["bytes_per_step"] / 2
+
+
+CAL = {"read_bandwidth_bytes_per_s": 1e10, "gemm_flops_per_s": {"fp32": 1e11, "bf16": 4e11, "int8": 8e11}}
+WORK = {"semantic": {"bytes_per_step": 3e8}, "coarse": {"bytes_per_step": 2e8},
+        "fine": {"linear_flops_per_frame": 1e8, "attention_flops_per_frame_pair": 1e4, "passes_per_window": 6,
+                 "codebooks": 8, "window_multiple": None, "gemm_dtype": "fp32", "max_window": 1024}}
+
+
+def test_floors_from_a_calibration():
+    floors = calibration.stage_floors(WORK, CAL, {"semantic": 32, "coarse": 96, "fine": 8 * 48}, 1)
+    assert floors["semantic"] == pytest.approx(3e8 * 32 / 1e10)
+    assert floors["coarse"] == pytest.approx(2e8 * 96 / 1e10)
+    # 48 real frames still cost a full 1024-frame window per pass without the fine window
+    assert floors["fine"] == pytest.approx(6 * (1e8 * 1024 + 1e4 * 1024 ** 2) / 1e11)
+    windowed = {**WORK, "fine": {**WORK["fine"], "window_multiple": 64, "gemm_dtype": "int8"}}
+    floors = calibration.stage_floors(windowed, CAL, {"semantic": 32, "coarse": 96, "fine": 8 * 48}, 2)
+    assert floors["fine"] == pytest.approx(2 * 6 * (1e8 * 64 + 1e4 * 64 ** 2) / 8e11)
+
+
+def test_floors_missing_where_they_cannot_be_given():
+    assert calibration.stage_floors(None, CAL, {"semantic": 32}, 1) == {"semantic": None, "coarse": None, "fine": None}
+    assert calibration.stage_floors(WORK, None, {"semantic": 32}, 1)["semantic"] is None
+    # beyond one window generate slides windows: no floor rather than a wrong one
+    assert calibration.stage_floors(WORK, CAL, {"fine": 8 * 1500}, 1)["fine"] is None
+    # a number format without a calibrated GEMM (fp16 on a CPU)
+    fp16 = {**WORK, "fine": {**WORK["fine"], "gemm_dtype": "fp16"}}
+    assert calibration.stage_floors(fp16, CAL, {"fine": 8 * 48}, 1)["fine"] is None
+
+
+def test_measure_records_every_figure():
+    cal = calibration.measure(budget_s=0.01)
+    assert cal["read_bandwidth_bytes_per_s"] > 0 and cal["copy_bandwidth_bytes_per_s"] > 0
+    assert set(cal["gemm_flops_per_s"]) == {"fp32", "bf16", "int8"}
+    assert all(v > 0 for v in cal["gemm_flops_per_s"].values())
+    assert cal["threads"] == torch.get_num_threads()
+
+
+def test_stage_table_shows_floors_and_multiples(tmp_path):
+    from barkbench import fragments, tables
+    from conftest import make_run_json
+
+    path = make_run_json(tmp_path, "eager", 1, [10.0, 10.0, 10.0, 10.0])
+    data = json.loads(path.read_text())
+    data["hardware"]["calibration"] = CAL
+    data["model"]["stage_work"] = WORK
+    path.write_text(json.dumps(data))
+    runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
+    row = runs.iloc[0]
+    # make_run_json: the semantic stage takes 40 % of each 10 s call and counts 100 tokens
+    assert row["stage_semantic_floor_s"] == pytest.approx(3e8 * 100 / 1e10)
+    assert row["stage_semantic_x_floor"] == pytest.approx(4.0 / 3.0)
+    assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
+    assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
+    text = fragments.stages_md(runs, tables.calibration_table(runs))
+    assert "semantic floor s (× floor)" in text and "(×1.3)" in text and "read bandwidth 10 GB/s" in text
