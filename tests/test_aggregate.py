@@ -229,3 +229,52 @@ def test_pareto_front():
     from barkbench.figures import pareto_front
 
     assert list(pareto_front([1, 2, 3, 2.5], [3, 2, 1, 2.5])) == [True, True, True, False]
+
+
+def _two_round_run(tmp_path, factors):
+    """Cells at bs 1, two processes each: {name: (calls per process, factor of process 1, of process 2)};
+    name "control" is the A/A control."""
+    paths = []
+    for name, (base, f1, f2) in factors.items():
+        for k, f in ((1, f1), (2, f2)):
+            paths.append(make_run_json(tmp_path, "eager" if name == "control" else name, 1, [base * f] * 3,
+                                       process=k, control=name == "control"))
+    return paths
+
+
+def test_a_control_outside_noise_warns_at_the_top(tmp_path):
+    cells = {"eager": (10.0, 1.0, 1.01), "control": (11.0, 1.0, 1.01), "sdpa": (5.0, 1.0, 1.012),
+             "sdpa+int8": (4.0, 1.0, 1.008)}
+    out = aggregate(tmp_path / "results", tmp_path / "tables", "eager", _two_round_run(tmp_path, cells))
+    warning = (tmp_path / "tables" / "fragments" / "warning.md").read_text()
+    assert "This run's noise model failed" in warning and "control vs eager +10.0 %" in warning
+    rel = read_csv(out["relative"]).set_index("variant")
+    assert rel.loc["control", "within_noise"] == False  # noqa: E712
+    findings = (tmp_path / "tables" / "fragments" / "findings.md").read_text()
+    assert "A/A control" in findings and "**outside noise**" in findings
+
+
+def test_headline_is_the_fastest_variant_within_tolerance(tmp_path):
+    from test_report import _fidelity
+
+    cells = {"eager": (10.0, 1.0, 1.01), "control": (10.0, 1.005, 1.01), "sdpa": (8.0, 1.0, 1.01),
+             "sdpa+int8": (4.0, 1.0, 1.008), "sdpa+bf16": (3.0, 1.0, 1.01)}
+    paths = _two_round_run(tmp_path, cells)
+    results = tmp_path / "results"
+    fid = [_fidelity(results, "sdpa", within=True), _fidelity(results, "sdpa+int8", within=False)]
+    out = aggregate(results, tmp_path / "tables", "eager", paths, fidelity=fid)
+    rel = read_csv(out["relative"]).set_index("variant")
+    assert rel.loc["sdpa", "fidelity"] == "within" and rel.loc["sdpa+int8", "fidelity"] == "outside"
+    assert rel.loc["sdpa+bf16", "fidelity"] == "not checked"
+    findings = (tmp_path / "tables" / "fragments" / "findings.md").read_text()
+    headline = next(line for line in findings.splitlines() if "fastest within tolerance" in line)
+    assert "**sdpa**" in headline and "−20.0 %" in headline  # not the faster sdpa+int8 nor sdpa+bf16
+    assert "sdpa+bf16 (−70.0 %, fidelity not checked)" in findings
+    assert "sdpa+int8 (−60.0 %, fidelity outside)" in findings
+    # a fidelity record of other weights is not joined to these speed rows
+    data = json.loads(fid[0].read_text())
+    data["model"]["weights"] = "hub"
+    fid[0].write_text(json.dumps(data))
+    out = aggregate(results, tmp_path / "tables2", "eager", paths, fidelity=fid)
+    assert read_csv(out["relative"]).set_index("variant").loc["sdpa", "fidelity"] == "not checked"
+    assert "no headline" in (tmp_path / "tables2" / "fragments" / "findings.md").read_text()

@@ -293,9 +293,10 @@ def unavailable_md(runs: pd.DataFrame) -> str:
         out.append(callout("important", "Variants that failed or were stopped", "\n".join(lines) + tail))
     na = runs[runs["status"] == "not_applicable"]
     for (hw, model), g in _setups(na):
-        names = ", ".join(md_escape(v) for v in dict.fromkeys(g["variant"]))
-        out.append(f"Not applicable on {md_escape(hw)} · {md_escape(model)} (not measured; each needs what this device "
-                   f"lacks, e.g. CUDA): {names}.\n")
+        why = g.drop_duplicates("variant")
+        names = "; ".join(f"{md_escape(v)} ({md_escape(r)})" if isinstance(r, str) else md_escape(v)
+                          for v, r in zip(why["variant"], why["reason"]))
+        out.append(f"Not applicable on {md_escape(hw)} · {md_escape(model)}, so not measured: {names}.\n")
     return "\n".join(out)
 
 
