@@ -3,6 +3,8 @@ import json
 import math
 import re
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -278,3 +280,40 @@ def test_headline_is_the_fastest_variant_within_tolerance(tmp_path):
     out = aggregate(results, tmp_path / "tables2", "eager", paths, fidelity=fid)
     assert read_csv(out["relative"]).set_index("variant").loc["sdpa", "fidelity"] == "not checked"
     assert "no headline" in (tmp_path / "tables2" / "fragments" / "findings.md").read_text()
+
+
+def test_a_record_of_another_config_is_refused_in_one_line(tmp_path):
+    import yaml
+
+    from barkbench.confighash import config_hash
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    cfg["protocol"]["cpu"].update(warmup=1, min_iterations=2, max_iterations=10, budget_s=20.0, time_limit_s=400.0,
+                                  max_new_tokens=64)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ours = config_hash(cfg, "cpu")
+    paths = [make_run_json(tmp_path, "eager", 1, SIX, config_hash=ours),
+             make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours)]
+    aggregate(tmp_path / "results", tmp_path / "tables", "eager", paths, config=tmp_path / "config.yaml")
+    foreign = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash="0123456789abcdef", process=2)
+    with pytest.raises(ResultError) as err:
+        aggregate(tmp_path / "results", tmp_path / "t2", "eager", paths + [foreign], config=tmp_path / "config.yaml")
+    assert str(foreign) in str(err.value) and "config hash 0123456789abcdef" in str(err.value)
+    assert "\n" not in str(err.value)
+    other = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours, process=3, max_new_tokens=32)
+    with pytest.raises(ResultError, match="another protocol .max_new_tokens 32 vs 64"):
+        aggregate(tmp_path / "results", tmp_path / "t3", "eager", paths + [other], config=tmp_path / "config.yaml")
+    hub = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours, process=4, weights="hub")
+    with pytest.raises(ResultError, match="hub weights"):
+        aggregate(tmp_path / "results", tmp_path / "t4", "eager", paths + [hub], config=tmp_path / "config.yaml")
+
+
+def test_a_fidelity_file_out_of_place_is_refused(tmp_path):
+    from test_report import _fidelity
+
+    path = _fidelity(tmp_path / "results", "sdpa", within=True)
+    moved = path.parent / "sdpa+int8.json"
+    path.rename(moved)
+    with pytest.raises(ResultError, match="not what its place"):
+        aggregate(tmp_path / "results", tmp_path / "t", "eager", [make_run_json(tmp_path, "eager", 1, SIX)],
+                  fidelity=[moved])

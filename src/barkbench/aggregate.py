@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from . import fragments as md
 from . import layout, tables
@@ -36,6 +37,9 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
     rep_recs = tables.read_runs(repro, results_dir)
     ovh_recs = tables.read_runs(overhead, results_dir)
     tables.check_one_machine_per_folder(run_recs, fid_recs, rep_recs, ovh_recs)
+    if config:
+        tables.check_against_config(yaml.safe_load(Path(config).read_text(encoding="utf-8")),
+                                    run_recs, rep_recs, ovh_recs)
 
     processes = tables.runs_table(run_recs, baseline)
     runs_df = tables.cells_table(processes, baseline)  # one row per cell: every statistic is on processes

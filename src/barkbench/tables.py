@@ -70,7 +70,46 @@ def read_runs(paths, root, baseline: str | None = None) -> list[tuple[str, Path,
 
 
 def read_fidelity(paths, root) -> list[tuple[str, Path, FidelityResult]]:
-    return [(hardware_folder(p, root), Path(p), FidelityResult.from_json(p)) for p in map(Path, paths)]
+    """Fidelity records, each holding what its place says: <hardware>/<model>/fidelity/<variant>.json."""
+    out = []
+    for p in map(Path, paths):
+        rec = FidelityResult.from_json(p)
+        folder = hardware_folder(p, root)
+        rel = p.resolve().relative_to(Path(root).resolve()).parts
+        if rel[1:] != (layout.slug(rec.model["requested"]), layout.FIDELITY_DIR, f"{rec.variant}.json"):
+            raise ResultError(f"{p}: holds the fidelity of {rec.variant} ({rec.model['requested']}), not what its "
+                              "place in the results layout says")
+        out.append((folder, p, rec))
+    return out
+
+
+def check_against_config(config: dict, *record_lists) -> None:
+    """Every record measured with this config: its model among the config's, its protocol the config's for
+    its device, its config hash this config's, and one weights kind (and checkpoint) per hardware and model.
+    The first record that does not match is refused with one line naming its file."""
+    from .confighash import config_hash
+
+    weights: dict[tuple, tuple] = {}
+    for records in record_lists:
+        for folder, path, rec in records:
+            device = "cuda" if str(rec.device.get("type", "")).startswith("cuda") else "cpu"
+            if rec.model["requested"] not in config["models"]:
+                raise ResultError(f"{path}: measured {rec.model['requested']}, not a model of this config "
+                                  f"({', '.join(config['models'])})")
+            want = {**config["protocol"][device], **config["protocol"]["sampling"]}
+            diff = [k for k, v in want.items() if rec.protocol.get(k) != v]
+            if diff:
+                raise ResultError(f"{path}: measured with another protocol ({'; '.join(f'{k} {rec.protocol.get(k)!r} vs {want[k]!r}' for k in diff)[:200]}): re-measure it or remove it")
+            expected = config_hash(config, device)
+            if rec.config_hash != expected:
+                raise ResultError(f"{path}: measured with config hash {rec.config_hash}, this config's is {expected} "
+                                  "(protocol, prompts, offline fallback): re-measure it or remove it")
+            if rec.status == "ok":
+                kind = (rec.model.get("weights"), rec.model.get("id"))
+                first = weights.setdefault((folder, rec.model["requested"]), kind)
+                if kind != first:
+                    raise ResultError(f"{path}: {kind[0]} weights ({kind[1]}), while other results of {folder} · "
+                                      f"{rec.model['requested']} used {first[0]} weights ({first[1]})")
 
 
 def check_one_machine_per_folder(*record_lists) -> dict[str, str]:

@@ -11,6 +11,7 @@ import jsonschema
 import yaml
 from snakemake.utils import validate
 
+from barkbench import confighash as bb_confighash
 from barkbench import layout
 from barkbench import legacy as bb_legacy
 from barkbench import variants as bb_variants
@@ -123,6 +124,7 @@ HARDWARE = MACHINE["id"]
 DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
 PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
 BATCH_SIZES = config["batch_sizes"][DEVICE]
+CONFIG_HASH = bb_confighash.config_hash(config, DEVICE)
 for _section in ("reproducibility", "overhead"):  # this device's checks
     config[_section]["variants"] = config[_section]["variants"][DEVICE]
 for _variant in config["overhead"]["variants"]:
@@ -174,6 +176,7 @@ def run_args(model, batch_size, plain=False):
             args += [f"--{key.replace('_', '-')}", str(value)]
     for text in config["prompts"]:
         args += ["--prompt", text]
+    args += ["--config-hash", CONFIG_HASH]  # recorded; the aggregation refuses a record of another config
     return args + (["--no-stage-timing"] if plain else [])
 
 
