@@ -317,3 +317,19 @@ def test_a_fidelity_file_out_of_place_is_refused(tmp_path):
     with pytest.raises(ResultError, match="not what its place"):
         aggregate(tmp_path / "results", tmp_path / "t", "eager", [make_run_json(tmp_path, "eager", 1, SIX)],
                   fidelity=[moved])
+
+
+def test_a_too_slow_cell_is_shown_with_its_estimate(tmp_path):
+    paths = _cell(tmp_path, "eager", 1, [[10.0] * 3, [10.2] * 3]) + _cell(tmp_path, "sdpa", 1, [[5.0] * 3, [5.1] * 3])
+    slow = make_run_json(tmp_path, "sdpa+bf16", 1, [70.0], process=1)
+    data = json.loads(slow.read_text())
+    data.update(status="too_slow", reason="too slow: 4 timed calls of ~70 s cannot end within the 400 s time limit")
+    slow.write_text(json.dumps(data))
+    rel = _rel(paths + [slow], tmp_path / "results")
+    row = rel.loc[("sdpa+bf16", 1)]
+    assert row["slowdown"] == pytest.approx(70.0 / math.sqrt(10.0 * 10.2)) and row["calls_made"] == 1
+    aggregate(tmp_path / "results", tmp_path / "tables", "eager", paths + [slow])
+    text = (tmp_path / "tables" / "fragments" / "tables.md").read_text()
+    assert "≈ 6.9× slower (1 timed call; stopped early" in text
+    unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
+    assert "sdpa+bf16" in unavailable and "too\\_slow" in unavailable

@@ -99,9 +99,10 @@ def latency_cell(gmean, low, high, level=None, df=None) -> str:
 
 def change_cell(r) -> str:
     c = r.get("latency_change_pct")
-    if r.get("note") == "too_slow" and isnum(r.get("slowdown_at_least")):
+    if r.get("note") == "too_slow" and isnum(r.get("slowdown")):
         k = int(r["calls_made"])
-        return f"≥ {fmt_num(r['slowdown_at_least'], 1)}× slower ({k} call{'s' if k != 1 else ''})"
+        made = f"{k} timed call{'s' if k != 1 else ''}" if k else "its warm-up call only"
+        return f"≈ {fmt_num(r['slowdown'], 1)}× slower ({made}; stopped early: too slow for its time limit)"
     if not isnum(c) or r.get("note") == "baseline":
         return fmt_pct(c)
     if isnum(r.get("ci_low_pct")):

@@ -12,7 +12,7 @@ import jsonschema
 import numpy as np
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "not_applicable", "failed")
+STATUSES = ("ok", "not_applicable", "failed", "too_slow")
 
 
 @lru_cache(maxsize=None)

@@ -181,6 +181,7 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         "rtf": thr.get("rtf", np.nan),
         "load_s": timing.get("load_s", np.nan), "compile_s": timing.get("compile_s") or np.nan,
         "first_call_overhead_s": timing.get("first_call_overhead_s", np.nan),
+        "first_call_s": timing.get("first_call_s", np.nan),
         "stopped_by": timing.get("stopped_by"), "timed_s": timing.get("timed_s", np.nan),
         "stage_timer_overhead_s": timing.get("stage_timer_overhead_s") or np.nan,
     })
@@ -380,10 +381,10 @@ def relative_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
             row = {k: r[k] for k in GROUP + ["variant", "status", "reason"]}
             row.update(baseline=baseline, note="")
             why = None if base is None else difference(base, r)
-            if r["status"] == "too_slow" and base is not None and latencies(r):
-                calls = latencies(r)
-                row.update(slowdown_at_least=min(calls) / base["latency_gmean"], calls_made=len(calls),
-                           note="too_slow")
+            if r["status"] == "too_slow" and base is not None and (latencies(r) or np.isfinite(r["first_call_s"])):
+                calls = latencies(r)  # the timed calls it made; none: its warm-up call
+                per_call = float(np.median(calls)) if calls else float(r["first_call_s"])
+                row.update(slowdown=per_call / base["latency_gmean"], calls_made=len(calls), note="too_slow")
             elif r["status"] != "ok":
                 row["note"] = r["status"]
             elif base is None:
@@ -400,7 +401,7 @@ def relative_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
             rows.append(row)
     cols = GROUP + ["variant", "status", "reason", "baseline", "latency_change_pct", "ci_low_pct", "ci_high_pct",
                     "ci_level", "ci_df", "ci_method", "within_noise", "n_baseline", "n_variant", "speedup",
-                    "slowdown_at_least", "calls_made", "memory_change_pct", "throughput_change_pct", "note"]
+                    "slowdown", "calls_made", "memory_change_pct", "throughput_change_pct", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
