@@ -400,3 +400,13 @@ def test_a_compiled_static_decode_step_passes_the_whole_check(tiny_checkpoint, t
     report = _run("sdpa+static+compile", tmp_path)
     assert report["status"] == "ok", report["reason"]
     assert report["within_tolerance"] is True, report["violations"]
+
+
+def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint, tmp_path):
+    from barkbench.fidelity import run_fidelity
+    from barkbench.records import FidelityResult
+
+    out = tmp_path / "fidelity" / "sdpa.json"
+    report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05)
+    assert report["status"] == "failed" and report["reason"] == "time limit 0 s reached"
+    assert FidelityResult.from_json(out).status == "failed"

@@ -23,6 +23,7 @@ Tolerances are per optimization (`barkbench.variants`), derived from measured no
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -37,6 +38,7 @@ from . import models, provenance, variants
 from .protocol import DEADLINE_ENV
 from .records import FidelityResult
 from .runner import _now, _quiet_transformers
+from .trackers import TimeLimit, TimeLimitExceeded
 
 SCHEMA_VERSION = 3
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
@@ -396,9 +398,10 @@ def _load(source, variant: variants.Variant, device: torch.device):
 
 def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = "auto",
                  offline_fallback: str | None = None, tokens: int = 32, baseline: str = "eager",
-                 retry_of: str | None = None) -> dict:
+                 retry_of: str | None = None, time_limit_s: float | None = None) -> dict:
     """Write the fidelity record of one variant against `baseline`; not applicable and failures are
-    recorded, not raised."""
+    recorded, not raised. `time_limit_s` (and the workflow's run deadline): the check is stopped there and
+    recorded as failed, naming the limit."""
     _quiet_transformers()
     variant, base_variant = variants.parse(variant_name), variants.parse(baseline)
     device = provenance.resolve_device(device_name)
@@ -419,19 +422,23 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
     elif time.time() > deadline:
         report.update(status="failed", reason="run budget exhausted before this job started")
     else:
+        limit = min(time_limit_s or math.inf, deadline - time.time())
         try:
-            source = models.resolve(model_id, offline_fallback)
-            report["model"].update(id=source.id, weights=source.weights)
-            reference = _load(source, base_variant, device)
-            candidate = _load(source, variant, device)
-            # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
-            # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check).
-            with torch._dynamo.config.patch(recompile_limit=64):
-                report.update(compare(reference.model, candidate.model, reference.processor, device, tokens))
-            report["violations"] = check(tol, report)
-            report["within_tolerance"] = not report["violations"]
+            with TimeLimit(limit) if math.isfinite(limit) else contextlib.nullcontext():
+                source = models.resolve(model_id, offline_fallback)
+                report["model"].update(id=source.id, weights=source.weights)
+                reference = _load(source, base_variant, device)
+                candidate = _load(source, variant, device)
+                # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
+                # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check).
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    report.update(compare(reference.model, candidate.model, reference.processor, device, tokens))
+                report["violations"] = check(tol, report)
+                report["within_tolerance"] = not report["violations"]
         except models.ModelSourceError:
             raise
+        except TimeLimitExceeded:
+            report.update(status="failed", reason=f"time limit {limit:.0f} s reached", error=traceback.format_exc())
         except Exception as exc:
             report.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500],
                           error=traceback.format_exc())

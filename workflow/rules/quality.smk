@@ -10,7 +10,7 @@ rule fidelity:
     params:
         args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline",
                          bb_legacy.baseline_for(wc.variant, config["baseline"]),
-                         "--tokens", str(config["fidelity"]["tokens"])]
+                         "--tokens", str(config["fidelity"]["tokens"]), "--time-limit-s", str(TIME_LIMIT_S)]
         + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
         retry=retry_of(layout.FIDELITY),
         python=interpreter,
