@@ -292,6 +292,13 @@ def unavailable_md(runs: pd.DataFrame) -> str:
         failed = (bad["status"] == "failed").any()
         tail = "\n\nA failed run is attempted again by the next `snakemake ... report`." if failed else ""
         out.append(callout("important", "Variants that failed or were stopped", "\n".join(lines) + tail))
+    short = runs[(runs["status"] == "ok") & runs["process_notes"].fillna("").astype(bool)] \
+        if "process_notes" in runs else runs.iloc[0:0]
+    if len(short):
+        out.append("Measured in fewer processes than declared (their intervals use the processes measured; a run "
+                   "budget cuts the last rounds first): " + "; ".join(
+                       f"{md_escape(r['variant'])} bs {r['batch_size']} ({md_escape(r['process_notes'])})"
+                       for r in short.to_dict("records")) + ".\n")
     na = runs[runs["status"] == "not_applicable"]
     for (hw, model), g in _setups(na):
         why = g.drop_duplicates("variant")
