@@ -119,8 +119,8 @@ def test_profile_preset_and_configfile_compose(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "config = config/config.yaml + config/smoke.yaml (preset) + other.yaml" in out.stderr
     assert "variant 'bf16+sdpa' is written 'sdpa+bf16'" in out.stderr
-    jobs = set(re.findall(r"results/smoke/[^/\s]+/([^/\s]+)/([^/\s]+)/bs1\.json", out.stdout))
-    assert jobs == {("synthetic--tiny", "eager"), ("synthetic--tiny", "sdpa+bf16")}
+    jobs = set(re.findall(r"results/smoke/[^/\s]+/([^/\s]+)/([^/\s]+)/bs1/rep1\.json", out.stdout))
+    assert jobs == {("synthetic--tiny", "eager"), ("synthetic--tiny", "sdpa+bf16"), ("synthetic--tiny", "control")}
 
 
 def test_hub_is_asked_once_per_workflow_and_jobs_run_offline(tmp_path):

@@ -377,7 +377,12 @@ def protocol_md(runs: pd.DataFrame, records: list, baseline: str, config_text: s
             "overhead; for compiled variants the compile time, measured with a cold compile cache), then timed "
             "calls until max iterations, or until at least min iterations were timed and the timed calls took "
             "budget s; a job is stopped at time limit s (recorded as failed when fewer than min iterations were "
-            "timed). Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
+            "timed; stopped early as too slow when its first calls show the minimum cannot fit). "
+            + (f"Each cell was declared in {int(runs['processes_declared'].max())} fresh processes, run in "
+               "interleaved rounds (process *k* of every cell in round *k*, in a seeded random order per round), "
+               "and the baseline once more as its own cell, the A/A control. "
+               if "processes_declared" in runs and runs["processes_declared"].notna().any() else "")
+            + "Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
     prompts = []
     for _, rec in records:
         for q in rec.protocol.get("prompts") or []:
