@@ -27,16 +27,21 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
                   model="suno/bark-small", weights="synthetic", device="cpu", optimizations=None, peak_rss_mb=1000.0,
                   cuda_peak_mb=None, length_mode="fixed", semantic_tokens=None, results_dir=None, wav=True,
                   subdir=None, rep=None, machine=None, max_new_tokens=64, versions=None, git_commit="abc1234",
-                  instrumented=True) -> Path:
-    """Write `results/<hardware>/<model-slug>/<variant>/bs<N>.json` (plus a tiny WAV when ok) and return its path.
-
-    With `rep=K`, the file goes to `.../repro/<variant>/rep<K>.json` instead.
+                  instrumented=True, process=1, control=False, config_hash="cafe") -> Path:
+    """Write process `process` of a cell, `results/<hardware>/<model-slug>/<variant>/bs<N>/rep<process>.json`
+    (plus a tiny WAV when ok), and return its path. `control=True`: the A/A control's folder instead of the
+    variant's; `subdir` (e.g. overhead/<variant>): `<subdir>/bs<N>.json`; `rep=K`: `repro/<variant>/rep<K>.json`.
     """
     results = Path(results_dir) if results_dir else Path(tmp_path) / "results"
     slug = model.replace("/", "--").replace(":", "--")
-    folder = results / hardware / slug / (subdir or variant) if rep is None else results / hardware / slug / "repro" / variant
+    if rep is not None:
+        folder, name = results / hardware / slug / "repro" / variant, f"rep{rep}"
+    elif subdir is not None:
+        folder, name = results / hardware / slug / subdir, f"bs{batch_size}"
+    else:
+        folder = results / hardware / slug / ("control" if control else variant) / f"bs{batch_size}"
+        name = f"rep{process}"
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"bs{batch_size}" if rep is None else f"rep{rep}"
     if optimizations is None:
         optimizations = [] if variant == "eager" else variant.split("+")
     ok = status == "ok"
@@ -63,7 +68,7 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
                      "gpu_compute_capability": None, "torch_threads": 2},
         "versions": versions or {"python": "3.11.0", "torch": "2.0.0", "transformers": "4.40.0", "accelerate": "0.30.0",
                                  "optimum": None, "barkbench": "0.1.0"},
-        "git_commit": git_commit, "config_hash": "cafe", "retry_of": None, "instrumented": instrumented,
+        "git_commit": git_commit, "config_hash": config_hash, "retry_of": None, "instrumented": instrumented,
         "protocol": {"warmup": 1, "min_iterations": 2, "max_iterations": 10, "budget_s": 20.0, "time_limit_s": 400.0,
                      "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                      "length_mode": length_mode, "do_sample": True, "fine_temperature": 0.4,
@@ -94,12 +99,25 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
 
 @pytest.fixture
 def results_tree(tmp_path):
-    """A small results tree: eager/sdpa/sdpa+fp16 at bs 1 and 2, one not_applicable and one failed run."""
-    paths = [
-        make_run_json(tmp_path, "eager", 1, [10.0] * 5),
-        make_run_json(tmp_path, "sdpa", 1, [5.0] * 5, peak_rss_mb=800.0),
-        make_run_json(tmp_path, "eager", 2, [12.0, 12.5, 11.8, 12.2, 12.1]),
-        make_run_json(tmp_path, "sdpa", 2, [9.0, 9.4, 8.8, 9.1, 9.2], peak_rss_mb=900.0),
+    """A small results tree: eager/sdpa at bs 1 and 2 in two processes each, the A/A control at bs 1 and 2,
+    one not_applicable and one failed cell."""
+    paths = []
+    # process k of each cell: factor f[k - 1] (the second round ~2 % slower, with a spread between cells)
+    f = {"eager1": (1.0, 1.02), "control1": (1.0, 1.03), "sdpa1": (1.0, 1.01),
+         "eager2": (1.0, 1.025), "control2": (1.01, 1.02), "sdpa2": (1.0, 1.015)}
+    for k in (1, 2):
+        paths += [
+            make_run_json(tmp_path, "eager", 1, [10.0 * f["eager1"][k - 1]] * 5, process=k),
+            make_run_json(tmp_path, "eager", 1, [10.0 * f["control1"][k - 1]] * 5, process=k, control=True),
+            make_run_json(tmp_path, "sdpa", 1, [5.0 * f["sdpa1"][k - 1]] * 5, peak_rss_mb=800.0, process=k),
+            make_run_json(tmp_path, "eager", 2, [x * f["eager2"][k - 1] for x in (12.0, 12.5, 11.8, 12.2, 12.1)],
+                          process=k),
+            make_run_json(tmp_path, "eager", 2, [x * f["control2"][k - 1] for x in (12.1, 12.4, 11.9, 12.2, 12.0)],
+                          process=k, control=True),
+            make_run_json(tmp_path, "sdpa", 2, [x * f["sdpa2"][k - 1] for x in (9.0, 9.4, 8.8, 9.1, 9.2)],
+                          peak_rss_mb=900.0, process=k),
+        ]
+    paths += [
         make_run_json(tmp_path, "fp16", 1, [], status="not_applicable", reason="not applicable on cpu: needs CUDA"),
         make_run_json(tmp_path, "offload", 1, [], status="failed", reason="RuntimeError: boom"),
     ]

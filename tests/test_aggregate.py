@@ -1,6 +1,9 @@
 """Aggregation: typed records in, tables and report fragments out; like-for-like comparisons only."""
 import json
 import math
+import re
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,46 +13,68 @@ from barkbench.aggregate import aggregate, read_csv
 from barkbench.figures import FIGURES, make_figures
 from barkbench.fragments import fmt_pct, to_pipe_table
 from barkbench.records import FidelityResult, ResultError, RunResult
-from barkbench.tables import read_runs, relative_table, runs_table
+from barkbench.tables import cells_table, read_runs, relative_table, runs_table
 from conftest import make_run_json
 
 SIX = [10.0, 10.4, 9.7, 10.2, 9.9, 10.1]
 
 
 def _runs(paths, root, baseline="eager"):
-    return runs_table(read_runs(paths, root), baseline)
+    return cells_table(runs_table(read_runs(paths, root), baseline), baseline)
 
 
 def _rel(paths, root, baseline="eager"):
     return relative_table(_runs(paths, root, baseline), baseline).set_index(["variant", "batch_size"])
 
 
-def test_runs_table_one_row_per_record(results_tree):
+def _cell(tmp_path, variant, bs, per_process, **kw):
+    """Files of one cell: process k gets the calls per_process[k - 1]."""
+    return [make_run_json(tmp_path, variant, bs, calls, process=k, **kw) for k, calls in enumerate(per_process, 1)]
+
+
+def test_processes_and_cells(results_tree):
     results, paths = results_tree
-    runs = _runs(paths, results)
-    assert len(runs) == len(paths)
-    eager = runs[(runs["variant"] == "eager") & (runs["batch_size"] == 1)].iloc[0]
-    assert eager["latency_median"] == pytest.approx(10.0) and eager["n"] == 5
-    assert math.isnan(eager["latency_ci_low"])  # n = 5: no 95 % interval of the median
+    procs = runs_table(read_runs(paths, results), "eager")
+    assert len(procs) == len(paths)  # one row per process
+    assert sorted(procs[(procs["variant"] == "eager") & (procs["batch_size"] == 1)]["process"]) == [1, 2]
+    assert procs["wav"].dropna().str.endswith("rep1.wav").sum() == 6  # each process keeps its own WAV
+    cells = cells_table(procs, "eager")
+    assert len(cells) == 8  # eager, control, sdpa at 2 batch sizes; fp16 and offload at bs 1
+    eager = cells[(cells["variant"] == "eager") & (cells["batch_size"] == 1)].iloc[0]
+    assert eager["n"] == 10 and eager["processes"] == 2 and eager["calls_x_processes"] == "5×2"
+    assert eager["latency_gmean"] == pytest.approx(10.0 * math.sqrt(1.02))
+    assert eager["latency_ci_low"] < eager["latency_gmean"] < eager["latency_ci_high"]
     assert eager["peak_memory_mb"] == pytest.approx(1000.0) and eager["memory_kind"] == "peak RSS"
-    assert eager["stage_semantic_s"] == pytest.approx(4.0)
-    assert eager["wav"].endswith("bs1.wav")
-    assert runs[runs["batch_size"] == 1]["variant"].iloc[0] == "eager"  # baseline first
+    assert eager["stage_semantic_s"] == pytest.approx(4.0 * (1 + 1.02) / 2)
+    assert list(cells[cells["batch_size"] == 1]["variant"])[:2] == ["eager", "control"]  # baseline, then control
+    assert cells.set_index("variant").loc["offload", "status"] == "failed"
 
 
-def test_relative_change_uses_valid_intervals(tmp_path):
+def test_change_is_on_processes_and_its_interval_includes_their_spread(tmp_path):
     root = tmp_path / "results"
-    paths = [make_run_json(tmp_path, "eager", 1, SIX), make_run_json(tmp_path, "sdpa", 1, [x / 2 for x in SIX]),
-             make_run_json(tmp_path, "eager", 2, [10.0, 10.5, 9.8]), make_run_json(tmp_path, "sdpa", 2, [5.0, 5.2, 4.9])]
+    # bs 1: process means differ by 4 % within every cell; sdpa is exactly half of eager in each round
+    paths = (_cell(tmp_path, "eager", 1, [[10.0] * 3, [10.4] * 3]) + _cell(tmp_path, "sdpa", 1, [[5.0] * 3, [5.2] * 3])
+             + _cell(tmp_path, "eager", 2, [[20.0] * 3]) + _cell(tmp_path, "sdpa", 2, [[10.0] * 3]))
     rel = _rel(paths, root)
-    six = rel.loc[("sdpa", 1)]
-    assert six["latency_change_pct"] == pytest.approx(-50.0)
-    assert six["ci_low_pct"] <= -50.0 <= six["ci_high_pct"] and six["within_noise"] == False  # noqa: E712
-    assert six["speedup"] == pytest.approx(2.0)
-    three = rel.loc[("sdpa", 2)]  # n = 3 per side: no 95 % interval exists, so no verdict on noise
-    assert math.isnan(three["ci_low_pct"]) and pd.isna(three["within_noise"])
-    assert three["range_low_pct"] < three["latency_change_pct"] < three["range_high_pct"]
+    half = rel.loc[("sdpa", 1)]
+    assert half["latency_change_pct"] == pytest.approx(-50.0)
+    # rounds are blocks: round 2 is 4 % slower for both cells, so nothing is left for the interval's width
+    assert half["ci_low_pct"] == pytest.approx(-50.0) and half["ci_high_pct"] == pytest.approx(-50.0)
+    assert half["within_noise"] == False and half["n_baseline"] == "3×2" and half["ci_df"] == 1  # noqa: E712
     assert rel.loc[("eager", 1)]["note"] == "baseline"
+    # the same spread, not shared by the round: the interval widens to take it in, and 0 % is within noise
+    paths2 = (_cell(tmp_path / "b", "eager", 1, [[10.0] * 3, [10.4] * 3])
+              + _cell(tmp_path / "b", "sdpa", 1, [[10.4] * 3, [10.0] * 3]))
+    same = _rel(paths2, tmp_path / "b" / "results").loc[("sdpa", 1)]
+    assert same["latency_change_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert same["ci_low_pct"] < -3 and same["ci_high_pct"] > 3 and same["within_noise"] == True  # noqa: E712
+
+
+def test_one_process_per_cell_gives_no_interval(tmp_path):
+    root = tmp_path / "results"
+    paths = _cell(tmp_path, "eager", 1, [[10.0, 10.5, 9.8]]) + _cell(tmp_path, "sdpa", 1, [[5.0, 5.2, 4.9]])
+    row = _rel(paths, root).loc[("sdpa", 1)]
+    assert math.isnan(row["ci_low_pct"]) and pd.isna(row["within_noise"]) and row["latency_change_pct"] < -45
 
 
 def test_baseline_comes_from_the_config(tmp_path):
@@ -81,13 +106,21 @@ def test_a_folder_of_two_machines_is_refused(tmp_path):
         aggregate(tmp_path / "results", tmp_path / "tables", "eager", paths)
 
 
-def test_a_file_out_of_place_is_refused(tmp_path):
+@pytest.mark.parametrize("place", ["sdpa/bs1/rep1.json", "eager/bs2/rep1.json", "eager/bs1.json",
+                                   "overhead/sdpa/bs1.json", "repro/sdpa/rep1.json"])
+def test_a_file_out_of_place_is_refused(tmp_path, place):
     path = make_run_json(tmp_path, "eager", 1, SIX)
-    moved = path.parent.parent / "sdpa" / "bs1.json"
-    moved.parent.mkdir()
+    moved = path.parents[2] / place
+    moved.parent.mkdir(parents=True, exist_ok=True)
     moved.write_text(path.read_text())
     with pytest.raises(ResultError, match="not what its place"):
         read_runs([moved], tmp_path / "results")
+
+
+def test_a_control_file_must_hold_the_baseline(tmp_path):
+    path = make_run_json(tmp_path, "sdpa", 1, SIX, control=True)
+    with pytest.raises(ResultError, match="A/A control file holds sdpa"):
+        read_runs([path], tmp_path / "results", baseline="eager")
 
 
 @pytest.mark.parametrize("text,message", [
@@ -134,12 +167,21 @@ def test_aggregate_writes_every_table_and_fragment(results_tree, tmp_path):
     assert na["status"] == "not_applicable" and math.isnan(na["latency_median"])
     assert "boom" in absolute[absolute["variant"] == "offload"].iloc[0]["reason"]
     tables_md = (tmp_path / "tables" / "fragments" / "tables.md").read_text()
-    assert "n too small" in tables_md and "RuntimeError: boom" in tables_md
-    assert "| fp16 |" not in tables_md  # not applicable here: listed once, in the callout
-    assert "95 % CI]" not in tables_md  # n = 5 everywhere: no interval is printed as a 95 % CI
+    assert "RuntimeError: boom" in tables_md
+    assert "| fp16 |" not in tables_md  # not applicable here: listed once, apart
+    # every interval printed states its level and degrees of freedom: 6 ok cells x 1 latency + 4 changes (the
+    # control and sdpa at 2 batch sizes), each on 5 df (6 cells of 2 processes, minus one round effect)
+    tables_part = tables_md.split("**Noise check")[0]
+    intervals = re.findall(r"\[[^\]\[|]+?, [^\]\[|]+?\]( \([^)]*\))?", tables_part)
+    assert len(intervals) == 10 and all(lv == " (95 %, t 5 df)" for lv in intervals)
+    assert "| 5×2 vs 5×2 |" in tables_md  # calls × processes on both sides of a change
     assert read_csv(out["cross_hardware"]).empty  # one machine
     unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
-    assert unavailable.index("RuntimeError: boom") < unavailable.index("not applicable on cpu: needs CUDA")
+    box, _, after = unavailable.partition(":::\n\n")
+    assert "RuntimeError: boom" in box and "fp16" not in box  # failures in the box ...
+    assert "Not applicable on cpu-test-xeon" in after and "fp16" in after  # ... not applicable apart, one line
+    warning = (tmp_path / "tables" / "fragments" / "warning.md").read_text()
+    assert "noise model failed" not in warning  # the A/A control is within noise here
 
 
 def test_two_machines_one_report_no_cross_hardware_ratio(tmp_path):
@@ -189,3 +231,105 @@ def test_pareto_front():
     from barkbench.figures import pareto_front
 
     assert list(pareto_front([1, 2, 3, 2.5], [3, 2, 1, 2.5])) == [True, True, True, False]
+
+
+def _two_round_run(tmp_path, factors):
+    """Cells at bs 1, two processes each: {name: (calls per process, factor of process 1, of process 2)};
+    name "control" is the A/A control."""
+    paths = []
+    for name, (base, f1, f2) in factors.items():
+        for k, f in ((1, f1), (2, f2)):
+            paths.append(make_run_json(tmp_path, "eager" if name == "control" else name, 1, [base * f] * 3,
+                                       process=k, control=name == "control"))
+    return paths
+
+
+def test_a_control_outside_noise_warns_at_the_top(tmp_path):
+    cells = {"eager": (10.0, 1.0, 1.01), "control": (11.0, 1.0, 1.01), "sdpa": (5.0, 1.0, 1.012),
+             "sdpa+int8": (4.0, 1.0, 1.008)}
+    out = aggregate(tmp_path / "results", tmp_path / "tables", "eager", _two_round_run(tmp_path, cells))
+    warning = (tmp_path / "tables" / "fragments" / "warning.md").read_text()
+    assert "This run's noise model failed" in warning and "control vs eager +10.0 %" in warning
+    rel = read_csv(out["relative"]).set_index("variant")
+    assert rel.loc["control", "within_noise"] == False  # noqa: E712
+    findings = (tmp_path / "tables" / "fragments" / "findings.md").read_text()
+    assert "A/A control" in findings and "**outside noise**" in findings
+
+
+def test_headline_is_the_fastest_variant_within_tolerance(tmp_path):
+    from test_report import _fidelity
+
+    cells = {"eager": (10.0, 1.0, 1.01), "control": (10.0, 1.005, 1.01), "sdpa": (8.0, 1.0, 1.01),
+             "sdpa+int8": (4.0, 1.0, 1.008), "sdpa+bf16": (3.0, 1.0, 1.01)}
+    paths = _two_round_run(tmp_path, cells)
+    results = tmp_path / "results"
+    fid = [_fidelity(results, "sdpa", within=True), _fidelity(results, "sdpa+int8", within=False)]
+    out = aggregate(results, tmp_path / "tables", "eager", paths, fidelity=fid)
+    rel = read_csv(out["relative"]).set_index("variant")
+    assert rel.loc["sdpa", "fidelity"] == "within" and rel.loc["sdpa+int8", "fidelity"] == "outside"
+    assert rel.loc["sdpa+bf16", "fidelity"] == "not checked"
+    findings = (tmp_path / "tables" / "fragments" / "findings.md").read_text()
+    headline = next(line for line in findings.splitlines() if "fastest within tolerance" in line)
+    assert "**sdpa**" in headline and "−20.0 %" in headline  # not the faster sdpa+int8 nor sdpa+bf16
+    assert "sdpa+bf16 (−70.0 %, fidelity not checked)" in findings
+    assert "sdpa+int8 (−60.0 %, fidelity outside)" in findings
+    # a fidelity record of other weights is not joined to these speed rows
+    data = json.loads(fid[0].read_text())
+    data["model"]["weights"] = "hub"
+    fid[0].write_text(json.dumps(data))
+    out = aggregate(results, tmp_path / "tables2", "eager", paths, fidelity=fid)
+    assert read_csv(out["relative"]).set_index("variant").loc["sdpa", "fidelity"] == "not checked"
+    assert "no headline" in (tmp_path / "tables2" / "fragments" / "findings.md").read_text()
+
+
+def test_a_record_of_another_config_is_refused_in_one_line(tmp_path):
+    import yaml
+
+    from barkbench.confighash import config_hash
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    cfg["protocol"]["cpu"].update(warmup=1, min_iterations=2, max_iterations=10, budget_s=20.0, time_limit_s=400.0,
+                                  max_new_tokens=64)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ours = config_hash(cfg, "cpu")
+    paths = [make_run_json(tmp_path, "eager", 1, SIX, config_hash=ours),
+             make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours)]
+    aggregate(tmp_path / "results", tmp_path / "tables", "eager", paths, config=tmp_path / "config.yaml")
+    foreign = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash="0123456789abcdef", process=2)
+    with pytest.raises(ResultError) as err:
+        aggregate(tmp_path / "results", tmp_path / "t2", "eager", paths + [foreign], config=tmp_path / "config.yaml")
+    assert str(foreign) in str(err.value) and "config hash 0123456789abcdef" in str(err.value)
+    assert "\n" not in str(err.value)
+    other = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours, process=3, max_new_tokens=32)
+    with pytest.raises(ResultError, match="another protocol .max_new_tokens 32 vs 64"):
+        aggregate(tmp_path / "results", tmp_path / "t3", "eager", paths + [other], config=tmp_path / "config.yaml")
+    hub = make_run_json(tmp_path, "sdpa", 1, SIX, config_hash=ours, process=4, weights="hub")
+    with pytest.raises(ResultError, match="hub weights"):
+        aggregate(tmp_path / "results", tmp_path / "t4", "eager", paths + [hub], config=tmp_path / "config.yaml")
+
+
+def test_a_fidelity_file_out_of_place_is_refused(tmp_path):
+    from test_report import _fidelity
+
+    path = _fidelity(tmp_path / "results", "sdpa", within=True)
+    moved = path.parent / "sdpa+int8.json"
+    path.rename(moved)
+    with pytest.raises(ResultError, match="not what its place"):
+        aggregate(tmp_path / "results", tmp_path / "t", "eager", [make_run_json(tmp_path, "eager", 1, SIX)],
+                  fidelity=[moved])
+
+
+def test_a_too_slow_cell_is_shown_with_its_estimate(tmp_path):
+    paths = _cell(tmp_path, "eager", 1, [[10.0] * 3, [10.2] * 3]) + _cell(tmp_path, "sdpa", 1, [[5.0] * 3, [5.1] * 3])
+    slow = make_run_json(tmp_path, "sdpa+bf16", 1, [70.0], process=1)
+    data = json.loads(slow.read_text())
+    data.update(status="too_slow", reason="too slow: 4 timed calls of ~70 s cannot end within the 400 s time limit")
+    slow.write_text(json.dumps(data))
+    rel = _rel(paths + [slow], tmp_path / "results")
+    row = rel.loc[("sdpa+bf16", 1)]
+    assert row["slowdown"] == pytest.approx(70.0 / math.sqrt(10.0 * 10.2)) and row["calls_made"] == 1
+    aggregate(tmp_path / "results", tmp_path / "tables", "eager", paths + [slow])
+    text = (tmp_path / "tables" / "fragments" / "tables.md").read_text()
+    assert "≈ 6.9× slower (1 timed call; stopped early" in text
+    unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
+    assert "sdpa+bf16" in unavailable and "too\\_slow" in unavailable

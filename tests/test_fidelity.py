@@ -552,3 +552,13 @@ def test_cost_targets_need_a_known_format_and_a_source():
                 '{"bf16": {"source": "x"}}', '{"bf16": {"kl_max": 1, "source": "x"}}', '[1]'):
         with pytest.raises(ValueError):
             fidelity.parse_cost_targets(bad)
+
+
+def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint, tmp_path):
+    from barkbench.fidelity import run_fidelity
+    from barkbench.records import FidelityResult
+
+    out = tmp_path / "fidelity" / "sdpa.json"
+    report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05)
+    assert report["status"] == "failed" and report["reason"] == "time limit 0 s reached"
+    assert FidelityResult.from_json(out).status == "failed"

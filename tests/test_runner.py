@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from barkbench import models, results, runner, stats, trackers
+from barkbench import models, results, runner, trackers
 from barkbench.protocol import Protocol
 from conftest import TINY, TORCH_THREADS
 
@@ -84,9 +85,14 @@ def test_summary_is_recomputable_from_the_iterations(sdpa_run):
     latencies = result["iterations"]["latency_s"]
     assert len(latencies) == proto.max_iterations
     assert all(x > 0 for x in latencies)
-    assert result["summary"]["latency_s"] == stats.summarize(latencies)
+    # the summary describes these very calls (checked against the numbers themselves, not the same function)
+    summary = result["summary"]["latency_s"]
+    ordered = sorted(latencies)
+    assert summary["n"] == len(latencies) and summary["min"] == ordered[0] and summary["max"] == ordered[-1]
+    assert summary["median"] == pytest.approx((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2)
+    assert summary["mean"] == pytest.approx(sum(latencies) / len(latencies))
     on_disk = json.loads(out.read_text())
-    assert on_disk["summary"]["latency_s"] == stats.summarize(on_disk["iterations"]["latency_s"])
+    assert on_disk["summary"] == result["summary"] and on_disk["iterations"]["latency_s"] == latencies
 
 
 def test_throughput_is_consistent(sdpa_run):
@@ -261,10 +267,47 @@ def test_stop_reason():
     long = Protocol(min_iterations=2, max_iterations=9, budget_s=99.0)
     assert runner.stop_reason(long, [2.0, 2.0], job) == "time_limit"  # the next 2 s call would cross it
     assert runner.stop_reason(long, [1.0, 1.0], job) is None  # a 1 s call still fits
-    assert runner.stop_reason(Protocol(min_iterations=3, max_iterations=9), [2.0, 2.0], job) is None  # min first
+    # short of min_iterations, a call that cannot end in time: too slow (test_stop_reason_too_slow)
+    assert runner.stop_reason(Protocol(min_iterations=3, max_iterations=9), [2.0, 2.0], job) == "too_slow"
 
 
-def _slow_decode(monkeypatch, sleep_on_call: int, calls: list):
+def test_stop_reason_too_slow():
+    """Before the minimum calls are timed: stop when the calls so far (before the first one, the warm-up call's
+    time) show that the rest cannot end within the time limit."""
+    proto = Protocol(min_iterations=3, max_iterations=9, budget_s=1.0, time_limit_s=100.0)
+    job = runner.Job(100.0, "protocol")
+    job.start -= 50.0  # 50 s into the 100 s job
+    assert runner.stop_reason(proto, [20.0], job) is None  # 2 more of 20 s end at 90 s
+    assert runner.stop_reason(proto, [30.0], job) == "too_slow"  # 2 more of 30 s would end at 110 s
+    assert runner.stop_reason(proto, [], job, warmup_guess=10.0) is None  # 3 of 10 s end at 80 s
+    assert runner.stop_reason(proto, [], job, warmup_guess=20.0) == "too_slow"
+    assert runner.stop_reason(proto, [], job) is None  # no guess (a compiled variant's only warm-up): try one
+
+
+@pytest.mark.parametrize("slow_call,timed", [(1, 0), (2, 1)])
+def test_a_hopeless_run_stops_early_and_keeps_what_it_measured(tiny_checkpoint, tmp_path, monkeypatch, slow_call,
+                                                               timed):
+    """A 3 s call (the warm-up, or the first timed call) among ~0.1 s ones, with 3 timed calls required in an
+    8 s limit: the run stops as too_slow instead of running into the limit, with the calls it made."""
+    calls = []
+    _slow_decode(monkeypatch, slow_call, calls, sleep_s=3.0)
+    proto = _protocol(min_iterations=3, max_iterations=9, time_limit_s=8.0, do_sample=False)
+    out = tmp_path / "slow.json"
+    result = runner.run(_request("sdpa", proto), out)
+    assert result["status"] == "too_slow", result["reason"]
+    assert re.fullmatch(r"too slow: 3 timed calls of ~(\d\.\d) s cannot end within the 8\.0 s time limit; stopped "
+                        + (r"after 1 timed call" if timed else r"after 0 timed calls \(warm-up only\)"), result["reason"])
+    assert result["timing"]["stopped_by"] == "too_slow" and result["timing"]["warmup_s"]
+    if timed:
+        assert len(result["iterations"]["latency_s"]) == 1 and result["iterations"]["latency_s"][0] >= 3.0
+        assert result["summary"]["latency_s"]["n"] == 1
+    else:
+        assert result["iterations"] is None and result["timing"]["warmup_s"][0] >= 3.0
+    assert len(calls) == 1 + timed  # no call started after the verdict
+    assert results.load_result(out)["status"] == "too_slow"
+
+
+def _slow_decode(monkeypatch, sleep_on_call: int, calls: list, sleep_s: float = 120):
     """Every generate call decodes its audio once: the `sleep_on_call`-th (1-based, warm-up included)
     sleeps until the time limit interrupts it, after the semantic, coarse and fine stages ran."""
     real_load = models.load
@@ -277,7 +320,7 @@ def _slow_decode(monkeypatch, sleep_on_call: int, calls: list):
         def decode(*args, **kw):
             calls.append(time.perf_counter())
             if len(calls) == sleep_on_call:
-                time.sleep(120)
+                time.sleep(sleep_s)
             return real_decode(*args, **kw)
 
         quantizer.decode = decode
@@ -316,11 +359,13 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     with min 2 the run fails saying where it stood."""
     calls = []
     _slow_decode(monkeypatch, 3, calls)
-    proto = _protocol(min_iterations=min_iterations, max_iterations=100, time_limit_s=LIMIT_S, do_sample=False)
+    # min 2: room for both calls as the fast ones predict them (not a too_slow verdict), so the limit fires
+    limit = LIMIT_S if min_iterations == 1 else 2.5 * LIMIT_S
+    proto = _protocol(min_iterations=min_iterations, max_iterations=100, time_limit_s=limit, do_sample=False)
     result = runner.run(_request("sdpa", proto), tmp_path / "r.json")
     if min_iterations == 2:
         assert result["status"] == "failed"
-        assert result["reason"] == "time limit 4.0 s reached after 1 of min 2 timed calls"
+        assert result["reason"] == "time limit 10 s reached after 1 of min 2 timed calls"
         return
     assert result["status"] == "ok", result["reason"]
     assert result["timing"]["stopped_by"] == "time_limit"

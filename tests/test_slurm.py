@@ -66,11 +66,11 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     work = _workflow_copy(tmp_path)
 
     # A node without the declared device refuses the job (no result): the submitter only names the target.
-    no_gpu = "results/smoke/slurm-gpu/synthetic--tiny/eager/bs1.json"
+    no_gpu = "results/smoke/slurm-gpu/synthetic--tiny/eager/bs1/rep1.json"
     refused = _slurm(work, partition, no_gpu, "--config", "hardware=slurm-gpu", "device=cuda",
                      "--set-resources", "benchmark:gpu=0")  # the test node has no GPU for sbatch to give
     assert refused.returncode != 0
-    log = work / "results/smoke/logs/slurm-gpu/synthetic--tiny/eager/bs1.log"
+    log = work / "results/smoke/logs/slurm-gpu/synthetic--tiny/eager/bs1/rep1.log"
     assert "device 'cuda' asked for but CUDA is not available" in log.read_text()
     assert not (work / no_gpu).exists()
 
@@ -90,7 +90,7 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     results = work / "results" / "smoke"
     folder = results / TARGET
     records = sorted(folder.rglob("*.json"))
-    assert len(records) == 8 + 3 + 2 + 1  # runs, fidelity, repro, overhead: as in a local run
+    assert len(records) == 20 + 3 + 1  # processes, fidelity, overhead: as in a local run
     node = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%n"], capture_output=True, text=True,
                           check=True).stdout.split()[0]
     measured = set()

@@ -187,7 +187,8 @@ def test_relative_change_n4_interval_is_the_range_of_pairwise_differences():
     assert r["ci_high"] == pytest.approx(math.exp(d[-1]) - 1, rel=1e-12)
     assert r["range_low"] == pytest.approx(r["ci_low"]) and r["range_high"] == pytest.approx(r["ci_high"])
     assert r["method"] == "Hodges-Lehmann log-ratio, Mann-Whitney exact interval"
-    assert r["within_noise"] is True and r["ci_level"] == 0.95
+    # the level it attains is 1 - 2/70 = 97.1 %, not the nominal 95 %
+    assert r["within_noise"] is True and r["ci_level"] == pytest.approx(1 - 2 / 70)
     assert r["n_baseline"] == 4 and r["n_candidate"] == 4
 
 
@@ -316,3 +317,99 @@ def test_relative_change_coverage(dist):
               f"(k from {kind} U distribution; exact coverage {exact:.4f})", end="")
         assert cov >= NOMINAL - _tolerance(reps)
         assert abs(cov - exact) <= 4 * math.sqrt(exact * (1 - exact) / reps)
+
+
+# ---------------------------------------------------------------- the process as the unit: simulated runs
+
+def _defaults():
+    """Replicates and the fewest timed calls per process of the default CPU run (config/config.yaml)."""
+    import pathlib
+
+    import yaml
+    cfg = yaml.safe_load((pathlib.Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    return int(cfg["replicates"]), int(cfg["protocol"]["cpu"]["min_iterations"])
+
+
+SIM_CELLS = 12  # cells of one simulated run: baseline, its A/A control, a variant 20 % faster, 9 others
+SIM_RUNS = 1500
+CALL_NOISE = 0.01  # per-call spread (log scale)
+DRIFT = 0.03  # slow drift of the machine: +3 % from the first job of the run to the last
+SHIFT = math.log(0.8)
+
+
+def _simulate(rng, tau: float, replicates: int, calls: int):
+    """Per-call latencies of SIM_RUNS runs, shape (runs, cells, replicates, calls): a random effect per process
+    (sd `tau`), per-call noise, and a drift over the run's jobs, scheduled in interleaved rounds (round k runs
+    every cell's k-th process, in a fresh random order)."""
+    mu = np.concatenate([[0.0, 0.0, SHIFT], rng.uniform(-0.7, 0.7, SIM_CELLS - 3)])
+    order = np.argsort(rng.random((SIM_RUNS, replicates, SIM_CELLS)), axis=-1)  # position of each cell in its round
+    slot = (np.arange(replicates)[None, :, None] * SIM_CELLS + order) / (replicates * SIM_CELLS)
+    drift = DRIFT * np.swapaxes(slot, 1, 2)[..., None]  # (runs, cells, replicates, 1)
+    u = rng.normal(0.0, tau, (SIM_RUNS, SIM_CELLS, replicates, 1))
+    e = rng.normal(0.0, CALL_NOISE, (SIM_RUNS, SIM_CELLS, replicates, calls))
+    return np.exp(mu[None, :, None, None] + u + drift + e)
+
+
+def _verdicts(runs):
+    """Per simulated run: (A/A control called outside noise, shifted variant's interval covers the truth) with
+    the process-level method, and the same two with the old per-call method (all calls of a cell pooled)."""
+    out = []
+    for run in runs:
+        pooled = stats.pooled_process_variance([stats.process_means(cell) for cell in run])
+        means = [stats.process_means(cell) - pooled["round_effect"] for cell in run]
+        aa = stats.process_change(means[0], means[1], pooled["var"], pooled["df"])
+        sh = stats.process_change(means[0], means[2], pooled["var"], pooled["df"])
+        old_aa = stats.relative_change(run[0].ravel(), run[1].ravel())
+        old_sh = stats.relative_change(run[0].ravel(), run[2].ravel())
+        out.append((aa["within_noise"] is False, sh["ci_low"] <= math.expm1(SHIFT) <= sh["ci_high"],
+                    old_aa["within_noise"] is False, old_sh["ci_low"] <= math.expm1(SHIFT) <= old_sh["ci_high"],
+                    aa["ci_level"], old_aa["ci_level"]))
+    return np.array(out, dtype=float)
+
+
+SIM_RESULTS: dict[float, dict] = {}
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.01, 0.02, 0.05])
+def test_process_level_interval_keeps_its_level_under_process_spread_and_drift(tau):
+    replicates, calls = _defaults()
+    rng = np.random.default_rng([2026, int(1000 * tau)])
+    v = _verdicts(_simulate(rng, tau, replicates, calls))
+    level, old_level = v[0, 4], v[0, 5]
+    false_rate, coverage, old_false, old_cov = v[:, 0].mean(), v[:, 1].mean(), v[:, 2].mean(), v[:, 3].mean()
+    SIM_RESULTS[tau] = {"false_outside": false_rate, "coverage": coverage, "old_false_outside": old_false,
+                        "old_coverage": old_cov, "old_level": old_level}
+    print(f"\nprocess spread {tau:.0%}, {replicates} processes x {calls} calls, {SIM_CELLS} cells: stated "
+          f"{level:.1%}; false 'outside noise' {false_rate:.1%}, coverage {coverage:.1%} | per-call method "
+          f"(stated {old_level:.1%}): false 'outside noise' {old_false:.1%}, coverage {old_cov:.1%}", end="")
+    assert abs(false_rate - (1 - level)) <= 0.02
+    assert abs(coverage - level) <= 0.02
+
+
+def test_ignoring_between_process_variance_fails_the_same_check():
+    """The check above can fail: the old per-call interval (calls of a cell as independent draws) misses it."""
+    replicates, calls = _defaults()
+    rng = np.random.default_rng([2026, 20])
+    v = _verdicts(_simulate(rng, 0.02, replicates, calls))
+    old_level = v[0, 5]
+    assert abs(v[:, 2].mean() - (1 - old_level)) > 0.02 or abs(v[:, 3].mean() - old_level) > 0.02
+
+
+def test_process_change_known_answer_and_no_interval_without_replicates():
+    base, cand = [np.log(2.0), np.log(2.2)], [np.log(1.0), np.log(1.1)]
+    r = stats.process_change(base, cand, pooled_var=0.01, df=10)
+    assert r["change"] == pytest.approx(-0.5)  # geometric means 2*sqrt(1.1) vs 1*sqrt(1.1)
+    half = sps.t.ppf(0.975, 10) * 0.1  # sqrt(0.01 * (1/2 + 1/2))
+    assert r["ci_low"] == pytest.approx(0.5 * math.exp(-half) - 1)
+    assert r["ci_high"] == pytest.approx(0.5 * math.exp(half) - 1)
+    assert r["within_noise"] is False and r["df"] == 10
+    none = stats.process_change(base, cand, pooled_var=float("nan"), df=0)
+    assert none["ci_low"] is None and none["within_noise"] is None
+    # two rounds, the second 0.1 slower for every cell; the third cell lost its second process
+    pooled = stats.pooled_process_variance([[0.0, 0.1], [1.0, 1.3], [2.0, np.nan]])
+    assert pooled["df"] == 1  # 4 observations - 2 cells - (2 rounds - 1)
+    # additive fit: round effects -/+0.1 (cell 1: +0.1, cell 2: +0.3 -> mean 0.2), residuals +-0.1 in each
+    assert pooled["round_effect"] == pytest.approx([-0.1, 0.1])
+    assert pooled["var"] == pytest.approx(4 * 0.05 ** 2 / 1)
+    single = stats.pooled_process_variance([[0.0], [1.0]])
+    assert single["df"] == 0 and math.isnan(single["var"])

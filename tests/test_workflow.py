@@ -126,8 +126,8 @@ def test_profile_preset_and_configfile_compose(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "config = config/config.yaml + config/smoke.yaml (preset) + other.yaml" in out.stderr
     assert "variant 'bf16+sdpa' is written 'sdpa+bf16'" in out.stderr
-    jobs = set(re.findall(r"results/smoke/[^/\s]+/([^/\s]+)/([^/\s]+)/bs1\.json", out.stdout))
-    assert jobs == {("synthetic--tiny", "eager"), ("synthetic--tiny", "sdpa+bf16")}
+    jobs = set(re.findall(r"results/smoke/[^/\s]+/([^/\s]+)/([^/\s]+)/bs1/rep1\.json", out.stdout))
+    assert jobs == {("synthetic--tiny", "eager"), ("synthetic--tiny", "sdpa+bf16"), ("synthetic--tiny", "control")}
 
 
 def test_hub_is_asked_once_per_workflow_and_jobs_run_offline(tmp_path):
@@ -160,7 +160,7 @@ def test_a_named_target_is_planned_for_its_declared_device_not_for_this_machine(
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "on gpu-partition (cuda protocol" in text
-    assert "results/smoke/gpu-partition/synthetic--tiny/bf16/bs2.json" in text and "--device cuda" in text
+    assert "results/smoke/gpu-partition/synthetic--tiny/bf16/bs2/rep2.json" in text and "--device cuda" in text
     alone = _snakemake(work, "--profile", "workflow/profiles/smoke", "report", "--config", "hardware=gpu-partition")
     assert alone.returncode != 0 and "Traceback" not in alone.stderr and not (work / "results").exists()
     assert "config: hardware 'gpu-partition' names a target: declare its device too" in alone.stderr
@@ -181,7 +181,7 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     dry = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "jobs load a model" in dry.stderr and "the run ends within" in dry.stderr  # the printed estimate
-    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "--cores", "2", "report")
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "--cores", "2", "report", timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     results = work / "results" / "smoke"
     assert sorted(p.name for p in (work / "results").iterdir()) == ["smoke"]  # its own results folder
@@ -190,40 +190,46 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     for name in ("latency", "memory", "throughput", "pareto", "stages", "lengths"):
         assert (results / "figures" / f"{name}.png").exists()
     assert html.count("data:image/png;base64") >= 6
-    runs = sorted(results.glob("*/synthetic--tiny/*/bs*.json")) + sorted(results.glob("*/synthetic--tiny/repro/*/*.json"))
-    ok = [p for p in runs if _json(p)["status"] == "ok" and "repro" not in p.parts and "overhead" not in p.parts]
-    assert ok and len(re.findall(r"<audio[^>]*src=\"data:audio", html)) == len(ok)
+    runs = sorted(results.glob("*/synthetic--tiny/*/bs*/rep*.json")) + sorted(
+        results.glob("*/synthetic--tiny/repro/*/*.json"))
+    ok_cells = {p.parent for p in runs if _json(p)["status"] == "ok" and "repro" not in p.parts}
+    assert ok_cells and len(re.findall(r"<audio[^>]*src=\"data:audio", html)) == len(ok_cells)  # one per cell
     assert "not applicable on cpu" in html
+    assert "A/A control" in html and "Noise check" in html  # the control cell and the check of the noise model
+    # interleaved rounds: every cell's process 1 finished before any process 2 started
+    rounds = {k: [_json(p) for p in runs if p.name == f"rep{k}.json" and "repro" not in p.parts] for k in (1, 2)}
+    assert len(rounds[1]) == len(rounds[2]) == 10  # 4 variants + control, 2 batch sizes
+    assert max(r["finished_at"] for r in rounds[1]) <= min(r["started_at"] for r in rounds[2])
 
     # Exclusive timing: with --cores 2, no two model-loading jobs ran at once (their own start/finish times).
     loading = runs + sorted(results.glob("*/synthetic--tiny/overhead/*/*.json")) + sorted(
         results.glob("*/synthetic--tiny/fidelity/*.json"))
     spans = sorted((_json(p)["started_at"], _json(p)["finished_at"]) for p in loading)
-    assert len(spans) == 8 + 3 + 2 + 1  # runs, fidelity, repro, overhead
+    assert len(spans) == 20 + 3 + 1  # processes (cells x 2), fidelity, overhead (no separate repro)
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
     # A stale JSON of an undeclared variant, and another machine's folder, never reach the report.
     hw = next(p.name for p in results.iterdir() if p.name.startswith("cpu-"))
-    eager = results / hw / "synthetic--tiny" / "eager" / "bs1.json"
-    stale = results / hw / "synthetic--tiny" / "sdpa+int8" / "bs1.json"
-    stale.parent.mkdir()
+    eager = results / hw / "synthetic--tiny" / "eager" / "bs1" / "rep1.json"
+    stale = results / hw / "synthetic--tiny" / "sdpa+int8" / "bs1" / "rep1.json"
+    stale.parent.mkdir(parents=True)
     stale.write_text(eager.read_text().replace('"name": "eager"', '"name": "sdpa+int8"'))
-    other = results / "cpu-other-machine-2t" / "synthetic--tiny" / "eager"
+    other = results / "cpu-other-machine-2t" / "synthetic--tiny" / "eager" / "bs1"
     other.mkdir(parents=True)
-    (other / "bs1.json").write_text(eager.read_text())
+    (other / "rep1.json").write_text(eager.read_text())
 
     # A failed run (here: made so by hand) is attempted again by the next invocation, and only it.
-    failed = results / hw / "synthetic--tiny" / "sdpa" / "bs2.json"
+    failed = results / hw / "synthetic--tiny" / "sdpa" / "bs2" / "rep1.json"
     data = _json(failed)
     data.update(status="failed", reason="RuntimeError: injected", error={"type": "RuntimeError", "message": "x",
                 "traceback": ""}, timing=None, iterations=None, summary=None, memory=None, throughput=None)
     failed.write_text(__import__("json").dumps(data))
     # A corrupt result is measured again too, and so is a deleted one.
-    corrupt = results / hw / "synthetic--tiny" / "eager" / "bs2.json"
+    corrupt = results / hw / "synthetic--tiny" / "eager" / "bs2" / "rep2.json"
     corrupt.write_text("{}")
     deleted = next(results.glob("*/synthetic--tiny/overhead/*/*.json"))
     deleted.unlink()
-    again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
+    again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report", timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{corrupt.relative_to(work)}: schema_version None" in again.stderr  # named, then re-measured
     assert again.stderr.count("rule benchmark:") == 2 and again.stderr.count("rule overhead:") == 1, again.stderr
@@ -247,7 +253,7 @@ def test_prompts_reach_the_run_byte_for_byte(tmp_path, monkeypatch):
     (work / "prompts.yaml").write_text(yaml.safe_dump({"prompts": prompts}, allow_unicode=True))
     hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
                                    text=True, check=True).stdout)["id"]
-    target = f"results/smoke/{hw}/synthetic--tiny/eager/bs2.json"
+    target = f"results/smoke/{hw}/synthetic--tiny/eager/bs2/rep1.json"
     out = _snakemake(work, target, "--cores", "1", "--configfile", "config/smoke.yaml", "prompts.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((work / target).read_text(encoding="utf-8"))
@@ -281,8 +287,8 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
     work = _workflow_copy(tmp_path)
     hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
                                    text=True, check=True).stdout)["id"]
-    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs2.json"
-    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs2.log"
+    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs2/rep1.json"
+    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs2/rep1.log"
     (work / "long.yaml").write_text("protocol: {cpu: {min_iterations: 200, max_iterations: 200}}\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
@@ -299,7 +305,7 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
         os.kill(int(pid), signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert not target.exists() and not list(target.parent.glob(".bs2.json.*"))  # no result, no partial file
+    assert not target.exists() and not list(target.parent.glob(".rep1.json.*"))  # no result, no partial file
     again = _snakemake(work, str(target.relative_to(work)), "--cores", "1", "--configfile", "config/smoke.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(target.read_text())["status"] == "ok"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from . import fragments as md
 from . import layout, tables
@@ -31,15 +32,21 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
     fragments `<out_dir>/fragments/<name>.md` for every name in `layout.FRAGMENT_NAMES`."""
     if not runs:
         raise ValueError("no run results given")
-    run_recs = tables.read_runs(runs, results_dir)
+    run_recs = tables.read_runs(runs, results_dir, baseline)
     fid_recs = tables.read_fidelity(fidelity, results_dir)
     rep_recs = tables.read_runs(repro, results_dir)
     ovh_recs = tables.read_runs(overhead, results_dir)
     tables.check_one_machine_per_folder(run_recs, fid_recs, rep_recs, ovh_recs)
+    if config:
+        tables.check_against_config(yaml.safe_load(Path(config).read_text(encoding="utf-8")),
+                                    run_recs, rep_recs, ovh_recs)
 
-    runs_df = tables.runs_table(run_recs, baseline)
+    processes = tables.runs_table(run_recs, baseline)
+    runs_df = tables.cells_table(processes, baseline)  # one row per cell: every statistic is on processes
     data = {
         "runs": runs_df,
+        "processes": processes,
+        "noise": tables.noise_table(runs_df),
         "absolute": tables.absolute_table(runs_df),
         "relative": tables.relative_table(runs_df, baseline),
         "cross_hardware": tables.cross_hardware_table(runs_df),
@@ -47,6 +54,7 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
         "repro": tables.repro_table(rep_recs, baseline),
         "overhead": tables.overhead_table(ovh_recs, runs_df, baseline),
     }
+    data["relative"] = tables.with_fidelity(data["relative"], runs_df, data["fidelity"], baseline)
     reference_df = pd.read_csv(reference) if reference else None
     data["stacks"] = tables.stacks_table(runs_df, baseline, md.PUBLISHED_TO_OURS, reference_df)
     out = Path(out_dir)
@@ -61,12 +69,13 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
     machines = {f: {**r.hardware, "device": r.device.get("type")} for f, r in records}
     config_text = Path(config).read_text(encoding="utf-8") if config else None
     text = {
-        "warning": md.warning_md([r for _, r in records], [r for _, _, r in fid_recs]),
+        "warning": md.noise_warning_md(data["relative"])
+                   + md.warning_md([r for _, r in records], [r for _, _, r in fid_recs]),
         "findings": md.findings_md(runs_df, data["relative"], data["fidelity"], machines),
         "unavailable": md.unavailable_md(runs_df),
         "protocol": md.protocol_md(runs_df, records, baseline, config_text),
         "provenance": md.provenance_md(records),
-        "tables": md.tables_md(data["absolute"], data["relative"]),
+        "tables": md.tables_md(data["absolute"], data["relative"], data["noise"]),
         "cross_hardware": md.cross_hardware_md(data["cross_hardware"]),
         "stages": md.stages_md(runs_df, tables.calibration_table(runs_df),
                                tables.cpu_guidance_table(runs_df, data["relative"], data["fidelity"])),

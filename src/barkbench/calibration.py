@@ -14,6 +14,8 @@ records: no separate calibration file, no second measurement of the same thing.
 """
 from __future__ import annotations
 
+import warnings
+
 import time
 
 import torch
@@ -57,7 +59,9 @@ def measure(budget_s: float = 0.3) -> dict:
     bf16_s = _best_seconds(lambda: torch.mm(a16, b16), budget_s)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    qlinear = DynamicLinear(GEMM_SIZE, GEMM_SIZE, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao's deprecation notice: the calibration measures what int8 runs today
+        warnings.simplefilter("ignore", UserWarning)
+        qlinear = DynamicLinear(GEMM_SIZE, GEMM_SIZE, dtype=torch.qint8)
     int8_s = _best_seconds(lambda: qlinear(a), budget_s)
     flops = gemm_flops(GEMM_SIZE, GEMM_SIZE, GEMM_SIZE)
     return {

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="auto")
     fid.add_argument("--offline-fallback", choices=["synthetic"], default=None)
     fid.add_argument("--tokens", type=_positive("tokens"), default=32, help="greedy semantic tokens compared")
+    fid.add_argument("--time-limit-s", type=float, default=None, help="stop the check there (recorded as failed)")
     fid.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)
     fid.add_argument("--cost-targets", default=None, metavar="JSON",
                      help="targets of each number format's cost, written before the run: "
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
             variants.parse(args.baseline)
             targets = parse_cost_targets(args.cost_targets) if args.cost_targets else None
             run_fidelity(args.model, args.variant, args.out, args.device, args.offline_fallback, args.tokens,
-                         baseline=args.baseline, retry_of=args.retry_of, cost_targets=targets)
+                         baseline=args.baseline, retry_of=args.retry_of, cost_targets=targets,
+                         time_limit_s=args.time_limit_s)
             return 0
         if args.command == "render":
             from .render import render_report

@@ -29,6 +29,7 @@ only on hub weights against targets written before the run. The comparison itsel
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -45,6 +46,7 @@ from . import models, provenance, variants
 from .protocol import DEADLINE_ENV
 from .records import FidelityResult
 from .runner import _now, _quiet_transformers
+from .trackers import TimeLimit, TimeLimitExceeded
 
 SCHEMA_VERSION = 3
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
@@ -631,10 +633,12 @@ CHAIN_ONLY_FORMATS = ("fine-window",)
 
 def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = "auto",
                  offline_fallback: str | None = None, tokens: int = 32, baseline: str = "eager",
-                 retry_of: str | None = None, cost_targets: dict | None = None) -> dict:
+                 retry_of: str | None = None, cost_targets: dict | None = None,
+                 time_limit_s: float | None = None) -> dict:
     """Write the fidelity record of one variant: against the reference simulation of its number formats (the
     baseline itself when it has none: is the implementation right?) and, for lossy formats, the format's cost
-    against the baseline. Not applicable and failures are recorded, not raised."""
+    against the baseline. Not applicable and failures are recorded, not raised. `time_limit_s` (and the
+    workflow's run deadline): the check is stopped there and recorded as failed, naming the limit."""
     _quiet_transformers()
     variant, base_variant = variants.parse(variant_name), variants.parse(baseline)
     device = provenance.resolve_device(device_name)
@@ -658,38 +662,42 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
     elif time.time() > deadline:
         report.update(status="failed", reason="run budget exhausted before this job started")
     else:
+        seconds_left = min(time_limit_s or math.inf, deadline - time.time())
         try:
-            source = models.resolve(model_id, offline_fallback)
-            report["model"].update(id=source.id, weights=source.weights)
-            report["limits_measured"] = limits_provenance(device, source.weights)
-            base = _load(source, base_variant, device)
-            candidate = _load(source, variant, device)
-            from .references import simulate
+            with TimeLimit(seconds_left) if math.isfinite(seconds_left) else contextlib.nullcontext():
+                source = models.resolve(model_id, offline_fallback)
+                report["model"].update(id=source.id, weights=source.weights)
+                report["limits_measured"] = limits_provenance(device, source.weights)
+                base = _load(source, base_variant, device)
+                candidate = _load(source, variant, device)
+                from .references import simulate
 
-            reference = simulate(base.model, formats)
-            if formats:
-                logits = [teacher_forced_logits(m, device) for m in (base.model, reference, candidate.model)]
-                cost = {k: distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
-                ref_snr, cand_snr = codec_snr(base.model, reference), codec_snr(base.model, candidate.model)
-                report["format_cost"] = format_cost(*logits, ref_snr, cand_snr, source.weights, formats, cost_targets)
-                limits = stage_limits(limit, cost, ref_snr)
-                report["layers"] = layer_check(base.model, reference, candidate.model, device, limit)
-            else:
-                limits = variants.FLOAT_ROUNDING
-            report["limits"] = ({k: _tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
-                                else {"all": _tolerance_dict(limits)})
-            report["tolerance"] = _tolerance_dict(_loosest(limits))
-            # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
-            # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check).
-            with torch._dynamo.config.patch(recompile_limit=64):
-                report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits))
-                if any(f in CHAIN_ONLY_FORMATS for f in formats):  # teacher-forced measures cannot see their cost
-                    report["format_cost"]["chain"] = compare(base.model, reference, base.processor, device, tokens,
-                                                             limits=limits)["chain"]
-            report["violations"] = check(limits, report)
-            report["within_tolerance"] = not report["violations"]
+                reference = simulate(base.model, formats)
+                if formats:
+                    logits = [teacher_forced_logits(m, device) for m in (base.model, reference, candidate.model)]
+                    cost = {k: distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+                    ref_snr, cand_snr = codec_snr(base.model, reference), codec_snr(base.model, candidate.model)
+                    report["format_cost"] = format_cost(*logits, ref_snr, cand_snr, source.weights, formats, cost_targets)
+                    limits = stage_limits(limit, cost, ref_snr)
+                    report["layers"] = layer_check(base.model, reference, candidate.model, device, limit)
+                else:
+                    limits = variants.FLOAT_ROUNDING
+                report["limits"] = ({k: _tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
+                                    else {"all": _tolerance_dict(limits)})
+                report["tolerance"] = _tolerance_dict(_loosest(limits))
+                # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
+                # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check).
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits))
+                    if any(f in CHAIN_ONLY_FORMATS for f in formats):  # teacher-forced measures cannot see their cost
+                        report["format_cost"]["chain"] = compare(base.model, reference, base.processor, device, tokens,
+                                                                 limits=limits)["chain"]
+                report["violations"] = check(limits, report)
+                report["within_tolerance"] = not report["violations"]
         except models.ModelSourceError:
             raise
+        except TimeLimitExceeded:
+            report.update(status="failed", reason=f"time limit {seconds_left:.0f} s reached", error=traceback.format_exc())
         except Exception as exc:
             report.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500],
                           error=traceback.format_exc())

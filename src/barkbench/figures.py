@@ -100,8 +100,8 @@ def _barh(ax, sub, values, xerr=None, color=None):
 
 
 def latency_figure(runs: pd.DataFrame, path) -> Path:
-    """Median latency per variant, one panel per batch size. Error bars: the 95 % order-statistic interval of
-    the median where n >= 6, else the range min-max (hatched bar: n too small)."""
+    """Latency per variant (geometric mean over its processes), one panel per batch size. Error bars: its t
+    interval on the run's pooled between-process variance, else the range min-max of the calls (hatched)."""
     path, ok = Path(path), _ok(runs)
     if ok.empty:
         return _no_data(path, "Latency per variant")
@@ -110,7 +110,7 @@ def latency_figure(runs: pd.DataFrame, path) -> Path:
         if sub.empty:
             ax.set_axis_off()
             continue
-        med = sub["latency_median"].to_numpy(float)
+        med = sub["latency_gmean"].to_numpy(float)
         has_ci = sub["latency_ci_low"].notna().to_numpy()
         low = np.where(has_ci, sub["latency_ci_low"].to_numpy(float), sub["latency_min"].to_numpy(float))
         high = np.where(has_ci, sub["latency_ci_high"].to_numpy(float), sub["latency_max"].to_numpy(float))
@@ -118,7 +118,7 @@ def latency_figure(runs: pd.DataFrame, path) -> Path:
         for patch, ci in zip(ax.patches, has_ci):
             if not ci:
                 patch.set_hatch("//")
-        ax.set_xlabel("latency per generate call, s (median)")
+        ax.set_xlabel("latency per generate call, s (geometric mean over processes)")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -260,9 +260,10 @@ class Figure:
 
 FIGURES: dict[str, Figure] = {
     "latency": Figure(lambda r, p, f: latency_figure(r, p),
-                      "Median latency of one generate call per variant, one panel per batch size. Error bars: 95 % "
-                      "order-statistic confidence interval of the median where n ≥ 6; hatched bars show the range "
-                      "min–max instead (n too small for a 95 % interval)."),
+                      "Latency of one generate call per variant (geometric mean over the cell's processes), one "
+                      "panel per batch size. Error bars: its interval at the level stated in the absolute table "
+                      "(t interval on the run's pooled between-process variance); hatched bars show the range "
+                      "min–max of the calls instead (no cell of the run had two processes)."),
     "memory": Figure(lambda r, p, f: memory_figure(r, p),
                      "Peak memory per variant (CUDA peak allocated memory on GPU; on CPU the peak anonymous RSS: the "
                      "process's own resident memory, weights copied out of the memory-mapped checkpoint first)."),

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import layout
-from .tables import STAGES
+from .tables import CONTROL, STAGES
 
 MINUS = "\u2212"
 PUBLISHED_TO_OURS = {  # the 2023 study's variants -> our optimizations
@@ -24,13 +24,18 @@ STUDY = ('Hugging Face blog "Optimizing Bark using 🤗 Transformers", Aug 2023 
          "(<https://huggingface.co/blog/optimizing-bark>)")
 # CPU instruction-set extensions that decide which CPU variant is fastest (bf16 and int8 matmuls).
 from .provenance import CPU_FEATURES  # noqa: E402
-INTERVALS = ("**Intervals.** Latency of one run: median with the 95 % order-statistic (binomial) confidence "
-             "interval of the median, distribution-free, shown where n ≥ 6; with fewer timed calls the "
-             "range min–max is shown and marked *n too small*. Change vs the baseline: Hodges–Lehmann "
-             "estimate of the shift of log latency with its exact Mann–Whitney 95 % interval "
-             "(distribution-free, valid at small n; needs n ≥ 4 per side); where no 95 % interval exists for "
-             "the n at hand the range of pairwise ratios is shown, and the change is neither called within "
-             "nor outside noise.")
+INTERVALS = ("**Intervals.** The process is the unit of replication: every cell (variant × batch size) is "
+             "measured in several fresh processes, in interleaved rounds (round *k* runs every cell's *k*-th "
+             "process, in a seeded random order), and the baseline once more as its own cell, the A/A control. "
+             "Model: log latency = cell + round + process effect + call noise; a process's mean log latency "
+             "varies with one variance for all cells of a run, estimated from the processes of all cells together "
+             "(rounds taken out; the check of that assumption is the *noise* table below). Latency of a cell: "
+             "geometric mean over its processes with its t interval; change vs the baseline: ratio of the "
+             "geometric means with its t interval on the pooled degrees of freedom. Each interval states its "
+             "level and degrees of freedom: it holds that level under the model, and the simulation in "
+             "`tests/test_stats.py` (per-call noise, process-to-process spread 0–5 %, slow drift) checks the "
+             "achieved rate of false \"outside noise\" verdicts and the coverage stay within 2 points of it. "
+             "*n* is written calls × processes.")
 
 
 # ---------------------------------------------------------------- formatting
@@ -79,26 +84,42 @@ def callout(kind: str, title: str, body: str) -> str:
     return f'::: {{.callout-{kind} title="{title}"}}\n{body.strip()}\n:::\n'
 
 
-def latency_cell(median, low, high, lo_range, hi_range) -> str:
-    if not isnum(median):
+def level_text(level, df) -> str:
+    """The level an interval is stated at, with its degrees of freedom, e.g. `95 %, t 10 df`."""
+    return f"{100 * float(level):.3g} %, t {int(df)} df" if isnum(level) and isnum(df) else ""
+
+
+def latency_cell(gmean, low, high, level=None, df=None) -> str:
+    if not isnum(gmean):
         return ""
     if isnum(low):
-        return f"{fmt_num(median)} [{fmt_num(low)}, {fmt_num(high)}]"
-    return f"{fmt_num(median)} (range {fmt_num(lo_range)}–{fmt_num(hi_range)}, n too small)"
+        return f"{fmt_num(gmean)} [{fmt_num(low)}, {fmt_num(high)}] ({level_text(level, df)})"
+    return f"{fmt_num(gmean)} (no interval: one process)"
 
 
 def change_cell(r) -> str:
     c = r.get("latency_change_pct")
+    if r.get("note") == "too_slow" and isnum(r.get("slowdown")):
+        k = int(r["calls_made"])
+        made = f"{k} timed call{'s' if k != 1 else ''}" if k else "its warm-up call only"
+        return f"≈ {fmt_num(r['slowdown'], 1)}× slower ({made}; stopped early: too slow for its time limit)"
     if not isnum(c) or r.get("note") == "baseline":
         return fmt_pct(c)
     if isnum(r.get("ci_low_pct")):
-        return f"{fmt_pct(c)} [{fmt_pct(r['ci_low_pct'])}, {fmt_pct(r['ci_high_pct'])}]"
-    return f"{fmt_pct(c)} (range {fmt_pct(r['range_low_pct'])} to {fmt_pct(r['range_high_pct'])}, n too small)"
+        return (f"{fmt_pct(c)} [{fmt_pct(r['ci_low_pct'])}, {fmt_pct(r['ci_high_pct'])}] "
+                f"({level_text(r.get('ci_level'), r.get('ci_df'))})")
+    return f"{fmt_pct(c)} (no interval: no cell has two processes)"
+
+
+def n_cell(r) -> str:
+    """calls × processes of both sides of a comparison."""
+    a, b = r.get("n_baseline"), r.get("n_variant")
+    return f"{a} vs {b}" if isinstance(a, str) and isinstance(b, str) else ""
 
 
 def noise_cell(w, change=None) -> str:
     if w is None or (isinstance(w, float) and math.isnan(w)):
-        return "undecided (n too small)" if isnum(change) and change != 0 else ""
+        return "undecided (one process per cell)" if isnum(change) and change != 0 else ""
     return "yes" if bool(w) else "no"
 
 
@@ -117,17 +138,19 @@ def absolute_cells(g: pd.DataFrame) -> pd.DataFrame:
         "batch size": g["batch_size"].astype(int).astype(str),
         "variant": g["variant"].map(md_escape),
         "status": [md_escape(_status(s, r)) for s, r in zip(g["status"], g["reason"])],
-        "n": [str(int(x)) if isnum(x) and s == "ok" else "" for x, s in zip(g["n"], g["status"])],
-        "latency s, median [interval]": [latency_cell(*v) for v in zip(
-            g["latency_median"], g["latency_ci_low"], g["latency_ci_high"], g["latency_min"], g["latency_max"])],
-        "CV": g["latency_cv"].map(lambda x: f"{100 * x:.1f} %" if isnum(x) else ""),
+        "calls × processes": [md_escape(x) if s == "ok" else "" for x, s in zip(g["calls_x_processes"], g["status"])],
+        "latency s, geometric mean [interval]": [latency_cell(*v) for v in zip(
+            g["latency_gmean"], g["latency_ci_low"], g["latency_ci_high"], g["latency_ci_level"], g["latency_ci_df"])],
+        "median of calls s": g["latency_median"].map(fmt_num),
+        "CV of calls": g["latency_cv"].map(lambda x: f"{100 * x:.1f} %" if isnum(x) else ""),
         "peak memory MB": g["peak_memory_mb"].map(lambda x: fmt_num(x, 0)),
         "samples/s": g["samples_per_s"].map(lambda x: fmt_num(x, 3)),
         "RTF": g["rtf"].map(fmt_num),
         "first-call overhead s": g["first_call_overhead_s"].map(lambda x: fmt_num(x, 1)),
-        "compile s": g["compile_s"].map(lambda x: fmt_num(x, 1)),
+        "compile s (first process)": g["compile_s"].map(lambda x: fmt_num(x, 1)),
         "stopped by": g["stopped_by"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
         **energy_and_graph_cells(g),
+        "missing processes": g["process_notes"].map(lambda x: md_escape(x) if isinstance(x, str) else ""),
     })
 
 
@@ -167,7 +190,8 @@ def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "batch size": g["batch_size"].astype(int).astype(str),
         "variant": g["variant"].map(md_escape),
-        "latency change [95 % interval]": [change_cell(r) for r in g.to_dict("records")],
+        "calls × processes (baseline vs variant)": [n_cell(r) for r in g.to_dict("records")],
+        "latency change [interval]": [change_cell(r) for r in g.to_dict("records")],
         "speed-up": g["speedup"].map(lambda x: f"{fmt_num(x)}×" if isnum(x) else ""),
         "within noise": [noise_cell(w, c) for w, c in zip(g["within_noise"], g["latency_change_pct"])],
         "peak memory change": g["memory_change_pct"].map(fmt_pct),
@@ -177,7 +201,30 @@ def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame) -> str:
+def noise_cells(g: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "batch size": g["batch_size"].astype(int).astype(str), "variant": g["variant"].map(md_escape),
+        "calls × processes": g["calls_x_processes"].map(md_escape),
+        "spread of its processes (sd)": g["cell_sd_pct"].map(lambda x: f"{x:.2f} %" if isnum(x) else "–"),
+    })
+
+
+def noise_md(noise: pd.DataFrame) -> str:
+    """The check of the pooled between-process variance: each cell's spread beside the pooled one."""
+    parts = []
+    for hw, g in noise.groupby("hardware", sort=False):
+        first = g.iloc[0]
+        p = first["bartlett_p"]
+        verdict = ("" if not isnum(p) else f" Bartlett's test of equal variances over the cells: p = {p:.3g}"
+                   + (" (**the cells' spreads differ: the pooled interval is too narrow for the noisiest "
+                      "cells and too wide for the quietest**)." if p < 0.05 else " (no evidence against one variance)."))
+        parts.append(f"**Noise check, {md_escape(hw)}**: pooled sd of a process's mean log latency "
+                     f"{fmt_num(first['pooled_sd_pct'])} % ({int(first['df'])} df), round effects "
+                     f"{md_escape(first['round_effects_pct'])} %.{verdict}\n\n{to_pipe_table(noise_cells(g))}")
+    return "\n".join(parts)
+
+
+def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame, noise: pd.DataFrame | None = None) -> str:
     """Absolute and relative tables per hardware and model; variants not applicable there are listed once,
     in the callout above, not as empty rows."""
     parts = [INTERVALS + "\n"]
@@ -188,7 +235,10 @@ def tables_md(absolute: pd.DataFrame, relative: pd.DataFrame) -> str:
         base = md_escape(r["baseline"].iloc[0]) if len(r) else ""
         parts.append(f"### {md_escape(hw)} · {md_escape(model)}\n\nAbsolute numbers:\n\n"
                      f"{to_pipe_table(absolute_cells(g))}\n{energy_and_graph_notes(g)}Change vs {base} (same hardware, model and batch size; "
-                     f"like for like only):\n\n{to_pipe_table(relative_cells(r))}")
+                     f"like for like only; *control*: {base} measured again as its own cell, the A/A check of the "
+                     f"noise model):\n\n{to_pipe_table(relative_cells(r))}")
+    if noise is not None and not noise.empty:
+        parts.append(noise_md(noise))
     return "\n".join(parts)
 
 
@@ -209,6 +259,21 @@ def cross_hardware_md(cross: pd.DataFrame) -> str:
             cells[f"{name} · {md_escape(hw)}"] = g[col].map(lambda x: fmt_num(x, 0 if metric == "peak_memory_mb" else 3))
         parts.append(f"Protocol: {md_escape(label)}\n\n{to_pipe_table(pd.DataFrame(cells))}")
     return "\n".join(parts)
+
+
+def noise_warning_md(rel: pd.DataFrame) -> str:
+    """At the top: a setup whose A/A control (the baseline measured again as its own cell) is outside noise."""
+    from .tables import CONTROL
+
+    aa = rel[(rel["variant"] == CONTROL) & (rel["within_noise"] == False)] if len(rel) else rel  # noqa: E712
+    if aa.empty:
+        return ""
+    lines = [f"- {md_escape(r['hardware'])} · {md_escape(r['model'])}, batch size {r['batch_size']}: control vs "
+             f"{md_escape(r['baseline'])} {change_cell(r)}" for r in aa.to_dict("records")]
+    return callout("warning", "This run's noise model failed",
+                   "The A/A control, the baseline measured again as its own cell, differs from the baseline by more "
+                   "than the intervals allow. The \"within / outside noise\" verdicts of this run are unreliable.\n\n"
+                   + "\n".join(lines)) + "\n"
 
 
 def warning_md(runs: list, fidelity: list) -> str:
@@ -246,20 +311,34 @@ def warning_md(runs: list, fidelity: list) -> str:
 
 
 def unavailable_md(runs: pd.DataFrame) -> str:
-    """One line per variant that did not run (all batch sizes together): failed first, then not applicable."""
-    bad = runs[runs["status"] != "ok"]
-    if bad.empty:
-        return ""
-    lines = []
-    for (status, hw, model, variant, reason), g in bad.groupby(
-            ["status", "hardware", "model", "variant", bad["reason"].fillna("no reason given")], sort=False):
-        sizes = ", ".join(str(b) for b in sorted(g["batch_size"]))
-        lines.append((status != "failed", f"- **{md_escape(variant)}**, batch size {sizes} ({md_escape(hw)} · "
-                                          f"{md_escape(model)}): {md_escape(status)}: {md_escape(reason)}"))
-    failed = (bad["status"] == "failed").any()
-    tail = "\n\nA failed run is attempted again by the next `snakemake ... report`." if failed else ""
-    return callout("important" if failed else "note", "Variants not applicable or failed",
-                   "\n".join(text for _, text in sorted(lines, key=lambda x: x[0])) + tail)
+    """Failed (or too slow) variants in a box, one line each (all batch sizes together); variants that cannot
+    run on a device listed apart, in one neutral line per setup."""
+    bad = runs[~runs["status"].isin(["ok", "not_applicable"])]
+    out = []
+    if not bad.empty:
+        lines = []
+        for (status, hw, model, variant, reason), g in bad.groupby(
+                ["status", "hardware", "model", "variant", bad["reason"].fillna("no reason given")], sort=False):
+            sizes = ", ".join(str(b) for b in sorted(g["batch_size"]))
+            lines.append(f"- **{md_escape(variant)}**, batch size {sizes} ({md_escape(hw)} · {md_escape(model)}): "
+                         f"{md_escape(status)}: {md_escape(reason)}")
+        failed = (bad["status"] == "failed").any()
+        tail = "\n\nA failed run is attempted again by the next `snakemake ... report`." if failed else ""
+        out.append(callout("important", "Variants that failed or were stopped", "\n".join(lines) + tail))
+    short = runs[(runs["status"] == "ok") & runs["process_notes"].fillna("").astype(bool)] \
+        if "process_notes" in runs else runs.iloc[0:0]
+    if len(short):
+        out.append("Measured in fewer processes than declared (their intervals use the processes measured; a run "
+                   "budget cuts the last rounds first): " + "; ".join(
+                       f"{md_escape(r['variant'])} bs {r['batch_size']} ({md_escape(r['process_notes'])})"
+                       for r in short.to_dict("records")) + ".\n")
+    na = runs[runs["status"] == "not_applicable"]
+    for (hw, model), g in _setups(na):
+        why = g.drop_duplicates("variant")
+        names = "; ".join(f"{md_escape(v)} ({md_escape(r)})" if isinstance(r, str) else md_escape(v)
+                          for v, r in zip(why["variant"], why["reason"]))
+        out.append(f"Not applicable on {md_escape(hw)} · {md_escape(model)}, so not measured: {names}.\n")
+    return "\n".join(out)
 
 
 def _cpu_features(hw: dict) -> list[str]:
@@ -276,23 +355,35 @@ def findings_md(runs: pd.DataFrame, rel: pd.DataFrame, fidelity: pd.DataFrame, h
             native = any(f in have for f in ("avx512_bf16", "amx_bf16"))
             out.append(f"- CPU features that decide the fastest variant: {', '.join(have) or 'none of ' + ', '.join(CPU_FEATURES)}"
                        f" ({'native bf16 matmuls' if native else 'no native bf16: bf16 is emulated and may be much slower than fp32'}).")
-        fid = fidelity[(fidelity["hardware"] == hw) & (fidelity["model"] == model)] if len(fidelity) else fidelity
         for bs, g in grp.groupby("batch_size"):
-            cand = g[(g["status"] == "ok") & (g["note"] != "baseline") & g["latency_change_pct"].notna()]
+            control = g[g["variant"] == CONTROL]
+            if len(control) and isnum(control.iloc[0]["latency_change_pct"]):
+                c = control.iloc[0]
+                out.append(f"- batch size {bs}: A/A control ({md_escape(c['baseline'])} measured again as its own "
+                           f"cell, {n_cell(c)}): {change_cell(c)}, "
+                           f"{ {True: 'within noise', False: '**outside noise**'}.get(c['within_noise'], 'undecided')}.")
+            cand = g[(g["status"] == "ok") & ~g["note"].isin(["baseline"]) & (g["variant"] != CONTROL)
+                     & g["latency_change_pct"].notna()]
             if cand.empty:
                 out.append(f"- batch size {bs}: no optimized variant could be compared with the baseline.")
                 continue
-            best = cand.loc[cand["latency_change_pct"].idxmin()]
-            verdict = ""
-            if len(fid):
-                f = fid[fid["variant"] == best["variant"]]
-                if len(f) and f.iloc[0]["status"] == "ok":
-                    verdict = ("; fidelity check: within tolerance" if f.iloc[0]["within_tolerance"]
-                               else "; fidelity check: **outside tolerance** (see Fidelity)")
-            noise = {True: "within noise", False: "outside noise"}.get(best["within_noise"], "n too small to decide")
-            word = "fastest" if best["latency_change_pct"] < 0 else "no variant was faster; least slowdown"
-            out.append(f"- batch size {bs}: {word} **{md_escape(best['variant'])}**, latency {change_cell(best)} vs "
-                       f"{md_escape(best['baseline'])} ({noise}){verdict}.")
+            within = cand[cand["fidelity"] == "within"]
+            if within.empty:
+                out.append(f"- batch size {bs}: no headline: no compared variant has a fidelity verdict "
+                           "\"within tolerance\".")
+            else:
+                best = within.loc[within["latency_change_pct"].idxmin()]
+                noise = {True: "within noise", False: "outside noise"}.get(best["within_noise"], "undecided")
+                word = "fastest within tolerance" if best["latency_change_pct"] < 0 else \
+                    "no variant within tolerance was faster; least slowdown"
+                out.append(f"- batch size {bs}: {word}: **{md_escape(best['variant'])}**, latency {change_cell(best)} "
+                           f"vs {md_escape(best['baseline'])} ({noise}; {n_cell(best)} calls × processes).")
+            faster = cand[(cand["fidelity"] != "within") & (cand["within_noise"] == False)  # noqa: E712
+                          & (cand["latency_change_pct"] < (within["latency_change_pct"].min() if len(within) else 0))]
+            if len(faster):
+                out.append("  Faster, but not headlined: " + ", ".join(
+                    f"{md_escape(r['variant'])} ({fmt_pct(r['latency_change_pct'])}, fidelity {md_escape(r['fidelity'])})"
+                    for r in faster.sort_values("latency_change_pct").to_dict("records")) + ".")
         sub = runs[(runs["hardware"] == hw) & (runs["model"] == model) & (runs["status"] == "ok")]
         if len(sub):
             big = sub["batch_size"].max()
@@ -319,7 +410,12 @@ def protocol_md(runs: pd.DataFrame, records: list, baseline: str, config_text: s
             "overhead; for compiled variants the compile time, measured with a cold compile cache), then timed "
             "calls until max iterations, or until at least min iterations were timed and the timed calls took "
             "budget s; a job is stopped at time limit s (recorded as failed when fewer than min iterations were "
-            "timed). Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
+            "timed; stopped early as too slow when its first calls show the minimum cannot fit). "
+            + (f"Each cell was declared in {int(runs['processes_declared'].max())} fresh processes, run in "
+               "interleaved rounds (process *k* of every cell in round *k*, in a seeded random order per round), "
+               "and the baseline once more as its own cell, the A/A control. "
+               if "processes_declared" in runs and runs["processes_declared"].notna().any() else "")
+            + "Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
     prompts = []
     for _, rec in records:
         for q in rec.protocol.get("prompts") or []:
@@ -372,8 +468,8 @@ def stages_md(runs: pd.DataFrame, calibration: pd.DataFrame | None = None,
                 cells[f"{st} floor s (× floor)"] = [
                     f"{fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) else "–"
                     for f, x in zip(g[f"stage_{st}_floor_s"], g[f"stage_{st}_x_floor"])]
-        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** (medians over the timed calls)\n\n"
-                     + to_pipe_table(pd.DataFrame(cells)))
+        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** (medians over the timed calls of each process, "
+                     f"then over the processes)\n\n" + to_pipe_table(pd.DataFrame(cells)) + _fine_padding(g))
         parts.append(_calibration_md(calibration, hw) + _guidance_md(guidance, hw, model))
     return "\n".join(parts) if parts else "_No ok runs._\n"
 
@@ -414,6 +510,25 @@ def _guidance_md(guidance: pd.DataFrame | None, hw: str, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
+def _fine_padding(g: pd.DataFrame) -> str:
+    """How much of the fine model's window is padding at the configured length (fixed length mode)."""
+    from .models import COARSE_GENERATION, FINE_GENERATION, SEMANTIC_GENERATION  # imports torch: only here
+
+    fixed = g[g["length_mode"] == "fixed"]["max_new_tokens"].dropna().unique()
+    if len(fixed) != 1:
+        return ""
+    tokens = int(fixed[0])
+    frames = tokens * COARSE_GENERATION["coarse_rate_hz"] / SEMANTIC_GENERATION["semantic_rate_hz"]
+    window = FINE_GENERATION["max_fine_input_length"]
+    share = max(0.0, 1 - frames / window)
+    return (f"\nAt {tokens} semantic tokens (≈ {tokens / SEMANTIC_GENERATION['semantic_rate_hz']:.2f} s of audio) a "
+            f"call has ≈ {frames:.0f} coarse frames, while the fine model always runs its {window}-frame window: "
+            f"≈ {100 * share:.0f} % of the fine stage's work is padding, so these stage shares do not represent "
+            "real utterances of several seconds.\n")
+
+
 def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:
     """Name in the report -> WAV file, for every ok run that recorded one."""
     ok = runs[(runs["status"] == "ok") & runs["wav"].notna()]
@@ -434,6 +549,31 @@ def _opts(value) -> frozenset:
     return frozenset(o for o in str(value).split("+") if o) if isinstance(value, str) else frozenset()
 
 
+def _protocol_differences(pub: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Each difference between the study's protocol and ours: tokens, timed calls, hardware, weights."""
+    study = pub[pub["source"] == "blog-2023"]
+    if study.empty or runs.empty:
+        return ""
+    ok = runs[runs["status"] == "ok"]
+    lines = ["How the protocols differ:\n"]
+    hw = ", ".join(sorted(set(study["hardware"])))
+    ckpt = ", ".join(sorted(set(study["checkpoint"])))
+    s_tokens = ", ".join(str(int(x)) for x in sorted(set(study["max_new_tokens"].dropna())))
+    s_calls = ", ".join(str(int(x)) for x in sorted(set(study["iterations"].dropna())))
+    for (h, model), g in _setups(ok):
+        dev = ", ".join(sorted(set(g["device"])))
+        weights = ", ".join(f"{w} ({md_escape(i)})" for w, i in sorted(set(zip(g["weights"], g["model_id"]))))
+        tokens = ", ".join(f"{int(t)} ({md_escape(m)} length)" for t, m in
+                           sorted(set(zip(g["max_new_tokens"], g["length_mode"]))))
+        calls = ", ".join(sorted(set(md_escape(x) for x in g["calls_x_processes"])))
+        lines += [f"- **{md_escape(h)} · {md_escape(model)}** vs the study:",
+                  f"    - hardware: {md_escape(h)} ({md_escape(dev)}) vs {md_escape(hw)}",
+                  f"    - weights: {weights} vs {md_escape(ckpt)} (hub)",
+                  f"    - semantic tokens per call: {tokens} vs {md_escape(s_tokens)}",
+                  f"    - timed calls per cell (calls × processes): {calls} vs {md_escape(s_calls)} calls in one process"]
+    return "\n".join(lines) + "\n"
+
+
 def comparison_md(reference: pd.DataFrame | None, runs: pd.DataFrame, rel: pd.DataFrame) -> str:
     if reference is None or reference.empty:
         return "_Reference data not found._\n"
@@ -444,8 +584,8 @@ def comparison_md(reference: pd.DataFrame | None, runs: pd.DataFrame, rel: pd.Da
         "variant": pub["variant"].map(md_escape), "latency s": pub["latency_s"].map(fmt_num),
         "peak memory MB": pub["peak_memory_mb"].map(lambda x: fmt_num(x, 0)),
         "samples/s": pub["throughput_samples_per_s"].map(fmt_num)})
-    text = (f"Published numbers from the {STUDY}: `blog-2023` is its 100-iteration benchmark, "
-            "`blog-2023-walkthrough` the short walk-through in the same post.\n\n" + to_pipe_table(shown))
+    text = (f"Published numbers from the {STUDY}: `blog-2023` is its benchmark, `blog-2023-walkthrough` the short "
+            "walk-through in the same post.\n\n" + to_pipe_table(shown) + "\n" + _protocol_differences(pub, runs))
     opts = dict(zip(zip(runs["hardware"], runs["model"], runs["variant"]), runs["optimizations"].map(_opts)))
     rows = []
     for (src, bs), g in pub.groupby(["source", "batch_size"], sort=False):
@@ -667,7 +807,8 @@ def overhead_md(df: pd.DataFrame) -> str:
         **_key_cells(df),
         "plain median s": df["plain_median_s"].map(fmt_num),
         "instrumented median s": df["instrumented_median_s"].map(fmt_num),
-        "change [95 % interval]": [change_cell(r) or md_escape(r["note"]) for r in df.to_dict("records")],
+        "calls × processes (plain vs instrumented)": [n_cell(r) for r in df.to_dict("records")],
+        "change [interval]": [change_cell(r) or md_escape(r["note"]) for r in df.to_dict("records")],
         "within noise": [noise_cell(w, c) for w, c in zip(df.get("within_noise", pd.Series([None] * len(df))),
                                                          df.get("latency_change_pct", pd.Series([None] * len(df))))],
         "timer cost, direct": [f"{x:.4f} %" if isnum(x) else "" for x in df["timer_cost_pct"]]})
@@ -679,8 +820,8 @@ def overhead_md(df: pd.DataFrame) -> str:
                    f"the timers cost at most {worst:.4f} % of a call's latency: "
                    + ("under the 1 % budget." if worst < 1 else "**over the 1 % budget**."))
     return ("## Instrumentation overhead\n\nInstrumented runs (per-stage timers on) against plain runs without stage "
-            "timers, same configuration, separate processes: this comparison is bounded by run-to-run noise (see "
-            "Reproducibility)." + verdict + "\n\n" + to_pipe_table(cells))
+            "timers, same configuration, separate processes; the interval includes the run's between-process "
+            "variance (one plain process against the instrumented cell's processes)." + verdict + "\n\n" + to_pipe_table(cells))
 
 
 def stacks_md(stacks: pd.DataFrame, fid: pd.DataFrame) -> str:
@@ -690,7 +831,7 @@ def stacks_md(stacks: pd.DataFrame, fid: pd.DataFrame) -> str:
     text = ("The study's variants on its own software stack (`legacy+`: transformers 4.45 with optimum's "
             "BetterTransformer `bt`, `envs/legacy-requirements.txt`) beside today's, on the same machine, weights "
             "and protocol. The library versions differ (column *differs*), so these changes are not in the "
-            "like-for-like tables above. *Change*: today's latency relative to the 2023 stack's (95 % interval); "
+            "like-for-like tables above. *Change*: today's latency relative to the 2023 stack's (interval with its level); "
             "*speed-up*: each variant against the eager baseline of its own stack; *published*: the study's "
             "change for the same optimization (GPU, suno/bark).\n\n")
     shown = pd.DataFrame({
@@ -701,9 +842,9 @@ def stacks_md(stacks: pd.DataFrame, fid: pd.DataFrame) -> str:
                        for v, x in zip(stacks["variant_2023"], stacks["latency_2023_s"])],
         "today": [f"{md_escape(v)}: {fmt_num(x)} s" if isnum(x) else md_escape(v or "")
                   for v, x in zip(stacks["variant_today"], stacks["latency_today_s"])],
-        "change": [f"{fmt_pct(c)} [{fmt_pct(lo)}, {fmt_pct(hi)}]" if isnum(c) and isnum(lo) else
-                   (fmt_pct(c) if isnum(c) else md_escape(n)) for c, lo, hi, n in
-                   zip(stacks["latency_change_pct"], stacks["ci_low_pct"], stacks["ci_high_pct"], stacks["note"])],
+        "change [interval]": [change_cell(r) if isnum(r["latency_change_pct"]) else md_escape(r["note"])
+                              for r in stacks.to_dict("records")],
+        "calls × processes": [n_cell(r) for r in stacks.to_dict("records")],
         "speed-up 2023 / today": [" / ".join(f"{fmt_num(x)}×" if isnum(x) else "–" for x in (a, b))
                                   for a, b in zip(stacks["speedup_2023"], stacks["speedup_today"])],
         "published": stacks["published_pct"].map(lambda x: fmt_pct(x) if isnum(x) else ""),

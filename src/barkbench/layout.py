@@ -3,7 +3,8 @@
 One source of truth for the workflow's rules (which format these patterns with their wildcards) and
 for the package. Each machine's measurements stay under their own hardware folder:
 
-    <results>/<hardware>/<model>/<variant>/bs<N>.json          one benchmark run (+ .wav beside it)
+    <results>/<hardware>/<model>/<variant>/bs<N>/rep<K>.json   process K of a cell (+ .wav beside it)
+    <results>/<hardware>/<model>/control/bs<N>/rep<K>.json     the baseline again, as its own cell (A/A control)
     <results>/<hardware>/<model>/fidelity/<variant>.json       fidelity of a variant against the baseline
     <results>/<hardware>/<model>/repro/<variant>/rep<K>.json   the same run repeated in fresh processes
     <results>/<hardware>/<model>/overhead/<variant>/bs<N>.json a plain run without stage timers
@@ -11,8 +12,10 @@ for the package. Each machine's measurements stay under their own hardware folde
 """
 from __future__ import annotations
 
-FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR = "fidelity", "repro", "overhead"
-RUN = "{hardware}/{model}/{variant}/bs{bs}.json"
+FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR, CONTROL_DIR = "fidelity", "repro", "overhead", "control"
+# A cell (model x variant x batch size) is measured in several fresh processes, process K in round K.
+RUN = "{hardware}/{model}/{variant}/bs{bs}/rep{k}.json"
+CONTROL = "{hardware}/{model}/%s/bs{bs}/rep{k}.json" % CONTROL_DIR
 FIDELITY = "{hardware}/{model}/%s/{variant}.json" % FIDELITY_DIR
 REPRO = "{hardware}/{model}/%s/{variant}/rep{k}.json" % REPRO_DIR
 OVERHEAD = "{hardware}/{model}/%s/{variant}/bs{bs}.json" % OVERHEAD_DIR
@@ -26,11 +29,11 @@ FIGURES = "figures"
 REPORT = "report.html"
 CONFIG = "config.yaml"
 
-# Folder names a variant can never take (they hold the fidelity, repro and overhead files).
-RESERVED = (FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR)
+# Folder names a variant can never take (they hold the fidelity, repro, overhead and control files).
+RESERVED = (FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR, CONTROL_DIR)
 
 # Tables written by `barkbench aggregate` (CSV: data; the report's fragments are Markdown beside them).
-TABLE_NAMES = ("runs", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead", "stacks")
+TABLE_NAMES = ("runs", "processes", "noise", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead", "stacks")
 FRAGMENT_NAMES = ("warning", "findings", "unavailable", "protocol", "provenance", "tables", "cross_hardware",
                   "stages", "fidelity", "repro", "overhead", "comparison", "stacks", "audio")
 

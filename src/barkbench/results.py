@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "not_applicable", "failed")
+STATUSES = ("ok", "not_applicable", "failed", "too_slow")
 
 
 @lru_cache(maxsize=None)

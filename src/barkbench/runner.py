@@ -215,12 +215,16 @@ def warm_up(loaded: Loaded, proto: Protocol, label: str, clock: Clock, job: Job)
     return warmup_s
 
 
-def stop_reason(proto: Protocol, latencies: list[float], job: Job) -> str | None:
-    """Why no further timed call starts; None: one more."""
+def stop_reason(proto: Protocol, latencies: list[float], job: Job, warmup_guess: float | None = None) -> str | None:
+    """Why no further timed call starts; None: one more. "too_slow": the calls so far (before the first, the
+    warm-up call, `warmup_guess`) show that the minimum number of timed calls cannot end within the time limit."""
     n = len(latencies)
     if n >= proto.max_iterations:
         return "max_iterations"
     if n < proto.min_iterations:
+        per_call = float(np.median(latencies)) if latencies else warmup_guess
+        if per_call is not None and job.elapsed() + (proto.min_iterations - n) * per_call > job.limit_s:
+            return "too_slow"
         return None
     if sum(latencies) >= proto.budget_s:
         return "budget"
@@ -230,7 +234,7 @@ def stop_reason(proto: Protocol, latencies: list[float], job: Job) -> str | None
 
 
 def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device, clock: Clock,
-               job: Job) -> Timed:
+               job: Job, warmup_guess: float | None = None) -> Timed:
     """The timed calls, until stop_reason says so or the time limit fires (kept once min_iterations are done)."""
     proto = req.protocol
     if device.type == "cuda":
@@ -245,7 +249,7 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
     counting = compile_counters.counting() if "compile" in req.variant.split("+") else nullcontext()
     with PeakRSS() as rss, counting as compiled, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
         try:
-            while (stopped_by := stop_reason(proto, latencies, job)) is None:
+            while (stopped_by := stop_reason(proto, latencies, job, warmup_guess)) is None:
                 if req.fail_with:
                     raise RuntimeError(req.fail_with)
                 start = counter.read() if counter else None
@@ -315,7 +319,21 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
         compiled = "compile" in variant.names
         with compile_counters.counting() if compiled else nullcontext() as warmup_counts:
             warmup_s = warm_up(loaded, req.protocol, label, clock, job)
-        timed = timed_loop(req, loaded, label, device, clock, job)
+        # the last warm-up call predicts a timed one, except a compiled variant's only one (it compiled)
+        guess = None if compiled and len(warmup_s) < 2 else warmup_s[-1]
+        timed = timed_loop(req, loaded, label, device, clock, job, guess)
+    if timed.stopped_by == "too_slow":
+        n, need = len(timed.latency_s), req.protocol.min_iterations
+        per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]
+        why = (f"too slow: {need} timed calls of ~{_secs(per_call)} s cannot end within the {_secs(job.limit_s)} s time "
+               f"limit; stopped after {n} timed call{'s' if n != 1 else ''}" + ("" if n else " (warm-up only)"))
+        result.update(status="too_slow", reason=why)
+        if not n:
+            result.update(timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
+                                  "first_call_overhead_s": None, "compile_s": None, "stopped_by": "too_slow",
+                                  "timed_s": 0.0, "job_s": job.elapsed(), "time_limit_s": job.limit_s,
+                                  "time_limit_source": job.limit_source})
+            return None
     summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed, warmup_counts)
     return timed.wav
 

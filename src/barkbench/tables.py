@@ -4,14 +4,16 @@ computed here, once; the Markdown fragments and the figures only read these tabl
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats as _sps
 
-from . import calibration, layout, variants
+from . import calibration, layout, stats, variants
 from .records import FidelityResult, ResultError, RunResult, hardware_folder
-from .stats import relative_change
 
 STAGES = ("semantic", "coarse", "fine", "decode")
 MB = 1e6  # 1 MB = 10^6 bytes, as the 2023 study
@@ -38,27 +40,76 @@ def _median(xs):
 
 # ---------------------------------------------------------------- reading the declared files
 
-def _check_place(rec: RunResult, path: Path, root) -> str:
-    """The hardware folder of a run file; its content must be what its place in the layout says."""
+def _check_place(rec: RunResult, path: Path, root, baseline: str | None = None) -> str:
+    """The hardware folder of a run file; its content must be what its place in the layout says (a control
+    file holds the baseline)."""
     folder = hardware_folder(path, root)
     model, variant, bs = layout.slug(rec.model["requested"]), rec.variant["name"], rec.protocol["batch_size"]
     rel = Path(path).resolve().relative_to(Path(root).resolve()).parts
-    if rel[1] != model or (rel[2] not in layout.RESERVED and (rel[2] != variant or rel[3] != f"bs{bs}.json")):
+    if rel[2] == layout.CONTROL_DIR:
+        expected = (model, layout.CONTROL_DIR, f"bs{bs}")
+        if baseline is not None and variant != baseline:
+            raise ResultError(f"{path}: an A/A control file holds {variant}, not the baseline {baseline}")
+    elif rel[2] in layout.RESERVED:  # <model>/repro/<variant>/rep<K>.json, <model>/overhead/<variant>/bs<N>.json
+        expected = (model, rel[2], variant)
+    else:
+        expected = (model, variant, f"bs{bs}")
+    name = f"bs{bs}.json" if rel[2] == layout.OVERHEAD_DIR else r"rep\d+\.json"
+    if tuple(rel[1:4]) != expected or not re.fullmatch(name, rel[-1]) or len(rel) != 5:
         raise ResultError(f"{path}: holds {rec.model['requested']} / {variant} / batch size {bs}, "
                           f"not what its place in the results layout says")
     return folder
 
 
-def read_runs(paths, root) -> list[tuple[str, Path, RunResult]]:
+def read_runs(paths, root, baseline: str | None = None) -> list[tuple[str, Path, RunResult]]:
     out = []
     for p in map(Path, paths):
         rec = RunResult.from_json(p)
-        out.append((_check_place(rec, p, root), p, rec))
+        out.append((_check_place(rec, p, root, baseline), p, rec))
     return out
 
 
 def read_fidelity(paths, root) -> list[tuple[str, Path, FidelityResult]]:
-    return [(hardware_folder(p, root), Path(p), FidelityResult.from_json(p)) for p in map(Path, paths)]
+    """Fidelity records, each holding what its place says: <hardware>/<model>/fidelity/<variant>.json."""
+    out = []
+    for p in map(Path, paths):
+        rec = FidelityResult.from_json(p)
+        folder = hardware_folder(p, root)
+        rel = p.resolve().relative_to(Path(root).resolve()).parts
+        if rel[1:] != (layout.slug(rec.model["requested"]), layout.FIDELITY_DIR, f"{rec.variant}.json"):
+            raise ResultError(f"{p}: holds the fidelity of {rec.variant} ({rec.model['requested']}), not what its "
+                              "place in the results layout says")
+        out.append((folder, p, rec))
+    return out
+
+
+def check_against_config(config: dict, *record_lists) -> None:
+    """Every record measured with this config: its model among the config's, its protocol the config's for
+    its device, its config hash this config's, and one weights kind (and checkpoint) per hardware and model.
+    The first record that does not match is refused with one line naming its file."""
+    from .confighash import config_hash
+
+    weights: dict[tuple, tuple] = {}
+    for records in record_lists:
+        for folder, path, rec in records:
+            device = "cuda" if str(rec.device.get("type", "")).startswith("cuda") else "cpu"
+            if rec.model["requested"] not in config["models"]:
+                raise ResultError(f"{path}: measured {rec.model['requested']}, not a model of this config "
+                                  f"({', '.join(config['models'])})")
+            want = {**config["protocol"][device], **config["protocol"]["sampling"]}
+            diff = [k for k, v in want.items() if rec.protocol.get(k) != v]
+            if diff:
+                raise ResultError(f"{path}: measured with another protocol ({'; '.join(f'{k} {rec.protocol.get(k)!r} vs {want[k]!r}' for k in diff)[:200]}): re-measure it or remove it")
+            expected = config_hash(config, device)
+            if rec.config_hash != expected:
+                raise ResultError(f"{path}: measured with config hash {rec.config_hash}, this config's is {expected} "
+                                  "(protocol, prompts, offline fallback): re-measure it or remove it")
+            if rec.status == "ok":
+                kind = (rec.model.get("weights"), rec.model.get("id"))
+                first = weights.setdefault((folder, rec.model["requested"]), kind)
+                if kind != first:
+                    raise ResultError(f"{path}: {kind[0]} weights ({kind[1]}), while other results of {folder} · "
+                                      f"{rec.model['requested']} used {first[0]} weights ({first[1]})")
 
 
 def check_one_machine_per_folder(*record_lists) -> dict[str, str]:
@@ -83,6 +134,15 @@ def _protocol_key(protocol: dict) -> str:
     return json.dumps({k: v for k, v in sorted(protocol.items()) if k != "batch_size"})
 
 
+CONTROL = "control"  # the variant column of the A/A control cell (the baseline measured again as its own cell)
+
+
+def _process_of(path: Path) -> int:
+    """K of a `rep<K>.json` (the round the process ran in); 1 for a file of a single process."""
+    m = re.fullmatch(r"rep(\d+)\.json", path.name)
+    return int(m.group(1)) if m else 1
+
+
 def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     it, summ = rec.iterations or {}, _get(rec.summary, "latency_s") or {}
     mem, thr, timing = rec.memory or {}, rec.throughput or {}, rec.timing or {}
@@ -100,7 +160,9 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     row = {
         "hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
         "model_id": rec.model.get("id"), "weights": rec.model.get("weights"),
-        "variant": rec.variant["name"], "optimizations": "+".join(rec.variant.get("optimizations") or []),
+        "variant": CONTROL if path.parent.parent.name == layout.CONTROL_DIR else rec.variant["name"],
+        "process": _process_of(path),
+        "optimizations": "+".join(rec.variant.get("optimizations") or []),
         "baseline": baseline, "batch_size": int(rec.protocol["batch_size"]), "status": rec.status,
         "reason": rec.reason, "device": device, "instrumented": bool(rec.instrumented),
         "protocol": _protocol_key(rec.protocol),
@@ -119,6 +181,7 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         "rtf": thr.get("rtf", np.nan),
         "load_s": timing.get("load_s", np.nan), "compile_s": timing.get("compile_s") or np.nan,
         "first_call_overhead_s": timing.get("first_call_overhead_s", np.nan),
+        "first_call_s": timing.get("first_call_s", np.nan),
         "stopped_by": timing.get("stopped_by"), "timed_s": timing.get("timed_s", np.nan),
         "stage_timer_overhead_s": timing.get("stage_timer_overhead_s") or np.nan,
     })
@@ -168,19 +231,21 @@ def compiled_cells(compiled: dict | None) -> dict:
             "cuda_graph_skip_reasons": json.dumps(compiled["cuda_graph_skip_reasons"])}
 
 
-def variant_order(variants, baseline: str) -> list[str]:
-    """Baseline first, then alphabetical."""
-    uniq = sorted(set(variants))
-    return ([baseline] if baseline in uniq else []) + [v for v in uniq if v != baseline]
-
-
 def runs_table(records, baseline: str) -> pd.DataFrame:
+    """One row per process (result file)."""
     df = pd.DataFrame([run_row(f, p, r, baseline) for f, p, r in records])
     if df.empty:
         return df
     order = {v: i for i, v in enumerate(variant_order(df["variant"], baseline))}
-    df = df.assign(_o=df["variant"].map(order)).sort_values(["hardware", "model", "batch_size", "_o"])
+    df = df.assign(_o=df["variant"].map(order)).sort_values(["hardware", "model", "batch_size", "_o", "process"])
     return df.drop(columns="_o").reset_index(drop=True)
+
+
+def variant_order(variants, baseline: str) -> list[str]:
+    """Baseline first, then its A/A control, then alphabetical."""
+    uniq = sorted(set(variants))
+    head = [v for v in (baseline, CONTROL) if v in uniq]
+    return head + [v for v in uniq if v not in head]
 
 
 def latencies(row) -> list[float]:
@@ -188,13 +253,117 @@ def latencies(row) -> list[float]:
     return [float(x) for x in json.loads(val)] if isinstance(val, str) and val else []
 
 
+CELL = GROUP + ["variant"]
+# Status of a cell none of whose processes is ok: the first of these that one of them has.
+CELL_STATUS = ("not_applicable", "too_slow", "failed")
+
+
+def _cell_row(g: pd.DataFrame) -> dict:
+    ok = g[g["status"] == "ok"]
+    row = (ok if len(ok) else g).iloc[0].to_dict()  # the first process: a compile variant's cold compile
+    row.pop("process", None)
+    calls = [len(latencies(r)) for _, r in ok.iterrows()]
+    means = [None] * int(g["process"].max())
+    for _, r in ok.iterrows():
+        means[int(r["process"]) - 1] = float(stats.process_means([latencies(r)])[0])
+    row.update(processes=len(ok), processes_declared=len(g), calls_per_process=json.dumps(calls),
+               calls_x_processes=(f"{calls[0]}×{len(ok)}" if calls and len(set(calls)) == 1
+                                  else "+".join(map(str, calls))),
+               process_log_means=json.dumps(means),
+               process_notes="; ".join(f"process {int(r['process'])}: {r['status']}"
+                                       + (f" ({r['reason']})" if isinstance(r["reason"], str) else "")
+                                       for _, r in g[g["status"] != "ok"].iterrows()))
+    if ok.empty:
+        row["status"] = next((st for st in CELL_STATUS if (g["status"] == st).any()), g["status"].iloc[0])
+        row["reason"] = next((r for st, r in zip(g["status"], g["reason"]) if st == row["status"]), None)
+        return row
+    row.update(status="ok", reason=None, n=int(sum(calls)),
+               latency_s=json.dumps([x for _, r in ok.iterrows() for x in latencies(r)]))
+    allcalls = np.asarray(latencies(row))
+    row.update(latency_median=float(np.median(allcalls)), latency_mean=float(np.mean(allcalls)),
+               latency_min=float(allcalls.min()), latency_max=float(allcalls.max()),
+               latency_cv=float(np.std(allcalls, ddof=1) / np.mean(allcalls)) if allcalls.size > 1 else np.nan)
+    for col in ("peak_memory_mb", "samples_per_s", "audio_s_per_s", "rtf", "load_s", "timed_s",
+                *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES]):
+        row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan
+    return row
+
+
+def pooled_noise(cells: pd.DataFrame) -> dict[str, dict]:
+    """Per hardware folder (one run): the pooled between-process variance of its ok, instrumented cells
+    (`stats.pooled_process_variance`, rounds as blocks)."""
+    out = {}
+    if cells.empty:
+        return out
+    for hw, g in cells.groupby("hardware", sort=False):
+        ok = g[(g["status"] == "ok") & g["instrumented"]]
+        means = [[np.nan if m is None else m for m in json.loads(x)] for x in ok["process_log_means"]]
+        out[hw] = stats.pooled_process_variance(means)
+    return out
+
+
+def adjusted_means(row, pooled: dict) -> np.ndarray:
+    """A cell's process means (log) with the round effects of its run taken out."""
+    effect = pooled["round_effect"]
+    return np.array([m - (effect[k] if k < len(effect) else 0.0)
+                     for k, m in enumerate(json.loads(row["process_log_means"])) if m is not None])
+
+
+def cells_table(procs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """One row per cell (hardware x model x batch size x variant, the A/A control its own cell): its processes
+    together, with the geometric-mean latency and its interval on the run's pooled between-process variance."""
+    if procs.empty:
+        return procs
+    rows = [_cell_row(g) for _, g in procs.groupby(CELL, sort=False)]
+    cells = pd.DataFrame(rows)
+    pooled = pooled_noise(cells)
+    for col in ("latency_gmean", "latency_ci_low", "latency_ci_high", "latency_ci_level", "latency_ci_df"):
+        cells[col] = np.nan
+    cells["latency_ci_method"] = None
+    for i, r in cells.iterrows():
+        if r["status"] != "ok" or not r["instrumented"]:
+            continue
+        p = pooled[r["hardware"]]
+        lv = stats.process_level(adjusted_means(r, p), p["var"], p["df"])
+        cells.loc[i, ["latency_gmean", "latency_ci_level", "latency_ci_df"]] = [lv["gmean"], lv["ci_level"], lv["df"]]
+        if lv["ci_low"] is not None:
+            cells.loc[i, ["latency_ci_low", "latency_ci_high"]] = [lv["ci_low"], lv["ci_high"]]
+            cells.loc[i, "latency_ci_method"] = "t interval of the geometric mean over processes"
+        else:
+            cells.loc[i, "latency_ci_method"] = "no interval: no cell of this run has two processes"
+    return cells.reset_index(drop=True)
+
+
+def noise_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """The check of the pooled-variance assumption: each cell's own spread of process means (rounds taken
+    out) beside the run's pooled one, and Bartlett's test of equal variances over the run's cells."""
+    pooled = pooled_noise(cells)
+    rows = []
+    for hw, p in pooled.items():
+        g = cells[(cells["hardware"] == hw) & (cells["status"] == "ok") & cells["instrumented"]]
+        adj = {i: adjusted_means(r, p) for i, r in g.iterrows()}
+        two = [a for a in adj.values() if a.size >= 2]
+        bartlett = float(_sps.bartlett(*two).pvalue) if len(two) >= 2 and all(np.ptp(a) > 0 for a in two) else np.nan
+        for i, r in g.iterrows():
+            a = adj[i]
+            rows.append({"hardware": hw, "model": r["model"], "batch_size": r["batch_size"], "variant": r["variant"],
+                         "processes": int(a.size), "calls_x_processes": r["calls_x_processes"],
+                         "cell_sd_pct": 100 * float(np.std(a, ddof=1)) if a.size >= 2 else np.nan,
+                         "pooled_sd_pct": 100 * math.sqrt(p["var"]) if p["df"] else np.nan, "df": p["df"],
+                         "round_effects_pct": json.dumps([round(100 * x, 2) for x in p["round_effect"]]),
+                         "bartlett_p": bartlett})
+    return pd.DataFrame(rows)
+
+
 def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
-    cols = GROUP + ["variant", "status", "reason", "n", "latency_median", "latency_ci_low", "latency_ci_high",
+    cols = GROUP + ["variant", "status", "reason", "n", "processes", "calls_x_processes", "latency_gmean",
+                    "latency_ci_low", "latency_ci_high", "latency_ci_level", "latency_ci_df", "latency_median",
                     "latency_min", "latency_max", "latency_ci_method", "latency_cv", "peak_memory_mb", "memory_kind",
                     "samples_per_s", "rtf", "first_call_overhead_s", "compile_s", "stopped_by",
                     "energy_counter", "joules_per_sample", "joules_per_audio_s",
-                    "cuda_graph_replays_per_call", "cuda_graph_skips", "cuda_graph_skip_reasons", "recompiles_timed"]
-    return runs[cols].reset_index(drop=True)
+                    "cuda_graph_replays_per_call", "cuda_graph_skips", "cuda_graph_skip_reasons", "recompiles_timed",
+                    "process_notes"]
+    return runs.reindex(columns=cols).reset_index(drop=True)
 
 
 def calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -254,30 +423,47 @@ def difference(a, b, keys=LIKE_FOR_LIKE) -> str | None:
     return None
 
 
-def _change_cells(base_lat, cand_lat) -> dict:
-    rc = relative_change(base_lat, cand_lat)
+def _log_means(row, pooled: dict) -> np.ndarray:
+    """Process means (log) of a cell row, rounds taken out; a single plain process (overhead) as it is."""
+    if isinstance(row.get("process_log_means"), str):
+        return adjusted_means(row, pooled)
+    return stats.process_means([latencies(row)])
+
+
+def _change_cells(base, cand, pooled: dict) -> dict:
+    """Change of cell `cand` vs cell `base` (rows) on their processes, with the run's pooled variance."""
+    rc = stats.process_change(_log_means(base, pooled), _log_means(cand, pooled), pooled["var"], pooled["df"])
     pct = (lambda x: 100 * x if x is not None else np.nan)
     return {"latency_change_pct": pct(rc["change"]), "ci_low_pct": pct(rc["ci_low"]),
-            "ci_high_pct": pct(rc["ci_high"]), "range_low_pct": pct(rc["range_low"]),
-            "range_high_pct": pct(rc["range_high"]), "ci_method": rc["method"], "within_noise": rc["within_noise"],
-            "speedup": 1.0 / (1.0 + rc["change"])}
+            "ci_high_pct": pct(rc["ci_high"]), "ci_level": rc["ci_level"], "ci_df": rc["df"],
+            "ci_method": rc["method"], "within_noise": rc["within_noise"], "speedup": 1.0 / (1.0 + rc["change"]),
+            "n_baseline": base.get("calls_x_processes") or f"{len(latencies(base))}×1",
+            "n_variant": cand.get("calls_x_processes") or f"{len(latencies(cand))}×1"}
 
 
 def relative_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Change vs the baseline variant of the same hardware, model and batch size, like for like only.
 
-    Latency: Hodges-Lehmann change of log latency with its Mann-Whitney interval (`stats.relative_change`);
-    memory and throughput: ratios of the point values.
+    Latency: change of the geometric mean over processes with its t interval on the run's pooled
+    between-process variance (`stats.process_change`); memory and throughput: ratios of the point values.
+    The A/A control (the baseline as its own cell) is compared like any variant. A `too_slow` cell (stopped
+    after its warm-up) gets a lower bound of its slowdown from the calls it made.
     """
     rows = []
+    pooled_by_hw = pooled_noise(runs)
     for _, grp in runs.groupby(GROUP, sort=False):
+        pooled = pooled_by_hw.get(grp["hardware"].iloc[0])
         base = grp[(grp["variant"] == baseline) & (grp["status"] == "ok") & grp["instrumented"]]
         base = base.iloc[0] if len(base) else None
         for _, r in grp.iterrows():
             row = {k: r[k] for k in GROUP + ["variant", "status", "reason"]}
             row.update(baseline=baseline, note="")
             why = None if base is None else difference(base, r)
-            if r["status"] != "ok":
+            if r["status"] == "too_slow" and base is not None and (latencies(r) or np.isfinite(r["first_call_s"])):
+                calls = latencies(r)  # the timed calls it made; none: its warm-up call
+                per_call = float(np.median(calls)) if calls else float(r["first_call_s"])
+                row.update(slowdown=per_call / base["latency_gmean"], calls_made=len(calls), note="too_slow")
+            elif r["status"] != "ok":
                 row["note"] = r["status"]
             elif base is None:
                 row["note"] = f"no ok {baseline} run to compare with"
@@ -287,13 +473,13 @@ def relative_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
                 row.update(latency_change_pct=0.0, speedup=1.0, memory_change_pct=0.0, throughput_change_pct=0.0,
                            note="baseline")
             else:
-                row.update(_change_cells(latencies(base), latencies(r)),
+                row.update(_change_cells(base, r, pooled),
                            memory_change_pct=100 * (r["peak_memory_mb"] / base["peak_memory_mb"] - 1),
                            throughput_change_pct=100 * (r["samples_per_s"] / base["samples_per_s"] - 1))
             rows.append(row)
     cols = GROUP + ["variant", "status", "reason", "baseline", "latency_change_pct", "ci_low_pct", "ci_high_pct",
-                    "range_low_pct", "range_high_pct", "ci_method", "within_noise", "speedup", "memory_change_pct",
-                    "throughput_change_pct", "note"]
+                    "ci_level", "ci_df", "ci_method", "within_noise", "n_baseline", "n_variant", "speedup",
+                    "slowdown", "calls_made", "memory_change_pct", "throughput_change_pct", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -334,6 +520,8 @@ def fidelity_table(records) -> pd.DataFrame:
                 "model_id": rec.model.get("id"), "weights": rec.model.get("weights"), "variant": rec.variant,
                 "baseline": rec.baseline, "status": rec.status, "reason": rec.reason,
                 "within_tolerance": rec.within_tolerance, "violations": "; ".join(rec.violations),
+                "fidelity_versions": " ".join(f"{k}={rec.versions.get(k)}" for k in ("torch", "transformers")
+                                              if rec.versions.get(k)),
                 "tolerance": json.dumps(rec.tolerance),
                 **{f"tol_{k}": v for k, v in rec.tolerance.items() if k != "note"}}
         base.update(_fidelity_reference_columns(rec))
@@ -395,6 +583,7 @@ def repro_table(records, baseline: str) -> pd.DataFrame:
 def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Instrumented runs (stage timers on) against plain runs of the same configuration."""
     plain = runs_table(plain_records, baseline)
+    pooled = pooled_noise(runs)
     rows = []
     for _, p in (plain[plain["status"] == "ok"].iterrows() if len(plain) else []):
         m = runs[(runs["hardware"] == p["hardware"]) & (runs["model"] == p["model"]) & (runs["variant"] == p["variant"])
@@ -406,7 +595,7 @@ def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataF
                "plain_median_s": p["latency_median"], "instrumented_median_s": inst["latency_median"],
                "timer_cost_pct": 100 * inst["stage_timer_overhead_s"] / inst["latency_median"]}
         why = difference(p, inst, keys=[k for k in LIKE_FOR_LIKE if k != "instrumented"])
-        row.update({"note": f"not compared: {why}"} if why else {**_change_cells(latencies(p), latencies(inst)),
+        row.update({"note": f"not compared: {why}"} if why else {**_change_cells(p, inst, pooled[p["hardware"]]),
                                                                  "note": ""})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -430,7 +619,8 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
     relative to the 2023 stack's; `speedup_2023` / `speedup_today`: each variant against its own stack's
     baseline; `published_pct`: the study's published change for the same optimization and batch size."""
     cols = GROUP + ["comparison", "variant_2023", "variant_today", "latency_2023_s", "latency_today_s",
-                    "latency_change_pct", "ci_low_pct", "ci_high_pct", "within_noise", "speedup_2023",
+                    "latency_change_pct", "ci_low_pct", "ci_high_pct", "ci_level", "ci_df", "within_noise",
+                    "n_baseline", "n_variant", "speedup_2023",
                     "speedup_today", "published_pct", "differs", "note"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
@@ -444,7 +634,9 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
                     published[(int(bs), frozenset(published_to_ours[p.variant]))] = \
                         100 * (p.latency_s / base["latency_s"].iloc[0] - 1)
     rows = []
+    pooled = pooled_noise(runs)
     for key, grp in runs.groupby(GROUP, sort=False):
+        grp = grp[grp["variant"] != CONTROL]
         ok = grp[(grp["status"] == "ok") & grp["instrumented"]].set_index("variant", drop=False)
         opts = {v: frozenset(v.split("+")) for v in grp["variant"]}
         legacy_vs = variant_order([v for v in grp["variant"] if "legacy" in opts[v]], legacy_base)
@@ -455,7 +647,7 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
             what = ("eager on both stacks: what the library versions changed" if v == legacy_base
                     else f"{v.removeprefix('legacy+')} (2023) vs {match[0]} (today)" if match else "")
             pairs.append((what, v, match[0] if match else None))
-        fastest = {name: vs[int(np.argmin(ok.loc[vs, "latency_median"]))] if vs else None
+        fastest = {name: vs[int(np.argmin(ok.loc[vs, "latency_gmean"]))] if vs else None
                    for name, vs in (("2023", [v for v in legacy_vs if v in ok.index]),
                                     ("today", [v for v in today_vs if v in ok.index]))}
         if fastest["2023"] and fastest["today"]:
@@ -466,18 +658,66 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
             b = ok.loc[new] if new is not None and new in ok.index else None
             for stack, r, base in (("2023", a, legacy_base), ("today", b, baseline)):
                 if r is not None and base in ok.index:
-                    row[f"speedup_{stack}"] = ok.loc[base, "latency_median"] / r["latency_median"]
+                    row[f"speedup_{stack}"] = ok.loc[base, "latency_gmean"] / r["latency_gmean"]
             if a is None or b is None:
                 missing = [v for v, r in ((old, a), (new, b)) if v and r is None]
                 row["note"] = ("no today's counterpart configured" if new is None
                                else "not measured here: " + ", ".join(
                                    f"{v} ({grp.set_index('variant').loc[v, 'status']})" for v in missing))
             else:
-                row.update(latency_2023_s=a["latency_median"], latency_today_s=b["latency_median"])
-                cells = _change_cells(latencies(a), latencies(b))
-                row.update({k: cells[k] for k in ("latency_change_pct", "ci_low_pct", "ci_high_pct", "within_noise")})
+                row.update(latency_2023_s=a["latency_gmean"], latency_today_s=b["latency_gmean"])
+                cells = _change_cells(a, b, pooled[key[0]])
+                row.update({k: cells[k] for k in ("latency_change_pct", "ci_low_pct", "ci_high_pct", "ci_level", "ci_df",
+                                                  "within_noise", "n_baseline", "n_variant")})
                 row["differs"] = (difference(a, b, keys=[k for k in LIKE_FOR_LIKE if k != "versions"])
                                   or f"versions only: {a['versions']} vs {b['versions']}")
             row["published_pct"] = published.get((int(key[-1]), today_counterpart(opts[old])), np.nan)
             rows.append(row)
     return pd.DataFrame(rows).reindex(columns=cols)
+
+
+# ---------------------------------------------------------------- fidelity verdicts beside the speed rows
+
+def fidelity_within(row) -> bool | None:
+    """The verdict a fidelity record gives (True: within tolerance; False: outside; None: none). The one place
+    that reads it, so a richer verdict can replace `within_tolerance` here alone."""
+    if row.get("status") != "ok":
+        return None
+    w = row.get("within_tolerance")
+    return None if w is None or (isinstance(w, float) and math.isnan(w)) else bool(w)
+
+
+def _same_stack(cell_versions: str, fid_versions: str) -> bool:
+    have = dict(p.split("=", 1) for p in str(cell_versions or "").split() if "=" in p)
+    want = dict(p.split("=", 1) for p in str(fid_versions or "").split() if "=" in p)
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def with_fidelity(rel: pd.DataFrame, cells: pd.DataFrame, fidelity: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """The relative table with each row's fidelity verdict ("within", "outside", "failed", "not checked"),
+    joined like for like: same hardware, model, weights, checkpoint, baseline and library versions."""
+    from .legacy import baseline_for
+
+    rel = rel.copy()
+    verdicts = []
+    per_record = fidelity.drop_duplicates(["hardware", "model", "variant"]) if len(fidelity) else fidelity
+    for _, r in rel.iterrows():
+        if r["variant"] in (baseline, CONTROL) or r["variant"] == baseline_for(r["variant"], baseline):
+            verdicts.append("baseline")
+            continue
+        c = cells[(cells["hardware"] == r["hardware"]) & (cells["model"] == r["model"])
+                  & (cells["batch_size"] == r["batch_size"]) & (cells["variant"] == r["variant"])]
+        f = per_record[(per_record["hardware"] == r["hardware"]) & (per_record["model"] == r["model"])
+                       & (per_record["variant"] == r["variant"])] if len(per_record) else per_record
+        if c.empty or f.empty:
+            verdicts.append("not checked")
+            continue
+        c, f = c.iloc[0], f.iloc[0]
+        like = (f["weights"] == c["weights"] and f["model_id"] == c["model_id"]
+                and f["baseline"] == baseline_for(r["variant"], baseline)
+                and _same_stack(c["versions"], f.get("fidelity_versions")))
+        w = fidelity_within(f.to_dict()) if like else None
+        verdicts.append("not checked" if not like else "failed" if f["status"] != "ok" else
+                        {True: "within", False: "outside", None: "not checked"}[w])
+    rel["fidelity"] = verdicts
+    return rel

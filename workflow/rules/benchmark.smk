@@ -1,8 +1,10 @@
-# One job per model x variant x batch size, each in its own process, writing one JSON (+ WAV).
+# One job per process of a cell (model x variant x batch size), `replicates` of them per cell, each writing one
+# JSON (+ WAV); the A/A control runs the baseline as its own cell.
 # Outputs name this machine's hardware folder literally: another machine's results are never made here.
 
 
 rule legacy_env:
+    priority: 10**6  # needed by the legacy cells of round 1
     input:
         LEGACY_REQUIREMENTS,
     output:
@@ -21,9 +23,11 @@ rule benchmark:
     output:
         json=this_machine(layout.RUN),
     params:
+        variant=variant_of,
         args=lambda wc: run_args(wc.model, wc.bs),
         retry=retry_of(layout.RUN),
         python=interpreter,
+    priority: round_priority
     threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
@@ -34,5 +38,17 @@ rule benchmark:
     log:
         log_of(layout.RUN),
     shell:
-        "{params.python:q} -m barkbench run --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
+        "{params.python:q} -m barkbench run --variant {params.variant:q} {params.args:q} {params.retry:q}"
         " --out {output.json:q} 2> {log:q}"
+
+
+use rule benchmark as control with:
+    output:
+        json=this_machine(layout.CONTROL),
+    params:
+        variant=variant_of,
+        args=lambda wc: run_args(wc.model, wc.bs),
+        retry=retry_of(layout.CONTROL),
+        python=interpreter,
+    log:
+        log_of(layout.CONTROL),

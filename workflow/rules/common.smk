@@ -11,6 +11,7 @@ import jsonschema
 import yaml
 from snakemake.utils import validate
 
+from barkbench import confighash as bb_confighash
 from barkbench import layout
 from barkbench import legacy as bb_legacy
 from barkbench import variants as bb_variants
@@ -123,6 +124,7 @@ HARDWARE = MACHINE["id"]
 DEVICE = "cuda" if MACHINE["device"] == "cuda" else "cpu"
 PROTOCOL = {**config["protocol"][DEVICE], **config["protocol"]["sampling"]}
 BATCH_SIZES = config["batch_sizes"][DEVICE]
+CONFIG_HASH = bb_confighash.config_hash(config, DEVICE)
 for _section in ("reproducibility", "overhead"):  # this device's checks
     config[_section]["variants"] = config[_section]["variants"][DEVICE]
 for _variant in config["overhead"]["variants"]:
@@ -142,15 +144,20 @@ LEGACY_ENV_RECORD = f"{RESULTS}/envs/{LEGACY_ENV.name}.json"
 SOURCE = os.path.join(os.path.abspath(workflow.basedir), "src")  # the legacy interpreter runs the package from here
 
 
+def variant_of(wc):
+    """The variant a job measures: its `variant` wildcard, or the baseline for an A/A control job."""
+    return wc.get("variant", config["baseline"])
+
+
 def stack_input(wc):
     """Input function: a legacy variant needs the 2023 stack's environment."""
-    return [LEGACY_ENV_RECORD] if bb_legacy.is_legacy_variant(wc.variant) else []
+    return [LEGACY_ENV_RECORD] if bb_legacy.is_legacy_variant(variant_of(wc)) else []
 
 
 def interpreter(wc):
     """The command that runs `-m barkbench` for a variant: the 2023 stack's interpreter (on this source
     tree) for a legacy variant, the rule's own `python` otherwise."""
-    if bb_legacy.is_legacy_variant(wc.variant):
+    if bb_legacy.is_legacy_variant(variant_of(wc)):
         return ["env", f"PYTHONPATH={SOURCE}", str(bb_legacy.env_python(LEGACY_ENV))]
     return ["python"]
 
@@ -169,6 +176,7 @@ def run_args(model, batch_size, plain=False):
             args += [f"--{key.replace('_', '-')}", str(value)]
     for text in config["prompts"]:
         args += ["--prompt", text]
+    args += ["--config-hash", CONFIG_HASH]  # recorded; the aggregation refuses a record of another config
     return args + (["--no-stage-timing"] if plain else [])
 
 
@@ -201,7 +209,11 @@ def _paths(pattern, hardware_folders, **wildcards):
 
 
 def run_jsons(folders=None, cfg=config):
-    return _paths(layout.RUN, folders or HARDWARE_FOLDERS, model=MODELS, variant=cfg["variants"], bs=BATCH_SIZES)
+    """Every process of every cell, and of the A/A control cell (the baseline again, scheduled as its own cell)."""
+    reps = range(1, cfg["replicates"] + 1)
+    return (_paths(layout.RUN, folders or HARDWARE_FOLDERS, model=MODELS, variant=cfg["variants"], bs=BATCH_SIZES,
+                   k=reps)
+            + _paths(layout.CONTROL, folders or HARDWARE_FOLDERS, model=MODELS, bs=BATCH_SIZES, k=reps))
 
 
 def fidelity_jsons(folders=None, cfg=config):
@@ -240,6 +252,38 @@ def this_machine(pattern):
 def log_of(pattern):
     """The log file beside a result pattern, under <results>/logs/."""
     return os.path.join(RESULTS, "logs", pattern.format(**_WILDCARDS).removesuffix(".json") + ".log")
+
+
+# ---------------------------------------------------------------- interleaved rounds
+# Round k measures process k of every cell, in an order drawn afresh for each round (seeded by the config's
+# schedule_seed), so a machine's slow drift spreads over all cells instead of landing on whichever runs last.
+# With one job at a time (--cores), Snakemake starts the ready job of highest priority: rounds never mix,
+# and the fidelity checks run between round 1 and round 2. What the run budget cuts is thus declared: the
+# last rounds' processes first (their cells keep the processes measured before), then the fidelity checks;
+# the overhead and repro checks come after every round.
+CELLS = [(m, v, bs) for m in MODELS for v in [*config["variants"], layout.CONTROL_DIR] for bs in BATCH_SIZES]
+ROUNDS = config["replicates"]
+BAND = len(CELLS) + 2
+
+
+def _round_order(k):
+    import random
+
+    order = list(CELLS)
+    random.Random(f"{config['schedule_seed']}:{k}").shuffle(order)
+    return {cell: i for i, cell in enumerate(order)}
+
+
+ROUND_ORDER = {k: _round_order(k) for k in range(1, ROUNDS + 1)}
+FIDELITY_PRIORITY = ROUNDS * BAND  # after round 1, before round 2
+
+
+def round_priority(wc):
+    """Priority of process k of a cell: round 1 above round 2 ..., within a round the seeded order."""
+    k = int(wc.k)
+    cell = (wc.model, wc.get("variant", layout.CONTROL_DIR), int(wc.bs))
+    pos = ROUND_ORDER[k].get(cell, len(CELLS))
+    return (ROUNDS - k + 1) * BAND + (len(CELLS) - pos)
 
 
 # ---------------------------------------------------------------- time: per job and for the whole run
@@ -327,6 +371,6 @@ def mem_mb(wildcards, attempt):
 
 wildcard_constraints:
     model=r"[A-Za-z0-9._-]+",
-    variant=r"[a-z0-9]+(\+[a-z0-9]+)*",
+    variant=r"(?!control/)[a-z0-9]+(\+[a-z0-9]+)*",  # control/: the A/A control's folder (layout.CONTROL)
     bs=r"\d+",
     k=r"\d+",

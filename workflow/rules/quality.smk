@@ -10,10 +10,11 @@ rule fidelity:
     params:
         args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline",
                          bb_legacy.baseline_for(wc.variant, config["baseline"]),
-                         "--tokens", str(config["fidelity"]["tokens"])]
+                         "--tokens", str(config["fidelity"]["tokens"]), "--time-limit-s", str(TIME_LIMIT_S)]
         + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
         retry=retry_of(layout.FIDELITY),
         python=interpreter,
+    priority: FIDELITY_PRIORITY
     threads: EXCLUSIVE
     resources:
         gpu=gpu_resources,
@@ -29,9 +30,11 @@ rule fidelity:
 
 
 use rule benchmark as reproducibility with:
+    priority: 0
     output:
         json=this_machine(layout.REPRO),
     params:
+        variant=variant_of,
         args=lambda wc: run_args(wc.model, config["reproducibility"]["batch_size"]),
         retry=retry_of(layout.REPRO),
         python=interpreter,
@@ -40,9 +43,11 @@ use rule benchmark as reproducibility with:
 
 
 use rule benchmark as overhead with:
+    priority: 0
     output:
         json=this_machine(layout.OVERHEAD),
     params:
+        variant=variant_of,
         args=lambda wc: run_args(wc.model, wc.bs, plain=True),
         retry=retry_of(layout.OVERHEAD),
         python=interpreter,
