@@ -177,17 +177,16 @@ def _apply_compile(model, ctx):
         ctx.notes.append(f"torch.compile (mode={decode_mode}, fullgraph) of the semantic and coarse decode step")
 
 
-def _apply_openvino(model, ctx, int8_weights: bool = False):
+def _apply_openvino(model, ctx):
     # Where compile compiles (the fine model; with static, the decode step), OpenVINO's torch.compile backend.
     from . import openvino_runtime
     from .static_decode import StaticCacheDecoding, compile_decode_steps
 
-    options = openvino_runtime.backend_options(int8_weights)
+    options = openvino_runtime.backend_options()
     model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward, backend=openvino_runtime.BACKEND,
                                                  options=options)
-    weights = "int8 weights (NNCF, INT8_ASYM per channel)" if int8_weights else "fp32 weights"
     ctx.notes.append(f"OpenVINO (torch.compile backend, CPU plugin {options['config']}) runs the fine model's "
-                     f"forward, {weights}")
+                     "forward")
     if isinstance(model.semantic, StaticCacheDecoding):
         compile_decode_steps(model, ctx.device, backend=openvino_runtime.BACKEND, options=options)
         ctx.notes.append("OpenVINO runs the semantic and coarse decode step (static cache)")
