@@ -279,7 +279,7 @@ def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, devi
     proto, latencies = req.protocol, timed.latency_s
     job_s = job.elapsed()
     median = float(np.median(latencies))
-    compiled = "compile" in variant.names
+    compiled = any(o.group == "compile" for o in variant.optimizations)  # compile, or another backend (ov)
     audio_mean = float(np.mean(timed.audio_s))
     result.update(
         timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],

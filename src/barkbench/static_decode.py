@@ -101,11 +101,12 @@ def use_static_cache(model) -> list[torch.nn.Module]:
     return switched
 
 
-def compile_decode_steps(model, device: torch.device) -> str:
-    """Compile the decode step of the (static-cache) semantic and coarse models; returns the mode used."""
+def compile_decode_steps(model, device: torch.device, backend: str = "inductor", options: dict | None = None) -> str:
+    """Compile the decode step of the (static-cache) semantic and coarse models; returns the mode used.
+    Another backend than inductor (OpenVINO's) gets its own `options` and no inductor mode."""
     # CUDA graphs need static shapes and static buffer addresses: both hold for the decode step here.
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    mode = None if backend != "inductor" else "reduce-overhead" if device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode, backend=backend, options=options)
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told so
     for sub in (model.semantic, model.coarse_acoustics):
         if not isinstance(sub, StaticCacheDecoding):

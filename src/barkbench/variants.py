@@ -225,6 +225,21 @@ def _apply_compile(model, ctx):
         ctx.notes.append(f"torch.compile (mode={decode_mode}, fullgraph) of the semantic and coarse decode step")
 
 
+def _apply_openvino(model, ctx):
+    # Where compile compiles (the fine model; with static, the decode step), OpenVINO's torch.compile backend.
+    from . import openvino_runtime
+    from .static_decode import StaticCacheDecoding, compile_decode_steps
+
+    options = openvino_runtime.backend_options()
+    model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward, backend=openvino_runtime.BACKEND,
+                                                 options=options)
+    ctx.notes.append(f"OpenVINO (torch.compile backend, CPU plugin {options['config']}) runs the fine model's "
+                     "forward")
+    if isinstance(model.semantic, StaticCacheDecoding):
+        compile_decode_steps(model, ctx.device, backend=openvino_runtime.BACKEND, options=options)
+        ctx.notes.append("OpenVINO runs the semantic and coarse decode step (static cache)")
+
+
 # Per sub-config: a plain "flash_attention_2" reaches codec_config too, and EncodecModel refuses it at load.
 FA2_PER_SUBMODEL = {"semantic_config": "flash_attention_2", "coarse_acoustics_config": "flash_attention_2",
                     "fine_acoustics_config": "flash_attention_2", "codec_config": "eager"}
@@ -294,6 +309,17 @@ register(Optimization(
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem))
+
+# OpenVINO: the CPU runtime a user would pick instead of PyTorch (OpenVINO's CPU plugin needs SSE4.2 at least;
+# AVX2 / AVX-512 set its kernel speed, VNNI / AMX its int8 speed).
+register(Optimization(
+    "ov", "OpenVINO runs the sub-models compile would compile (torch.compile backend 'openvino', CPU plugin, "
+    "fp32 inference precision)", group="compile", order=90, apply=_apply_openvino,
+    conflicts=("offload", "int8", "bf16"),
+    cuda_reason="runs on OpenVINO's CPU plugin (the model would leave the GPU)",
+    needs_stack=lambda: __import__("barkbench.openvino_runtime").openvino_runtime.unavailable_reason(),
+    pays_off_with=("avx2", "avx512f"),
+    pays_off_why="OpenVINO's CPU kernels need AVX2 at least to beat oneDNN's fp32"))
 
 
 @dataclass(frozen=True)
