@@ -40,11 +40,12 @@ def _guidance(tmp_path, features, fidelity_within):
         data = json.loads(p.read_text())
         data["hardware"]["cpu_features"] = features
         p.write_text(json.dumps(data))
-    runs = tables.runs_table(tables.read_runs(paths, tmp_path / "results"), "eager")
+    runs = tables.cells_table(tables.runs_table(tables.read_runs(paths, tmp_path / "results"), "eager"), "eager")
     rel = tables.relative_table(runs, "eager")
-    fid = pd.DataFrame({"hardware": "cpu-test-xeon", "model": "suno/bark-small", "variant": list(fidelity_within),
-                        "within_tolerance": list(fidelity_within.values())})
-    return tables.cpu_guidance_table(runs, rel, fid)
+    # the like-for-like verdict of each variant, as `tables.with_fidelity` gives it
+    rel["fidelity"] = [("baseline" if v == "eager" else {True: "within", False: "outside"}.get(
+        fidelity_within.get(v), "not checked")) for v in rel["variant"]]
+    return tables.cpu_guidance_table(runs, rel)
 
 
 def test_guidance_names_the_fastest_variant_within_limits(tmp_path):

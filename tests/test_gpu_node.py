@@ -250,12 +250,13 @@ def test_tables_show_energy_and_cuda_graphs(tmp_path):
                                 "cuda_graph_replays_per_call": 100.0, "cuda_graph_skips": 1,
                                 "cuda_graph_skip_reasons": ["skipping cudagraphs due to cpu device (arg1)"]}
     paths[1].write_text(json.dumps(with_counter))
-    runs = tables.runs_table(tables.read_runs(paths, tmp_path / "results"), "eager")
+    runs = tables.cells_table(tables.runs_table(tables.read_runs(paths, tmp_path / "results"), "eager"), "eager")
     md = fragments.tables_md(tables.absolute_table(runs), tables.relative_table(runs, "eager"))
     assert "| J/sample | J/audio s | compiled: graph replays/call, skips, recompiles |" in md
     assert "| 8.000 | 4.000 | 100.0, 1, 0 |" in md
     assert "CUDA graphs skipped in sdpa+static+compile at batch size 1: skipping cudagraphs due to cpu device" in md
     assert "Energy counter: nvml" in md
-    no_counter = tables.runs_table(tables.read_runs(paths[:1], tmp_path / "results"), "eager")
+    no_counter = tables.cells_table(tables.runs_table(tables.read_runs(paths[:1], tmp_path / "results"), "eager"),
+                                    "eager")
     md = fragments.tables_md(tables.absolute_table(no_counter), tables.relative_table(no_counter, "eager"))
     assert "Energy: no energy counter on this machine." in md

@@ -284,8 +284,15 @@ def _cell_row(g: pd.DataFrame) -> dict:
                latency_min=float(allcalls.min()), latency_max=float(allcalls.max()),
                latency_cv=float(np.std(allcalls, ddof=1) / np.mean(allcalls)) if allcalls.size > 1 else np.nan)
     for col in ("peak_memory_mb", "samples_per_s", "audio_s_per_s", "rtf", "load_s", "timed_s",
-                *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES]):
-        row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan
+                "joules_per_sample", "joules_per_audio_s",
+                *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES],
+                *[f"stage_{st}_floor_s" for st in ("semantic", "coarse", "fine")]):
+        if col in ok:
+            row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan
+    for st in ("semantic", "coarse", "fine"):  # the cell's multiple of its floor, from the cell's own medians
+        if f"stage_{st}_floor_s" in row:
+            floor = row[f"stage_{st}_floor_s"]
+            row[f"stage_{st}_x_floor"] = row[f"stage_{st}_s"] / floor if floor and floor > 0 else np.nan
     return row
 
 
@@ -379,20 +386,18 @@ def calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame, fidelity: pd.DataFrame) -> pd.DataFrame:
-    """Per CPU hardware, model and batch size: the fastest variant whose fidelity check is within its limits
-    (the baseline counts as within), its speedup from the relative table, and the variants that cannot pay
-    off on this CPU's features (the registry's `pays_off_on`)."""
+def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame) -> pd.DataFrame:
+    """Per CPU hardware, model and batch size: the fastest variant whose fidelity verdict is "within" (the relative
+    table's like-for-like verdict, `with_fidelity`; the baseline counts as within, its A/A control does not
+    compete), its speedup, and the variants that cannot pay off on this CPU's features (`pays_off_on`)."""
     rows = []
-    cpu = runs[runs["device"] == "cpu"] if len(runs) else runs
+    cpu = runs[(runs["device"] == "cpu") & (runs["variant"] != CONTROL)] if len(runs) else runs
     for (hw, model, bs), g in cpu.groupby(GROUP, sort=False):
         features = next((f.split() for f in g["cpu_features"] if isinstance(f, str)), [])
-        fid = fidelity[(fidelity["hardware"] == hw) & (fidelity["model"] == model)] if len(fidelity) else fidelity
-        within = set(fid.loc[fid["within_tolerance"].fillna(False).astype(bool), "variant"]) if len(fid) else set()
-        ok = g[(g["status"] == "ok") & ((g["variant"] == g["baseline"]) | g["variant"].isin(within))]
-        best = ok.loc[ok["latency_median"].idxmin()] if len(ok) else None
         rel = relative[(relative["hardware"] == hw) & (relative["model"] == model) & (relative["batch_size"] == bs)
-                       & (relative["variant"] == (best["variant"] if best is not None else None))]
+                       & (relative["variant"] != CONTROL)] if len(relative) else relative
+        ok = rel[rel["fidelity"].isin(["within", "baseline"]) & rel["speedup"].notna()] if len(rel) else rel
+        best = ok.loc[ok["speedup"].idxmax()] if len(ok) else None
         cannot = {}
         for v in g["variant"]:
             try:
@@ -401,10 +406,11 @@ def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame, fidelity: pd.
                 continue
             if reason:
                 cannot[v] = reason
+        cell = g[g["variant"] == best["variant"]] if best is not None else g.iloc[:0]
         rows.append({"hardware": hw, "model": model, "batch_size": bs, "cpu_features": " ".join(features),
                      "fastest_within_limits": best["variant"] if best is not None else None,
-                     "latency_median": best["latency_median"] if best is not None else np.nan,
-                     "speedup": rel["speedup"].iloc[0] if len(rel) and "speedup" in rel else np.nan,
+                     "latency_median": cell["latency_gmean"].iloc[0] if len(cell) else np.nan,
+                     "speedup": best["speedup"] if best is not None else np.nan,
                      "cannot_pay_off": json.dumps(cannot)})
     return pd.DataFrame(rows)
 
