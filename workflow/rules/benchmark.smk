@@ -12,7 +12,7 @@ rule legacy_env:
     log:
         f"{RESULTS}/logs/legacy-env.log",
     shell:
-        "python -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
+        "{JOB_PYTHON:q} -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
 
 
 rule benchmark:
@@ -35,4 +35,4 @@ rule benchmark:
         log_of(layout.RUN),
     shell:
         "{params.python:q} -m barkbench run --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
-        " --out {output.json:q} 2> {log:q}"
+        " --job-shell-pid $$ --out {output.json:q} 2> {log:q}"
