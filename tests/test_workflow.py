@@ -174,7 +174,8 @@ def test_jobs_run_without_the_environment_on_path(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "snakemake", target, "--cores", "1", "--configfile",
                           "config/smoke.yaml"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((work / target).read_text())["status"] == "ok"
+    result = json.loads((work / target).read_text())
+    assert result["status"] == "ok", result["reason"]
 
 
 def test_profile_preset_and_configfile_compose(tmp_path):
