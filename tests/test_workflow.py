@@ -308,7 +308,7 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     plan = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
     assert plan.returncode == 0 and named in plan.stderr, plan.stderr[-3000:]
     planned = re.findall(r"^rule (\w+):", plan.stdout + plan.stderr, re.M)
-    assert sorted(planned) == ["aggregate", "benchmark", "figures", "render_report"], planned
+    assert sorted(planned) == ["aggregate", "benchmark", "figures", "render_report", "report"], planned
     again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
     assert again.returncode == 0 and named in again.stderr, again.stderr[-3000:]
     assert again.stderr.count("rule benchmark:") == 1 and "rule aggregate:" in again.stderr
