@@ -17,8 +17,10 @@ rule all:
     default_target: True
     input:
         REPORT,
+        MISSING_RESULTS,
 
 
 rule report:
     input:
         REPORT,
+        MISSING_RESULTS,

@@ -117,6 +117,74 @@ def test_bad_config_file_is_named_with_its_line(tmp_path, text, message):
     assert "Traceback" not in text
 
 
+@pytest.mark.parametrize("drop,message", [
+    (("reproducibility",), "config: top level: 'reproducibility' is a required property"),
+    (("fidelity",), "config: top level: 'fidelity' is a required property"),
+    (("overhead",), "config: top level: 'overhead' is a required property"),
+    (("overhead", "variants"), "config: overhead: 'variants' is a required property"),
+])
+def test_schema_names_a_missing_section(default_config, drop, message):
+    config = copy.deepcopy(default_config)
+    node = config
+    for key in drop[:-1]:
+        node = node[key]
+    del node[drop[-1]]
+    with pytest.raises(WorkflowError, match="required property"):
+        validate(config, str(SCHEMA))
+
+
+def test_a_section_removed_from_the_config_is_named_in_one_line(tmp_path):
+    """A section deleted from config/config.yaml stops the workflow with one line naming it; a run budget
+    given for one device only takes no budget for the other."""
+    work = _workflow_copy(tmp_path)
+    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    del config["reproducibility"]
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = _snakemake(work, "-n", "report")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "config: top level: 'reproducibility' is a required property" in text, text[-2000:]
+    assert "Traceback" not in text and "KeyError" not in text
+    other = "cuda" if "cpu-" in _hardware_id() else "cpu"
+    (work / "budget.yaml").write_text(f"run_budget_min: {{{other}: 10}}\n")
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report", "--configfile", "config/smoke.yaml",
+                     "budget.yaml")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+
+
+def test_prompts_over_the_command_line_limit_stop_before_any_job(tmp_path):
+    work = _workflow_copy(tmp_path)
+    (work / "long.yaml").write_text(yaml.safe_dump({"prompts": ["Hello. " * 20_000]}))
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report", "--configfile", "config/smoke.yaml",
+                     "long.yaml")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "config: prompts: the prompts take 137 KiB on a job's command line" in text, text[-2000:]
+    assert "Traceback" not in text
+
+
+def _hardware_id():
+    import json
+
+    return json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
+                                     text=True, check=True).stdout)["id"]
+
+
+def test_jobs_run_without_the_environment_on_path(tmp_path, monkeypatch):
+    """`.venv/bin/snakemake` without an activated venv: the jobs run the workflow's own interpreter."""
+    import json
+
+    monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
+    work = _workflow_copy(tmp_path)
+    target = f"results/smoke/{_hardware_id()}/synthetic--tiny/eager/bs1.json"
+    bare = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if d and not (Path(d) / "python").exists() and not (Path(d) / "snakemake").exists())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": bare}
+    out = subprocess.run([sys.executable, "-m", "snakemake", target, "--cores", "1", "--configfile",
+                          "config/smoke.yaml"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((work / target).read_text())
+    assert result["status"] == "ok", result["reason"]
+
+
 def test_profile_preset_and_configfile_compose(tmp_path):
     """`--profile smoke --configfile other.yaml` runs the smoke config with other.yaml on top (a profile's
     `configfile:` would have been replaced by the command line's); variants get their one spelling."""
@@ -241,6 +309,26 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     done = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
     assert "Nothing to be done" in done.stdout + done.stderr
 
+    # A deleted result alone (everything downstream newer) is measured again, named on the console, and the
+    # tables, figures and report are rebuilt from it.
+    import pandas as pd
+
+    gone = results / hw / "synthetic--tiny" / "sdpa" / "bs1.json"
+    tables = results / "tables" / "runs.csv"
+    built = tables.stat().st_mtime_ns
+    gone.unlink()
+    named = f"barkbench: {gone.relative_to(work)} is missing: it is measured again"
+    plan = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report")
+    assert plan.returncode == 0 and named in plan.stderr, plan.stderr[-3000:]
+    planned = re.findall(r"^rule (\w+):", plan.stdout + plan.stderr, re.M)
+    assert sorted(planned) == ["aggregate", "benchmark", "figures", "render_report", "report"], planned
+    again = _snakemake(work, "--profile", "workflow/profiles/smoke", "report")
+    assert again.returncode == 0 and named in again.stderr, again.stderr[-3000:]
+    assert again.stderr.count("rule benchmark:") == 1 and "rule aggregate:" in again.stderr
+    assert _json(gone)["status"] == "ok" and tables.stat().st_mtime_ns > built
+    row = pd.read_csv(tables).set_index("path").loc[str(gone.relative_to(work))]
+    assert __import__("json").loads(row["latency_s"]) == _json(gone)["iterations"]["latency_s"]
+
 
 def test_prompts_reach_the_run_byte_for_byte(tmp_path, monkeypatch):
     """Prompts travel as quoted arguments, never interpreted by a shell: Unicode, newlines, quotes and
@@ -309,3 +397,48 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
     again = _snakemake(work, str(target.relative_to(work)), "--cores", "1", "--configfile", "config/smoke.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(target.read_text())["status"] == "ok"
+
+
+def test_a_job_whose_shell_is_killed_dies_with_it_and_writes_nothing(tmp_path, monkeypatch):
+    """kill -9 of a job's shell (not of its Python process): Snakemake marks the job failed, and the Python
+    process goes too instead of writing an `ok` result later."""
+    import signal
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
+    work = _workflow_copy(tmp_path)
+    hw = _hardware_id()
+    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs1.json"
+    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs1.log"
+    (work / "long.yaml").write_text("protocol: {cpu: {min_iterations: 40, max_iterations: 40}, "
+                                    "cuda: {min_iterations: 40, max_iterations: 40}}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", str(target.relative_to(work)), "--cores", "1",
+                             "--configfile", "config/smoke.yaml", "long.yaml"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = []
+    try:
+        deadline = time.time() + 120
+        while not (log.exists() and "eager bs1:" in log.read_text()) and time.time() < deadline:
+            time.sleep(0.5)  # until the timed loop has started
+        pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
+                              text=True).stdout.split()
+        job = [p for p in map(psutil.Process, map(int, pids)) if p.name() != "bash"]  # not its shell
+        assert len(job) == 1, "the run was not found"
+        shell = job[0].parent()
+        assert shell.name() == "bash"
+        shell.send_signal(signal.SIGKILL)
+        gone, alive = psutil.wait_procs(job, timeout=60)
+        assert not alive, "the job outlived its shell"
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert not target.exists()
+    finally:
+        for p in job:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()

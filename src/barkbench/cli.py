@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import models, variants
+from . import jobs, models, variants
 from .protocol import Protocol
 
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config-hash", default=None, help=argparse.SUPPRESS)
     run.add_argument("--fail-with", default=None, help=argparse.SUPPRESS)
     run.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)  # the workflow re-attempting a failed run
+    run.add_argument("--job-shell-pid", type=int, default=None, help=argparse.SUPPRESS)  # the workflow's job ($$)
     add_protocol_args(run)
 
     hw = sub.add_parser("hardware", help="print this machine's hardware id and device type as JSON")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--cost-targets", default=None, metavar="JSON",
                      help="targets of each number format's cost, written before the run: "
                           '{"int8-dynamic": {"kl_mean": 0.01, "same_top1": 0.9, "source": "..."}} (judged on hub weights only)')
+    fid.add_argument("--job-shell-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     rep = sub.add_parser("render", help="render the report from the tables' fragments and the figures")
     rep.add_argument("--qmd", required=True)
@@ -136,6 +138,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "job_shell_pid", None) is not None:  # dies with the job's shell, writes only while it lives
+            jobs.tie_to_shell(args.job_shell_pid)
         if args.command == "run":
             protocol = protocol_from(args)
             variants.parse(args.variant)
@@ -207,4 +211,7 @@ def main(argv=None) -> int:
     except (UsageError, variants.VariantError, models.ModelSourceError, ValueError, OSError) as exc:
         print(f"barkbench: error: {exc}", file=sys.stderr)
         return 2
+    except jobs.ShellGone as exc:
+        print(f"barkbench: {exc}", file=sys.stderr)
+        return 1
     return 1

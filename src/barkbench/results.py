@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jobs
+
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "not_applicable", "failed", "too_slow")
 
@@ -54,7 +56,8 @@ def _default(obj):
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a file, and a job
+    whose shell is gone none (`jobs.check_shell`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -62,6 +65,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        jobs.check_shell()  # an orphaned job (its shell gone) never puts a result in place
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

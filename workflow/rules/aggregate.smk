@@ -22,7 +22,7 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "python -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
+        "{JOB_PYTHON:q} -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
         " --runs {input.runs:q} --fidelity {input.fidelity:q} --repro {input.repro:q} --overhead {input.overhead:q}"
         " --config {input.config:q} --reference {input.reference:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
@@ -41,5 +41,5 @@ rule figures:
     log:
         f"{RESULTS}/logs/figures.log",
     shell:
-        "python -m barkbench figures --runs {input.runs:q} --fidelity {input.fidelity:q}"
+        "{JOB_PYTHON:q} -m barkbench figures --runs {input.runs:q} --fidelity {input.fidelity:q}"
         " --out-dir {params.out_dir:q} 2> {log:q}"

@@ -14,7 +14,7 @@ rule legacy_env:
     log:
         f"{RESULTS}/logs/legacy-env.log",
     shell:
-        "python -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
+        "{JOB_PYTHON:q} -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
 
 
 rule benchmark:
@@ -39,7 +39,7 @@ rule benchmark:
         log_of(layout.RUN),
     shell:
         "{params.python:q} -m barkbench run --variant {params.variant:q} {params.args:q} {params.retry:q}"
-        " --out {output.json:q} 2> {log:q}"
+        " --job-shell-pid $$ --out {output.json:q} 2> {log:q}"
 
 
 use rule benchmark as control with:

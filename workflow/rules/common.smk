@@ -12,6 +12,7 @@ import yaml
 from snakemake.utils import validate
 
 from barkbench import confighash as bb_confighash
+from barkbench import jobs as bb_jobs
 from barkbench import layout
 from barkbench import legacy as bb_legacy
 from barkbench import variants as bb_variants
@@ -34,6 +35,10 @@ except WorkflowError as exc:  # Snakemake's message carries a dump of the schema
 for _device, _sizes in config["batch_sizes"].items():
     if any(not isinstance(b, int) or isinstance(b, bool) for b in _sizes):  # JSON Schema takes 1.0 as integer
         raise WorkflowError(f"config: batch_sizes.{_device}: {_sizes} must be whole numbers written as such, e.g. [1, 8]")
+
+_overflow = bb_jobs.prompts_overflow(config["prompts"])  # they reach every job on its command line
+if _overflow:
+    raise WorkflowError(f"config: prompts: {_overflow}")
 
 SAMPLING = ("do_sample", "fine_temperature", "coarse_temperature", "seed")
 PER_RUN = ("batch_size", "prompts")  # set by the workflow per job
@@ -84,6 +89,10 @@ REPORT = f"{RESULTS}/{layout.REPORT}"
 TABLES = f"{RESULTS}/{layout.TABLES}"
 FIGURES_DIR = f"{RESULTS}/{layout.FIGURES}"
 PY = sys.executable  # the interpreter that runs Snakemake has barkbench installed
+# The jobs' interpreter: this one, found without PATH (an unactivated venv works), unless Snakemake deploys a
+# software environment per job (--sdm conda / apptainer), whose own `python` has barkbench installed.
+_SOFTWARE_ENV = {m.name for m in workflow.deployment_settings.deployment_method} & {"CONDA", "APPTAINER"}
+JOB_PYTHON = bb_jobs.job_python(bool(_SOFTWARE_ENV))
 
 
 def _machine():
@@ -156,10 +165,10 @@ def stack_input(wc):
 
 def interpreter(wc):
     """The command that runs `-m barkbench` for a variant: the 2023 stack's interpreter (on this source
-    tree) for a legacy variant, the rule's own `python` otherwise."""
+    tree) for a legacy variant, the jobs' interpreter otherwise."""
     if bb_legacy.is_legacy_variant(variant_of(wc)):
         return ["env", f"PYTHONPATH={SOURCE}", str(bb_legacy.env_python(LEGACY_ENV))]
-    return ["python"]
+    return [JOB_PYTHON]
 
 
 # ---------------------------------------------------------------- job arguments (never through a shell unquoted)
@@ -319,6 +328,17 @@ if _pending:
           f"{PROTOCOL['max_iterations']} timed calls, {PROTOCOL['budget_s']:g} s of timed calls per job, "
           f"each job stopped at {TIME_LIMIT_S:g} s); the run ends within {_bound:.0f} min, plus ~2 min for "
           "tables, figures and report", file=sys.stderr)
+
+
+# A declared result whose file is gone: the report's targets (rules `all` and `report`) ask for it. Snakemake
+# alone leaves such a job out when everything downstream is newer than the inputs that exist (a missing input
+# reads as a deleted temporary file), and the tables would keep the result whose file is gone; asked for, it
+# is measured again and the tables, figures and report are rebuilt from it.
+MISSING_RESULTS = [p for p in _declared(config) if not os.path.exists(p)]
+if workflow.is_main_process and os.path.isdir(TABLES):  # after a first run; a fresh one misses them all
+    for _path in MISSING_RESULTS:
+        print(f"barkbench: {_path} is missing: it is measured again, then the tables and report are rebuilt",
+              file=sys.stderr)
 
 
 def start_run_budget():

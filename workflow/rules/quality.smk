@@ -26,7 +26,7 @@ rule fidelity:
         log_of(layout.FIDELITY),
     shell:
         "{params.python:q} -m barkbench fidelity --variant {wildcards.variant:q} {params.args:q} {params.retry:q}"
-        " --out {output:q} 2> {log:q}"
+        " --job-shell-pid $$ --out {output:q} 2> {log:q}"
 
 
 use rule benchmark as reproducibility with:

@@ -20,7 +20,7 @@ rule render_report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "python -m barkbench render --qmd {input.qmd:q} --tables {params.tables:q} --figures {params.figures:q}"
+        "{JOB_PYTHON:q} -m barkbench render --qmd {input.qmd:q} --tables {params.tables:q} --figures {params.figures:q}"
         " --out {output:q} 2> {log:q}"
 
 
