@@ -554,10 +554,19 @@ def test_cost_targets_need_a_known_format_and_a_source():
             fidelity.parse_cost_targets(bad)
 
 
-def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint, tmp_path):
+def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint, tmp_path, monkeypatch):
+    import time
+
     from barkbench.fidelity import run_fidelity
     from barkbench.records import FidelityResult
 
+    loader = fidelity._load
+
+    def slow_load(*args, **kwargs):  # a load that outlasts the limit, wherever the machine is fast
+        time.sleep(5)
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "_load", slow_load)
     out = tmp_path / "fidelity" / "sdpa.json"
     report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05)
     assert report["status"] == "failed" and report["reason"] == "time limit 0 s reached"
