@@ -38,10 +38,11 @@ def test_the_device_side_loop_runs_only_when_registered(reference, monkeypatch):
     assert config["variants"][-1] == "sdpa+devloop" and config["batch_sizes"]["cuda"] == [1, 8]
     assert config["protocol"]["cuda"]["max_new_tokens"] == 256
     labels = [label for label, _ in reference.jobs(config, "cuda", "res", "gpu")]
-    assert "run sdpa+devloop bs8" in labels and "fidelity sdpa+devloop" in labels and "fidelity eager" not in labels
-    args = dict(reference.jobs(config, "cuda", "res", "gpu"))["run sdpa+devloop bs8"]
+    assert "run sdpa+devloop bs8 rep2" in labels and "fidelity sdpa+devloop" in labels and "fidelity eager" not in labels
+    assert "run control bs8 rep2" in labels
+    args = dict(reference.jobs(config, "cuda", "res", "gpu"))["run sdpa+devloop bs8 rep2"]
     assert args[args.index("--out") + 1] == layout.path("res", layout.RUN, hardware="gpu", model="suno--bark-small",
-                                                        variant="sdpa+devloop", bs=8)
+                                                        variant="sdpa+devloop", bs=8, k=2)
     assert args[args.index("--max-new-tokens") + 1] == "256"
 
 

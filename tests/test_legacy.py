@@ -148,7 +148,8 @@ def test_stacks_table_pairs_each_study_row_with_its_successor(tmp_path):
             make_run_json(tmp_path, "legacy+bt", 1, [x * 0.8 for x in slow], versions=OLD),
             make_run_json(tmp_path, "eager", 1, fast, versions=NEW),
             make_run_json(tmp_path, "sdpa", 1, [x * 0.9 for x in fast], versions=NEW)]
-    df = tables.runs_table([(p.parts[-4], p, RunResult.from_json(p)) for p in runs], "eager")
+    df = tables.cells_table(tables.runs_table([(p.parts[-4], p, RunResult.from_json(p)) for p in runs], "eager"),
+                            "eager")
     reference = pd.DataFrame({"source": ["blog-2023"] * 2, "batch_size": [1, 1], "latency_s": [10.0, 7.5],
                               "variant": ["no optimization", "bettertransformer"]})
     st = tables.stacks_table(df, "eager", PUBLISHED_TO_OURS, reference).set_index("variant_2023")

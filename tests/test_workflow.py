@@ -174,7 +174,7 @@ def test_jobs_run_without_the_environment_on_path(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
     work = _workflow_copy(tmp_path)
-    target = f"results/smoke/{_hardware_id()}/synthetic--tiny/eager/bs1.json"
+    target = f"results/smoke/{_hardware_id()}/synthetic--tiny/eager/bs1/rep1.json"
     bare = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
                            if d and not (Path(d) / "python").exists() and not (Path(d) / "snakemake").exists())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": bare}
@@ -313,7 +313,7 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     # tables, figures and report are rebuilt from it.
     import pandas as pd
 
-    gone = results / hw / "synthetic--tiny" / "sdpa" / "bs1.json"
+    gone = results / hw / "synthetic--tiny" / "sdpa" / "bs1" / "rep1.json"
     tables = results / "tables" / "runs.csv"
     built = tables.stat().st_mtime_ns
     gone.unlink()
@@ -326,7 +326,7 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert again.returncode == 0 and named in again.stderr, again.stderr[-3000:]
     assert again.stderr.count("rule benchmark:") == 1 and "rule aggregate:" in again.stderr
     assert _json(gone)["status"] == "ok" and tables.stat().st_mtime_ns > built
-    row = pd.read_csv(tables).set_index("path").loc[str(gone.relative_to(work))]
+    row = pd.read_csv(tables.with_name("processes.csv")).set_index("path").loc[str(gone.relative_to(work))]
     assert __import__("json").loads(row["latency_s"]) == _json(gone)["iterations"]["latency_s"]
 
 
@@ -410,8 +410,8 @@ def test_a_job_whose_shell_is_killed_dies_with_it_and_writes_nothing(tmp_path, m
     monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
     work = _workflow_copy(tmp_path)
     hw = _hardware_id()
-    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs1.json"
-    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs1.log"
+    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs1/rep1.json"
+    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs1/rep1.log"
     (work / "long.yaml").write_text("protocol: {cpu: {min_iterations: 40, max_iterations: 40}, "
                                     "cuda: {min_iterations: 40, max_iterations: 40}}\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
