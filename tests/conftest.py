@@ -191,3 +191,22 @@ def skip_not_applicable(variant: str, reason: str):
     if expected:
         pytest.fail(f"{variant} is not applicable here, but {EXPECT_ENV} expects {', '.join(expected)}: {reason}")
     pytest.skip(reason)
+
+
+SHORT_WINDOW = 24  # a coarse sliding window this short (Bark's is 60) makes a short generation span several
+
+
+def load_short_window(variant_name: str, model: str = TINY, device=None):
+    """A model loaded and its variant applied, with the coarse sliding window shortened to SHORT_WINDOW (tests of
+    the decode loops across windows)."""
+    import torch
+
+    from barkbench import models, variants
+
+    device = device or torch.device("cpu")
+    variant = variants.parse(variant_name)
+    loaded = models.load(models.resolve(model), **variant.load_kwargs(device))
+    loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = SHORT_WINDOW
+    loaded.model.to(device)
+    variant.apply(loaded.model, variants.Context(device=device))
+    return loaded

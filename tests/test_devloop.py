@@ -15,20 +15,14 @@ from barkbench.attention import use_sdpa
 from barkbench.device_decode import (DecodeState, DeviceDecoding, LogitsProgram, ProgramSpec, decode_step,
                                      model_forward_of, use_device_decode)
 from barkbench.protocol import Protocol
-from conftest import PROMPTS, TINY, TORCH_THREADS
+from conftest import PROMPTS, TINY, TORCH_THREADS, SHORT_WINDOW, load_short_window
 
 CPU = torch.device("cpu")
 TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first window...
-WINDOW = 24  # ...with a sliding window this short (Bark's is 60)
+WINDOW = SHORT_WINDOW
 
 
-def _load(variant_name: str, model: str = TINY, device: torch.device = CPU):
-    variant = variants.parse(variant_name)
-    loaded = models.load(models.resolve(model), **variant.load_kwargs(device))
-    loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = WINDOW
-    loaded.model.to(device)
-    variant.apply(loaded.model, variants.Context(device=device))
-    return loaded
+_load = load_short_window
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,11 @@ def test_dry_run_end_to_end(tmp_path):
     config = yaml.safe_load((tmp_path / "dry" / "gpu-reference.yaml").read_text())
     assert config["models"] == ["synthetic:tiny"] and "sdpa+static+compile" not in config["variants"]
     where = {"hardware": "dry", "model": "synthetic--tiny"}
-    declared = [layout.path(str(tmp_path), layout.RUN, variant=v, bs=bs, **where)
-                for v in config["variants"] for bs in config["batch_sizes"]["cpu"]]
+    reps = range(1, config["replicates"] + 1)
+    declared = [layout.path(str(tmp_path), layout.RUN, variant=v, bs=bs, k=k, **where)
+                for v in config["variants"] for bs in config["batch_sizes"]["cpu"] for k in reps]
+    declared += [layout.path(str(tmp_path), layout.CONTROL, bs=bs, k=k, **where)
+                 for bs in config["batch_sizes"]["cpu"] for k in reps]
     declared += [layout.path(str(tmp_path), layout.FIDELITY, variant=v, **where)
                  for v in config["variants"] if v != config["baseline"]]
     for path in declared:

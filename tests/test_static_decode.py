@@ -8,20 +8,14 @@ from transformers import StaticCache, set_seed
 
 from barkbench import models, variants
 from barkbench.static_decode import StaticCacheDecoding, coarse_cache_length
-from conftest import PROMPTS, TINY
+from conftest import PROMPTS, TINY, SHORT_WINDOW, load_short_window
 
 CPU = torch.device("cpu")
 TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first window...
-WINDOW = 24  # ...with a sliding window this short (Bark's is 60)
+WINDOW = SHORT_WINDOW
 
 
-def _load(variant_name: str):
-    variant = variants.parse(variant_name)
-    loaded = models.load(models.resolve(TINY), **variant.load_kwargs(CPU))
-    loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = WINDOW
-    loaded.model.to(CPU)
-    variant.apply(loaded.model, variants.Context(device=CPU))
-    return loaded
+_load = load_short_window
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from transformers.generation.logits_process import (AlternatingCodebooksLogitsPr
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.models.bark.modeling_bark import BarkCoarseModel, BarkSemanticModel
 
-from .attention import BarkSdpaAttention
+from .static_decode import switch_decoders
 
 STOP_CHECK_EVERY = 32  # decode steps between host checks for "every sequence has ended" (natural length only)
 
@@ -379,14 +379,4 @@ DEVICE_CLASSES = {BarkSemanticModel: DeviceBarkSemanticModel, BarkCoarseModel: D
 
 def use_device_decode(model) -> list[torch.nn.Module]:
     """Switch the semantic and coarse sub-models of a BarkModel to the device-side loop; returns them."""
-    switched = []
-    for sub in (model.semantic, model.coarse_acoustics):
-        target = DEVICE_CLASSES.get(type(sub))
-        if target is None:
-            raise RuntimeError(f"cannot switch {type(sub).__name__} to the device-side decode loop")
-        if not any(isinstance(m, BarkSdpaAttention) for m in sub.modules()):
-            raise RuntimeError("the device-side decode loop needs the sdpa attention (its causal mask follows the "
-                               "cache position)")
-        sub.__class__ = target
-        switched.append(sub)
-    return switched
+    return switch_decoders(model, DEVICE_CLASSES, "the device-side decode loop")

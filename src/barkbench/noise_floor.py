@@ -46,7 +46,7 @@ def measure(model_id: str, names: list[str], seed: int = CALIBRATION_SEED,
     for name in names:
         if name == "fp32":
             exact = copy.deepcopy(base).double()
-            rows.append({"model": model_id, "seed": seed, "variant": "fp32",
+            rows.append({"model": model_id, "device": device.type, "seed": seed, "variant": "fp32",
                          "float64_vs_float32": _worst(fidelity.teacher_forced(exact, base, device, seed))})
             continue
         variant = variants.parse(name)
@@ -55,7 +55,8 @@ def measure(model_id: str, names: list[str], seed: int = CALIBRATION_SEED,
         cost = fidelity.teacher_forced(base, reference, device, seed)
         impl = fidelity.teacher_forced(reference, cand, device, seed)
         layers = fidelity.layer_check(base, reference, cand, device, variant.limit, seed)
-        rows.append({"model": model_id, "seed": seed, "variant": name, "formats": variant.reference_formats,
+        rows.append({"model": model_id, "device": device.type, "seed": seed, "variant": name,
+                     "formats": variant.reference_formats,
                      "format_cost": _worst(cost), "implementation_vs_reference": _worst(impl),
                      "implementation_share_of_cost": _shares(impl, cost) if variant.reference_formats else None,
                      "layer_share_max": (layers["max_ratio"] * variant.limit.layer_share) if layers else None})

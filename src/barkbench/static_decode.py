@@ -86,19 +86,25 @@ def coarse_cache_length(semantic_tokens: int, semantic_config, coarse_config) ->
 STATIC_CLASSES = {BarkSemanticModel: StaticBarkSemanticModel, BarkCoarseModel: StaticBarkCoarseModel}
 
 
-def use_static_cache(model) -> list[torch.nn.Module]:
-    """Switch the semantic and coarse sub-models of a BarkModel to static-cache decoding; returns them."""
+def switch_decoders(model, classes: dict, what: str) -> list[torch.nn.Module]:
+    """Swap the class of the semantic and coarse sub-models of a BarkModel for `classes[type(sub)]` (decoding
+    against a pre-allocated cache, whose causal mask follows the cache position: the sdpa attention's);
+    returns them. `what` names the decoding in errors."""
     switched = []
     for sub in (model.semantic, model.coarse_acoustics):
-        target = STATIC_CLASSES.get(type(sub))
+        target = classes.get(type(sub))
         if target is None:
-            raise RuntimeError(f"cannot switch {type(sub).__name__} to static-cache decoding")
+            raise RuntimeError(f"cannot switch {type(sub).__name__} to {what}")
         if not any(isinstance(m, BarkSdpaAttention) for m in sub.modules()):
-            raise RuntimeError("static-cache decoding needs the sdpa attention (its causal mask follows the "
-                               "cache position)")
+            raise RuntimeError(f"{what} needs the sdpa attention (its causal mask follows the cache position)")
         sub.__class__ = target
         switched.append(sub)
     return switched
+
+
+def use_static_cache(model) -> list[torch.nn.Module]:
+    """Switch the semantic and coarse sub-models of a BarkModel to static-cache decoding; returns them."""
+    return switch_decoders(model, STATIC_CLASSES, "static-cache decoding")
 
 
 def compile_decode_steps(model, device: torch.device, backend: str = "inductor", options: dict | None = None) -> str:
