@@ -14,6 +14,7 @@ rule aggregate:
         tables=expand(f"{TABLES}/{{name}}.csv", name=layout.TABLE_NAMES + ("audio",)),
         fragments=expand(f"{TABLES}/fragments/{{name}}.md", name=layout.FRAGMENT_NAMES),
     params:
+        python=JOB_PYTHON,
         results=lambda wc, input: os.path.dirname(input.config),
         baseline=config["baseline"],
         out_dir=lambda wc, output: os.path.dirname(output.tables[0]),
@@ -22,7 +23,7 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "{JOB_PYTHON:q} -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
+        "{params.python:q} -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
         " --runs {input.runs:q} --fidelity {input.fidelity:q} --repro {input.repro:q} --overhead {input.overhead:q}"
         " --config {input.config:q} --reference {input.reference:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
@@ -35,11 +36,12 @@ rule figures:
         figures=expand(f"{FIGURES_DIR}/{{name}}.png", name=FIGURES),
         markdown=f"{FIGURES_DIR}/figures.md",
     params:
+        python=JOB_PYTHON,
         out_dir=lambda wc, output: os.path.dirname(output.markdown),
     conda:
         "../../envs/barkbench.yaml"
     log:
         f"{RESULTS}/logs/figures.log",
     shell:
-        "{JOB_PYTHON:q} -m barkbench figures --runs {input.runs:q} --fidelity {input.fidelity:q}"
+        "{params.python:q} -m barkbench figures --runs {input.runs:q} --fidelity {input.fidelity:q}"
         " --out-dir {params.out_dir:q} 2> {log:q}"

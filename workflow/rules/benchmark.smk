@@ -9,12 +9,14 @@ rule legacy_env:
         LEGACY_REQUIREMENTS,
     output:
         LEGACY_ENV_RECORD,
+    params:
+        python=JOB_PYTHON,
     conda:
         "../../envs/barkbench.yaml"
     log:
         f"{RESULTS}/logs/legacy-env.log",
     shell:
-        "{JOB_PYTHON:q} -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
+        "{params.python:q} -m barkbench legacy-env --requirements {input:q} --out {output:q} 2> {log:q}"
 
 
 rule benchmark:

@@ -13,6 +13,7 @@ rule render_report:
     output:
         REPORT,
     params:
+        python=JOB_PYTHON,
         tables=lambda wc, input: os.path.dirname(input.tables[0]),
         figures=lambda wc, input: os.path.dirname(input.figures_md),
     conda:
@@ -20,7 +21,7 @@ rule render_report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "{JOB_PYTHON:q} -m barkbench render --qmd {input.qmd:q} --tables {params.tables:q} --figures {params.figures:q}"
+        "{params.python:q} -m barkbench render --qmd {input.qmd:q} --tables {params.tables:q} --figures {params.figures:q}"
         " --out {output:q} 2> {log:q}"
 
 
