@@ -170,10 +170,13 @@ def test_aggregate_writes_every_table_and_fragment(results_tree, tmp_path):
     assert "RuntimeError: boom" in tables_md
     assert "| fp16 |" not in tables_md  # not applicable here: listed once, apart
     # every interval printed states its level and degrees of freedom: 6 ok cells x 1 latency + 4 changes (the
-    # control and sdpa at 2 batch sizes), each on 5 df (6 cells of 2 processes, minus one round effect)
+    # control and sdpa at 2 batch sizes). At bs 1 every call of a process is alike, so the moments leave no
+    # variance and the run's pooled one stands in, on its 5 df (6 cells of 2 processes, minus one round effect);
+    # at bs 2 the calls vary and Satterthwaite's df differ from cell to cell.
     tables_part = tables_md.split("**Noise check")[0]
     intervals = re.findall(r"\[[^\]\[|]+?, [^\]\[|]+?\]( \([^)]*\))?", tables_part)
-    assert len(intervals) == 10 and all(lv == " (95 %, t 5 df)" for lv in intervals)
+    assert len(intervals) == 10 and all(re.fullmatch(r" \(95 %, t \d+\.\d df\)", lv) for lv in intervals)
+    assert sum(lv == " (95 %, t 5.0 df)" for lv in intervals) == 5  # bs 1: eager, control, sdpa; 2 changes
     assert "| 5×2 vs 5×2 |" in tables_md  # calls × processes on both sides of a change
     assert read_csv(out["cross_hardware"]).empty  # one machine
     unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()

@@ -27,14 +27,18 @@ from .provenance import CPU_FEATURES  # noqa: E402
 INTERVALS = ("**Intervals.** The process is the unit of replication: every cell (variant × batch size) is "
              "measured in several fresh processes, in interleaved rounds (round *k* runs every cell's *k*-th "
              "process, in a seeded random order), and the baseline once more as its own cell, the A/A control. "
-             "Model: log latency = cell + round + process effect + call noise; a process's mean log latency "
-             "varies with one variance for all cells of a run, estimated from the processes of all cells together "
-             "(rounds taken out; the check of that assumption is the *noise* table below). Latency of a cell: "
-             "geometric mean over its processes with its t interval; change vs the baseline: ratio of the "
-             "geometric means with its t interval on the pooled degrees of freedom. Each interval states its "
-             "level and degrees of freedom: it holds that level under the model, and the simulation in "
-             "`tests/test_stats.py` (per-call noise, process-to-process spread 0–5 %, slow drift) checks the "
-             "achieved rate of false \"outside noise\" verdicts and the coverage stay within 2 points of it. "
+             "Model: log latency = cell + round + process effect + call noise; the process effect has one "
+             "variance for all cells of a run (estimated from the processes of all cells together, rounds taken "
+             "out), the call noise each cell's own (from the spread of calls within its processes: a long eager "
+             "call on a CPU varies far more than a short bf16 one). Latency of a cell: geometric mean over its "
+             "processes with its t interval; change vs the baseline: ratio of the geometric means with its t "
+             "interval, degrees of freedom by Satterthwaite (the *noise* table below checks the model cell by "
+             "cell). Each interval states its level and degrees of freedom: it holds that level under the model, "
+             "and the simulation in `tests/test_stats.py` (per-call noise of 6 % in the baseline and control, 1 % "
+             "elsewhere, process-to-process spread 0–5 %, slow drift, 2 processes × 2 calls) checks that the "
+             "achieved rate of false \"outside noise\" verdicts and the coverage stay within 2 points of it; with "
+             "one per-call noise for all cells and no process spread the interval is conservative (about 1 % false "
+             "\"outside noise\" at a stated 5 %). "
              "*n* is written calls × processes.")
 
 
@@ -86,7 +90,7 @@ def callout(kind: str, title: str, body: str) -> str:
 
 def level_text(level, df) -> str:
     """The level an interval is stated at, with its degrees of freedom, e.g. `95 %, t 10 df`."""
-    return f"{100 * float(level):.3g} %, t {int(df)} df" if isnum(level) and isnum(df) else ""
+    return f"{100 * float(level):.3g} %, t {float(df):.1f} df" if isnum(level) and isnum(df) else ""
 
 
 def latency_cell(gmean, low, high, level=None, df=None) -> str:
@@ -202,25 +206,28 @@ def relative_cells(g: pd.DataFrame) -> pd.DataFrame:
 
 
 def noise_cells(g: pd.DataFrame) -> pd.DataFrame:
+    sd = (lambda x: f"{x:.2f} %" if isnum(x) else "–")
     return pd.DataFrame({
         "batch size": g["batch_size"].astype(int).astype(str), "variant": g["variant"].map(md_escape),
         "calls × processes": g["calls_x_processes"].map(md_escape),
-        "spread of its processes (sd)": g["cell_sd_pct"].map(lambda x: f"{x:.2f} %" if isnum(x) else "–"),
+        "spread of its processes (sd)": g["cell_sd_pct"].map(sd), "the model's (sd)": g["model_sd_pct"].map(sd),
+        "per call (sd)": g["per_call_sd_pct"].map(sd),
+        "p (spread this large)": g["spread_p"].map(lambda x: f"{x:.3g}" if isnum(x) else "–"),
     })
 
 
 def noise_md(noise: pd.DataFrame) -> str:
-    """The check of the pooled between-process variance: each cell's spread beside the pooled one."""
+    """The check of the noise model: each cell's spread of process means beside the model's."""
     parts = []
     for hw, g in noise.groupby("hardware", sort=False):
         first = g.iloc[0]
-        p = first["bartlett_p"]
-        verdict = ("" if not isnum(p) else f" Bartlett's test of equal variances over the cells: p = {p:.3g}"
-                   + (" (**the cells' spreads differ: the pooled interval is too narrow for the noisiest "
-                      "cells and too wide for the quietest**)." if p < 0.05 else " (no evidence against one variance)."))
-        parts.append(f"**Noise check, {md_escape(hw)}**: pooled sd of a process's mean log latency "
-                     f"{fmt_num(first['pooled_sd_pct'])} % ({int(first['df'])} df), round effects "
-                     f"{md_escape(first['round_effects_pct'])} %.{verdict}\n\n{to_pipe_table(noise_cells(g))}")
+        high = g[g["spread_p"] < 0.01]["variant"].tolist()
+        verdict = (f" **Spread beyond the model (p < 0.01): {', '.join(map(md_escape, high))}**: their intervals are "
+                   "too narrow." if high else " No cell spreads beyond the model (p < 0.01).")
+        parts.append(f"**Noise check, {md_escape(hw)}**: a process's mean log latency varies by the run's "
+                     f"between-process sd {fmt_num(first['between_sd_pct'])} % (from residuals on {int(first['df'])} df, "
+                     f"rounds taken out; round effects {md_escape(first['round_effects_pct'])} %) plus its cell's "
+                     f"per-call variance over its calls.{verdict}\n\n{to_pipe_table(noise_cells(g))}")
     return "\n".join(parts)
 
 

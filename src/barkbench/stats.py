@@ -16,6 +16,7 @@ assuming only independent draws from a continuous distribution (no normality, no
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -156,15 +157,17 @@ def relative_change(baseline, candidate, confidence: float = CONFIDENCE) -> dict
 # ---------------------------------------------------------------- the process as the unit of replication
 #
 # Model (random effects on log latency): call j of process p of cell c takes
-#     log y_cpj = mu_c + u_cp + e_cpj,   u_cp ~ N(0, tau^2),  e_cpj ~ N(0, sigma_c^2)  (independent),
-# so the mean log latency of a process, m_cp, is N(mu_c, tau^2 + sigma_c^2 / n_cp). Processes of one run
-# share the machine, so the variance of a process mean is assumed to be the SAME for every cell of the run
-# (one s^2, pooled over the cells that have >= 2 processes, with sum(k_c - 1) degrees of freedom); the
-# report shows each cell's own spread beside the pooled one to check it. A change of a variant is the
-# difference of its cell mean of process means and the baseline's, with a Student t interval on the pooled
-# degrees of freedom. Its level is exact under the model (normal process means, one variance per run);
-# tests/test_stats.py simulates per-call noise, process-to-process spread and slow drift and checks that the
-# achieved rate of false "outside noise" verdicts and the coverage stay within 2 points of it.
+#     log y_cpj = mu_c + b_r(p) + u_cp + e_cpj,   u_cp ~ N(0, tau^2),  e_cpj ~ N(0, sigma_c^2)  (independent),
+# where b_r is the effect of the round the process ran in (a machine's slow drift moves every process of a round
+# alike). The mean log latency of a process, m_cp, is then N(mu_c + b_r, tau^2 + sigma_c^2 / n_cp): the
+# between-process variance tau^2 is one for the run (processes share the machine), the per-call variance
+# sigma_c^2 is each cell's own (an eager call on a CPU varies far more than a short bf16 one). sigma_c^2 comes
+# from the spread of calls within the cell's processes; tau^2 from the residuals of the process means around the
+# additive fit cell + round, less the part of them the per-call variances explain (method of moments).
+# A change is the difference of two cells' means of process means; its variance combines these mean squares and
+# its degrees of freedom are Satterthwaite's. tests/test_stats.py simulates per-call noise that differs between
+# cells, process-to-process spread, slow drift, at the default calls and replicates, and checks that the achieved
+# rate of false "outside noise" verdicts and the coverage stay within 2 points of the stated level.
 
 
 def process_means(calls_per_process) -> np.ndarray:
@@ -178,75 +181,159 @@ def process_means(calls_per_process) -> np.ndarray:
     return np.asarray(out)
 
 
-def pooled_process_variance(cells) -> dict:
-    """Pooled variance of a process mean (log scale) over a run's cells, the rounds taken out.
+@dataclass(frozen=True)
+class Within:
+    """The calls within a cell's processes: their pooled variance of log latency (`s2`, on `df` degrees of
+    freedom, NaN when no process made two calls) and how many calls each process made."""
+    s2: float
+    df: int
+    calls: tuple[int, ...]
+
+    @classmethod
+    def from_calls(cls, calls_per_process) -> "Within":
+        logs = [np.log(np.asarray(c, dtype=float)) for c in calls_per_process]
+        df = sum(x.size - 1 for x in logs)
+        ss = sum(float(np.sum((x - x.mean()) ** 2)) for x in logs)
+        return cls(s2=ss / df if df else float("nan"), df=int(df), calls=tuple(int(x.size) for x in logs))
+
+    @property
+    def inv_calls(self) -> float:
+        """sum over processes of 1 / calls: the per-call variance's weight in the cell's sum of process means."""
+        return float(sum(1.0 / n for n in self.calls))
+
+
+def pooled_process_variance(cells, within=None) -> dict:
+    """The run's noise: the variance of a process mean (log scale) around the additive fit cell + round.
 
     `cells`: one sequence per cell of its processes' mean log latencies indexed by round (process k ran in
-    round k; NaN where it is missing). Rounds are blocks: a machine's slow drift moves every process of a
-    round alike, so the model is additive, m_cr = a_c + b_r + error, fitted by alternating means (exact in
-    one pass when no process is missing). `var`: residual sum of squares / df with df = observations -
-    cells - (rounds - 1), over the cells with >= 2 processes; `round_effect[r]`: b_r (mean 0 over rounds),
-    to subtract from a process mean of round r before cells are compared (0 when df is 0)."""
+    round k; NaN where it is missing). Fitted by least squares over the cells with >= 2 processes. `var`:
+    residual sum of squares / df, df = observations - cells - (rounds - 1); `round_effect[r]`: b_r (mean 0
+    over rounds), to subtract from a process mean of round r before cells are compared (0 when df is 0).
+    With `within` (a `Within` per cell, same order) it also splits `var` into the between-process variance
+    `tau2` and the per-call part `per_call` (its expectation under the model, from each cell's `s2`:
+    sum_i M_ii s2_c(i) / n_i / df with M the residual projection), keeping the per-cell weights `weights`
+    (c -> sum of M_ii / n_i over its processes / df) that a contrast needs for its degrees of freedom."""
     rows = [np.asarray(m, dtype=float) for m in cells]
     rounds = max((r.size for r in rows), default=0)
     grid = np.full((len(rows), rounds), np.nan)
     for i, r in enumerate(rows):
         grid[i, :r.size] = r
-    used = grid[np.sum(~np.isnan(grid), axis=1) >= 2]
-    seen = ~np.isnan(used)
-    live = seen.any(axis=0)
-    df = int(seen.sum() - used.shape[0] - (live.sum() - 1)) if used.size else 0
+    used_idx = [i for i in range(len(rows)) if np.sum(~np.isnan(grid[i])) >= 2]
     effect = np.zeros(rounds)
+    obs = [(c, r) for c in used_idx for r in range(rounds) if not np.isnan(grid[c, r])]
+    live = sorted({r for _, r in obs})
+    df = len(obs) - len(used_idx) - (len(live) - 1) if obs else 0
+    out = {"var": float("nan"), "df": 0, "round_effect": effect}
     if df <= 0:
-        return {"var": float("nan"), "df": 0, "round_effect": effect}
-    b = np.zeros(rounds)
-    for _ in range(50):  # backfitting: exact after the first pass for complete rounds
-        a = np.nanmean(used - b[None, :], axis=1)
-        resid = used - a[:, None]
-        b_new = np.zeros(rounds)
-        b_new[live] = np.nanmean(resid[:, live], axis=0)
-        b_new[live] -= b_new[live].mean()
-        if np.allclose(b_new, b, atol=1e-12):
-            break
-        b = b_new
-    a = np.nanmean(used - b[None, :], axis=1)
-    ss = float(np.nansum((used - a[:, None] - b[None, :]) ** 2))
-    effect[live] = b[live]
-    return {"var": ss / df, "df": df, "round_effect": effect}
+        return out
+    # design: one column per used cell, one per live round after the first (round effects relative to it)
+    col_c = {c: j for j, c in enumerate(used_idx)}
+    col_r = {r: len(used_idx) + j for j, r in enumerate(live[1:])}
+    X = np.zeros((len(obs), len(used_idx) + len(live) - 1))
+    for i, (c, r) in enumerate(obs):
+        X[i, col_c[c]] = 1.0
+        if r in col_r:
+            X[i, col_r[r]] = 1.0
+    y = np.array([grid[c, r] for c, r in obs])
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    b = np.array([0.0] + [beta[col_r[r]] for r in live[1:]])
+    effect[live] = b - b.mean()
+    out.update(var=float(resid @ resid / df), df=int(df))
+    if within is not None:
+        m_diag = 1.0 - np.einsum("ij,ji->i", X, np.linalg.pinv(X))  # diagonal of I - X X^+
+        weights: dict[int, float] = {}
+        per_call = 0.0
+        k_of = {c: 0 for c in used_idx}
+        for i, (c, _) in enumerate(obs):
+            calls = within[c].calls
+            n = calls[k_of[c]] if k_of[c] < len(calls) else 1
+            k_of[c] += 1
+            w = m_diag[i] / n / df
+            weights[c] = weights.get(c, 0.0) + w
+            if np.isfinite(within[c].s2):
+                per_call += w * within[c].s2
+        out.update(per_call=float(per_call), tau2=float(out["var"] - per_call),  # may be < 0: see _contrast
+                   weights=weights, within=list(within))
+    return out
 
 
-def _t_level(confidence: float, df: int) -> str:
-    return f"{_level(confidence)} t interval, {df} df (between-process variance pooled over the run's cells)"
+def _t_level(confidence: float, df: float) -> str:
+    return (f"{_level(confidence)} t interval, {df:.1f} df (Satterthwaite: between-process variance of the run, "
+            "per-call variance of each cell)")
 
 
-def process_change(baseline_means, candidate_means, pooled_var: float, df: int,
+def _contrast(noise: dict, terms) -> tuple[float, float]:
+    """Variance and Satterthwaite degrees of freedom of sum_c g_c * (mean of cell c's process means).
+
+    `terms`: (g, k, within, index) per cell in the contrast; index is the cell's place in the run's pooled fit
+    (None for a cell outside it, e.g. an overhead check's plain process). Var = tau2 * sum g^2/k +
+    sum g^2 sigma_c^2 inv_calls_c / k^2; with tau2 = var - sum_c w_c s2_c this is a linear combination of mean
+    squares (var on its df, each s2_c on its own), hence Satterthwaite. tau2 is not cut at 0
+    (that would bias the variance upwards when there is no process spread); when the sum comes out <= 0, the
+    run's pooled variance of a process mean stands in for it."""
+    within = noise["within"]
+    kk = sum(g * g / k for g, k, _, _ in terms)
+    own = {}
+    for g, k, w, idx in terms:
+        key = ("cell", idx) if idx is not None else ("own", id(w))
+        coef, ms = own.get(key, (0.0, w))
+        own[key] = (coef + g * g * w.inv_calls / (k * k), ms)
+    own_var = sum(coef * ms.s2 for coef, ms in own.values() if np.isfinite(ms.s2) and ms.df)
+    if own_var + kk * noise["tau2"] > 0:
+        lam = {key: coef for key, (coef, _) in own.items()}
+        for c, wc in noise["weights"].items():
+            lam[("cell", c)] = lam.get(("cell", c), 0.0) - kk * wc
+        pieces = [(kk * noise["var"], noise["df"])]
+        for key, coef in lam.items():
+            ms = own[key][1] if key in own else within[key[1]]
+            if np.isfinite(ms.s2) and ms.df:
+                pieces.append((coef * ms.s2, ms.df))
+    else:  # the moments leave no variance (e.g. calls all alike): the run's variance of a process mean, pooled
+        pieces = [(kk * noise["var"], noise["df"])]
+    var = sum(p for p, _ in pieces)
+    # Satterthwaite's df = (sum E[l MS])^2 / sum (E[l MS])^2 / df, each square estimated without bias from the
+    # sample (E[MS^2] = E[MS]^2 (df + 2) / df): plugging in MS itself makes df too small, and the interval too
+    # wide, when the mean squares rest on 2 degrees of freedom each, as a cell's per-call variance at 2 x 2 does.
+    denom = sum(p * p / (d + 2) for p, d in pieces)
+    return float(var), float(max(1.0, var * var / denom - 2)) if denom > 0 else 0.0
+
+
+def process_change(baseline_means, candidate_means, noise: dict, baseline: tuple, candidate: tuple,
                    confidence: float = CONFIDENCE) -> dict:
     """Change of candidate vs baseline latency (ratio of geometric means - 1) from their processes' mean log
-    latencies, with the t interval on the run's pooled between-process variance. `within_noise` None (and no
-    interval) when the run has no degrees of freedom for the variance."""
+    latencies (rounds taken out), with the Satterthwaite t interval of the run's noise model
+    (`pooled_process_variance` with `within`). `baseline` / `candidate`: (Within, index in the pooled fit or
+    None). `within_noise` None (and no interval) when the run has no degrees of freedom for its noise."""
     a = np.asarray(baseline_means, dtype=float)
     b = np.asarray(candidate_means, dtype=float)
     if a.size == 0 or b.size == 0:
         raise ValueError("process_change needs at least one process on each side")
     d = float(b.mean() - a.mean())
     out = {"change": float(np.expm1(d)), "ci_low": None, "ci_high": None, "ci_level": confidence,
-           "df": int(df), "within_noise": None, "n_baseline": int(a.size), "n_candidate": int(b.size)}
-    if not df or not np.isfinite(pooled_var):
+           "df": 0.0, "within_noise": None, "n_baseline": int(a.size), "n_candidate": int(b.size)}
+    if not noise.get("df") or "tau2" not in noise:
         out["method"] = "no interval: no cell of this run was measured in two processes"
         return out
-    half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(pooled_var * (1 / a.size + 1 / b.size))
-    out.update(ci_low=float(np.expm1(d - half)), ci_high=float(np.expm1(d + half)),
+    var, df = _contrast(noise, [(-1.0, a.size, *baseline), (1.0, b.size, *candidate)])
+    if not (var > 0 and df > 0):
+        out["method"] = "no interval: no variance estimate for these cells"
+        return out
+    half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(var)
+    out.update(ci_low=float(np.expm1(d - half)), ci_high=float(np.expm1(d + half)), df=df,
                within_noise=bool(d - half <= 0.0 <= d + half), method=_t_level(confidence, df))
     return out
 
 
-def process_level(means, pooled_var: float, df: int, confidence: float = CONFIDENCE) -> dict:
-    """Geometric-mean latency of a cell (exp of the mean of its processes' mean log latency) with its t
-    interval on the run's pooled between-process variance."""
+def process_level(means, noise: dict, cell: tuple, confidence: float = CONFIDENCE) -> dict:
+    """Geometric-mean latency of a cell (exp of the mean of its processes' mean log latency) with its
+    Satterthwaite t interval on the run's noise model; `cell`: (Within, index in the pooled fit)."""
     m = np.asarray(means, dtype=float)
     centre = float(m.mean())
-    out = {"gmean": float(np.exp(centre)), "ci_low": None, "ci_high": None, "ci_level": confidence, "df": int(df)}
-    if df and np.isfinite(pooled_var):
-        half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(pooled_var / m.size)
-        out.update(ci_low=float(np.exp(centre - half)), ci_high=float(np.exp(centre + half)))
+    out = {"gmean": float(np.exp(centre)), "ci_low": None, "ci_high": None, "ci_level": confidence, "df": 0.0}
+    if noise.get("df") and "tau2" in noise:
+        var, df = _contrast(noise, [(1.0, m.size, *cell)])
+        if var > 0 and df > 0:
+            half = float(_sps.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(var)
+            out.update(ci_low=float(np.exp(centre - half)), ci_high=float(np.exp(centre + half)), df=df)
     return out

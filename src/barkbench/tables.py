@@ -266,10 +266,13 @@ def _cell_row(g: pd.DataFrame) -> dict:
     means = [None] * int(g["process"].max())
     for _, r in ok.iterrows():
         means[int(r["process"]) - 1] = float(stats.process_means([latencies(r)])[0])
+    within = stats.Within.from_calls([latencies(r) for _, r in ok.sort_values("process").iterrows()])
     row.update(processes=len(ok), processes_declared=len(g), calls_per_process=json.dumps(calls),
                calls_x_processes=(f"{calls[0]}×{len(ok)}" if calls and len(set(calls)) == 1
                                   else "+".join(map(str, calls))),
                process_log_means=json.dumps(means),
+               within_log_var=within.s2 if within.df else np.nan, within_df=within.df,
+               within_calls=json.dumps(list(within.calls)),
                process_notes="; ".join(f"process {int(r['process'])}: {r['status']}"
                                        + (f" ({r['reason']})" if isinstance(r["reason"], str) else "")
                                        for _, r in g[g["status"] != "ok"].iterrows()))
@@ -296,17 +299,37 @@ def _cell_row(g: pd.DataFrame) -> dict:
     return row
 
 
+def within_of(row) -> stats.Within:
+    """The calls within a cell's processes (a single plain process, e.g. the overhead check's: its own calls)."""
+    if isinstance(row.get("within_calls"), str):
+        return stats.Within(s2=float(row["within_log_var"]), df=int(row["within_df"]),
+                            calls=tuple(json.loads(row["within_calls"])))
+    return stats.Within.from_calls([latencies(row)])
+
+
+def _cell_key(row) -> tuple:
+    return (row["model"], int(row["batch_size"]), row["variant"])
+
+
 def pooled_noise(cells: pd.DataFrame) -> dict[str, dict]:
-    """Per hardware folder (one run): the pooled between-process variance of its ok, instrumented cells
-    (`stats.pooled_process_variance`, rounds as blocks)."""
+    """Per hardware folder (one run): the noise model of its ok, instrumented cells
+    (`stats.pooled_process_variance`, rounds as blocks, each cell's per-call variance), with `index`: where
+    each cell (model, batch size, variant) sits in it."""
     out = {}
     if cells.empty:
         return out
     for hw, g in cells.groupby("hardware", sort=False):
         ok = g[(g["status"] == "ok") & g["instrumented"]]
         means = [[np.nan if m is None else m for m in json.loads(x)] for x in ok["process_log_means"]]
-        out[hw] = stats.pooled_process_variance(means)
+        out[hw] = stats.pooled_process_variance(means, [within_of(r) for _, r in ok.iterrows()])
+        out[hw]["index"] = {_cell_key(r): i for i, (_, r) in enumerate(ok.iterrows())}
     return out
+
+
+def noise_side(row, pooled: dict) -> tuple:
+    """(Within, index in the run's fit) of a row: what `stats.process_change` needs of each side."""
+    idx = pooled.get("index", {}).get(_cell_key(row)) if isinstance(row.get("process_log_means"), str) else None
+    return within_of(row), idx
 
 
 def adjusted_means(row, pooled: dict) -> np.ndarray:
@@ -331,7 +354,7 @@ def cells_table(procs: pd.DataFrame, baseline: str) -> pd.DataFrame:
         if r["status"] != "ok" or not r["instrumented"]:
             continue
         p = pooled[r["hardware"]]
-        lv = stats.process_level(adjusted_means(r, p), p["var"], p["df"])
+        lv = stats.process_level(adjusted_means(r, p), p, noise_side(r, p))
         cells.loc[i, ["latency_gmean", "latency_ci_level", "latency_ci_df"]] = [lv["gmean"], lv["ci_level"], lv["df"]]
         if lv["ci_low"] is not None:
             cells.loc[i, ["latency_ci_low", "latency_ci_high"]] = [lv["ci_low"], lv["ci_high"]]
@@ -342,23 +365,27 @@ def cells_table(procs: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
 
 def noise_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """The check of the pooled-variance assumption: each cell's own spread of process means (rounds taken
-    out) beside the run's pooled one, and Bartlett's test of equal variances over the run's cells."""
+    """The check of the noise model: each cell's own spread of process means (rounds taken out) beside the spread
+    the model gives it (the run's between-process variance plus the cell's per-call variance over its calls), and
+    the chance of a spread at least that large under the model ((k - 1) s^2 / model^2 ~ chi^2 with k - 1 df)."""
     pooled = pooled_noise(cells)
     rows = []
     for hw, p in pooled.items():
         g = cells[(cells["hardware"] == hw) & (cells["status"] == "ok") & cells["instrumented"]]
-        adj = {i: adjusted_means(r, p) for i, r in g.iterrows()}
-        two = [a for a in adj.values() if a.size >= 2]
-        bartlett = float(_sps.bartlett(*two).pvalue) if len(two) >= 2 and all(np.ptp(a) > 0 for a in two) else np.nan
-        for i, r in g.iterrows():
-            a = adj[i]
+        tau2 = max(0.0, p.get("tau2", np.nan)) if p["df"] else np.nan
+        for _, r in g.iterrows():
+            a, w = adjusted_means(r, p), within_of(r)
+            model_var = tau2 + (w.s2 * w.inv_calls / len(w.calls) if w.df else 0.0)
+            obs = float(np.var(a, ddof=1)) if a.size >= 2 else np.nan
             rows.append({"hardware": hw, "model": r["model"], "batch_size": r["batch_size"], "variant": r["variant"],
                          "processes": int(a.size), "calls_x_processes": r["calls_x_processes"],
-                         "cell_sd_pct": 100 * float(np.std(a, ddof=1)) if a.size >= 2 else np.nan,
-                         "pooled_sd_pct": 100 * math.sqrt(p["var"]) if p["df"] else np.nan, "df": p["df"],
+                         "cell_sd_pct": 100 * math.sqrt(obs) if np.isfinite(obs) else np.nan,
+                         "model_sd_pct": 100 * math.sqrt(model_var) if np.isfinite(model_var) else np.nan,
+                         "per_call_sd_pct": 100 * math.sqrt(w.s2) if w.df else np.nan,
+                         "between_sd_pct": 100 * math.sqrt(tau2) if np.isfinite(tau2) else np.nan, "df": p["df"],
                          "round_effects_pct": json.dumps([round(100 * x, 2) for x in p["round_effect"]]),
-                         "bartlett_p": bartlett})
+                         "spread_p": (float(_sps.chi2.sf((a.size - 1) * obs / model_var, a.size - 1))
+                                      if np.isfinite(obs) and model_var > 0 else np.nan)})
     return pd.DataFrame(rows)
 
 
@@ -438,7 +465,8 @@ def _log_means(row, pooled: dict) -> np.ndarray:
 
 def _change_cells(base, cand, pooled: dict) -> dict:
     """Change of cell `cand` vs cell `base` (rows) on their processes, with the run's pooled variance."""
-    rc = stats.process_change(_log_means(base, pooled), _log_means(cand, pooled), pooled["var"], pooled["df"])
+    rc = stats.process_change(_log_means(base, pooled), _log_means(cand, pooled), pooled,
+                              noise_side(base, pooled), noise_side(cand, pooled))
     pct = (lambda x: 100 * x if x is not None else np.nan)
     return {"latency_change_pct": pct(rc["change"]), "ci_low_pct": pct(rc["ci_low"]),
             "ci_high_pct": pct(rc["ci_high"]), "ci_level": rc["ci_level"], "ci_df": rc["df"],
