@@ -7,8 +7,10 @@ function here, added to `FORMATS`.
 - `bf16`, `fp16`: weights and activations cast (every sub-model, the codec too: the variants load in that dtype).
 - `int8-dynamic`: torch.ao dynamic quantization of the transformers' Linear layers as the kernel computes it:
   weights per tensor, symmetric (MinMaxObserver, scale = max|w| / 127.5, values in [-128, 127]); activations
-  per tensor and per call, affine over [min(x, 0), max(x, 0)] on 0..127 (`linear_dynamic(..., reduce_range=True)`);
-  products accumulated exactly (int32), bias in fp32.
+  per tensor and per call, affine over [min(x, 0), max(x, 0)] on 0..127 (`linear_dynamic(..., reduce_range=True)`),
+  its parameters from the kernel's own `_choose_qparams_per_tensor` and rounded after one fused multiply-add, as
+  fbgemm's quantize does (checked layer by layer on synthetic:tiny and synthetic:bark-small, seeds 0 and 1: the
+  x86 engine's outputs equal the simulation's to float rounding); products accumulated exactly (int32), bias in fp32.
 - `int8-weight-only`: torchao's Int8WeightOnlyConfig: weights per output channel, symmetric (scale = max|w| /
   127.5 per row), activations unquantized.
 - `nf4`: bitsandbytes 4-bit NF4 weights (blocks of 64 with an absmax scale each, the NF4 code book) for the
@@ -57,12 +59,15 @@ def per_channel_scale(weight: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_activation(x: torch.Tensor, qmax: int = 127) -> torch.Tensor:
-    """Dynamic per-tensor affine quantization of `x` (quint8 on 0..qmax; 127: fbgemm/x86's reduce_range)."""
-    lo, hi = x.min().clamp_max(0.0), x.max().clamp_min(0.0)
-    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).eps)
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    # the zero point is added before rounding, to x times the inverse scale, as fbgemm's quantize does
-    return (torch.clamp(torch.round(x * (1.0 / scale) + zero), 0, qmax) - zero) * scale
+    """Dynamic per-tensor affine quantization of `x` (quint8 on 0..qmax; 127: fbgemm/x86's reduce_range), with the
+    quantization parameters chosen as the dynamic Linear chooses them (`torch._choose_qparams_per_tensor`: its
+    zero point is nudged in double precision, which a float32 re-derivation misses by one step for some inputs)."""
+    scale, zero = torch._choose_qparams_per_tensor(x.detach().float().contiguous(), qmax == 127)
+    # zero + x * (1 / scale) in one fused multiply-add (one rounding to float32, as fbgemm's vectorized quantize
+    # computes it), then rounded to the nearest integer: two float32 roundings decide some near-ties otherwise
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    t = (x.double() * inv.double() + float(zero)).float()
+    return (torch.clamp(torch.round(t), 0, qmax) - zero).to(x.dtype) * scale
 
 
 class FakeQuantLinear(torch.nn.Module):
