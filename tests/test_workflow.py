@@ -266,14 +266,14 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert "A/A control" in html and "Noise check" in html  # the control cell and the check of the noise model
     # interleaved rounds: every cell's process 1 finished before any process 2 started
     rounds = {k: [_json(p) for p in runs if p.name == f"rep{k}.json" and "repro" not in p.parts] for k in (1, 2)}
-    assert len(rounds[1]) == len(rounds[2]) == 10  # 4 variants + control, 2 batch sizes
+    assert len(rounds[1]) == len(rounds[2]) == 5  # 4 variants + control, batch size 1
     assert max(r["finished_at"] for r in rounds[1]) <= min(r["started_at"] for r in rounds[2])
 
     # Exclusive timing: with --cores 2, no two model-loading jobs ran at once (their own start/finish times).
     loading = runs + sorted(results.glob("*/synthetic--tiny/overhead/*/*.json")) + sorted(
         results.glob("*/synthetic--tiny/fidelity/*.json"))
     spans = sorted((_json(p)["started_at"], _json(p)["finished_at"]) for p in loading)
-    assert len(spans) == 20 + 3 + 1  # processes (cells x 2), fidelity, overhead (no separate repro)
+    assert len(spans) == 10 + 3 + 1  # processes (cells x 2), fidelity, overhead (no separate repro)
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
     # A stale JSON of an undeclared variant, and another machine's folder, never reach the report.
@@ -287,13 +287,13 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     (other / "rep1.json").write_text(eager.read_text())
 
     # A failed run (here: made so by hand) is attempted again by the next invocation, and only it.
-    failed = results / hw / "synthetic--tiny" / "sdpa" / "bs2" / "rep1.json"
+    failed = results / hw / "synthetic--tiny" / "sdpa" / "bs1" / "rep2.json"
     data = _json(failed)
     data.update(status="failed", reason="RuntimeError: injected", error={"type": "RuntimeError", "message": "x",
                 "traceback": ""}, timing=None, iterations=None, summary=None, memory=None, throughput=None)
     failed.write_text(__import__("json").dumps(data))
     # A corrupt result is measured again too, and so is a deleted one.
-    corrupt = results / hw / "synthetic--tiny" / "eager" / "bs2" / "rep2.json"
+    corrupt = results / hw / "synthetic--tiny" / "bf16" / "bs1" / "rep2.json"
     corrupt.write_text("{}")
     deleted = next(results.glob("*/synthetic--tiny/overhead/*/*.json"))
     deleted.unlink()
@@ -341,7 +341,7 @@ def test_prompts_reach_the_run_byte_for_byte(tmp_path, monkeypatch):
     (work / "prompts.yaml").write_text(yaml.safe_dump({"prompts": prompts}, allow_unicode=True))
     hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
                                    text=True, check=True).stdout)["id"]
-    target = f"results/smoke/{hw}/synthetic--tiny/eager/bs2/rep1.json"
+    target = f"results/smoke/{hw}/synthetic--tiny/eager/bs1/rep1.json"
     out = _snakemake(work, target, "--cores", "1", "--configfile", "config/smoke.yaml", "prompts.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((work / target).read_text(encoding="utf-8"))
@@ -375,8 +375,8 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
     work = _workflow_copy(tmp_path)
     hw = json.loads(subprocess.run([sys.executable, "-m", "barkbench", "hardware"], capture_output=True,
                                    text=True, check=True).stdout)["id"]
-    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs2/rep1.json"
-    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs2/rep1.log"
+    target = work / f"results/smoke/{hw}/synthetic--tiny/eager/bs1/rep1.json"
+    log = work / f"results/smoke/logs/{hw}/synthetic--tiny/eager/bs1/rep1.log"
     (work / "long.yaml").write_text("protocol: {cpu: {min_iterations: 200, max_iterations: 200}}\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
@@ -384,7 +384,7 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
                              "--configfile", "config/smoke.yaml", "long.yaml"], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not (log.exists() and "eager bs2:" in log.read_text()) and time.time() < deadline:
+    while not (log.exists() and "eager bs1:" in log.read_text()) and time.time() < deadline:
         time.sleep(0.5)  # until the timed loop has started
     pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
                           text=True).stdout.split()
