@@ -1,4 +1,4 @@
-"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result dict (-> JSON + WAV).
+"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result record (-> JSON + WAV).
 
 Timed calls run until max_iterations, or, once min_iterations are done, until the timed calls took
 budget_s in all or the next call would likely cross the job's time limit (stopped_by). The time limit
@@ -24,9 +24,9 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import calibration, compile_counters, energy, models, provenance, results, stats, variants
+from . import calibration, compile_counters, energy, models, provenance, results, variants
 from .protocol import DEADLINE_ENV, Protocol
-from .records import RunResult
+from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
 
 MIN_START_S = 5.0  # less than this left before the deadline: the job does not start
@@ -282,27 +282,24 @@ def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, devi
     compiled = any(o.group == "compile" for o in variant.optimizations)  # compile, or another backend (ov)
     audio_mean = float(np.mean(timed.audio_s))
     result.update(
-        timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
-                "first_call_overhead_s": warmup_s[0] - median,
-                # the first call of a compiled variant compiles: first call minus a steady-state call
-                "compile_s": max(0.0, warmup_s[0] - median) if compiled else None,
-                "compile_cache": COLD_CACHE if compiled else None,
-                "stopped_by": timed.stopped_by, "timed_s": float(sum(latencies)), "job_s": job_s,
-                "time_limit_s": job.limit_s, "time_limit_source": job.limit_source,
-                "stage_timer_overhead_s": stage_timer_cost(clock) if timed.stages else None},
-        iterations={"latency_s": latencies, "audio_s": timed.audio_s,
-                    "semantic_tokens": timed.stages["semantic"]["tokens"] if timed.stages else [],
-                    "stages": timed.stages},
-        summary={"latency_s": stats.summarize(latencies)},
-        memory={"peak_rss_bytes": int(timed.peak_rss.peak), "peak_anon_rss_bytes": timed.peak_rss.peak_anon,
-                "rss_after_load_bytes": int(loaded.rss_after_load),
-                "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
-                "weights_bytes": result["model"]["weights_bytes"]},
-        # RTF: seconds of compute per second of audio produced by one call (all samples of the batch).
-        throughput={"samples_per_s": proto.batch_size / median,
-                    "audio_s_per_s": proto.batch_size * audio_mean / median,
-                    "rtf": median / (proto.batch_size * audio_mean)},
+        timing=Timing(load_s=loaded.load_s, warmup_s=warmup_s, first_call_s=warmup_s[0],
+                      first_call_overhead_s=warmup_s[0] - median,
+                      # the first call of a compiled variant compiles: first call minus a steady-state call
+                      compile_s=max(0.0, warmup_s[0] - median) if compiled else None,
+                      compile_cache=COLD_CACHE if compiled else None,
+                      stopped_by=timed.stopped_by, timed_s=float(sum(latencies)), job_s=job_s,
+                      time_limit_s=job.limit_s, time_limit_source=job.limit_source,
+                      stage_timer_overhead_s=stage_timer_cost(clock) if timed.stages else None),
+        iterations=Iterations(latency_s=latencies, audio_s=timed.audio_s,
+                              semantic_tokens=timed.stages["semantic"]["tokens"] if timed.stages else [],
+                              stages={k: Stage(**v) for k, v in timed.stages.items()} if timed.stages else None),
+        summary=Summary(latency_s=Latency.from_values(latencies)),
+        memory=Memory(peak_rss_bytes=int(timed.peak_rss.peak), peak_anon_rss_bytes=timed.peak_rss.peak_anon,
+                      rss_after_load_bytes=int(loaded.rss_after_load),
+                      cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                      cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
+                      weights_bytes=result["model"]["weights_bytes"]),
+        throughput=Throughput.of_calls(proto.batch_size, median, audio_mean),
     )
     result["hardware"]["torch_threads"] = torch.get_num_threads()
     result["energy"] = timed.energy
@@ -329,16 +326,16 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
                f"limit; stopped after {n} timed call{'s' if n != 1 else ''}" + ("" if n else " (warm-up only)"))
         result.update(status="too_slow", reason=why)
         if not n:
-            result.update(timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
-                                  "first_call_overhead_s": None, "compile_s": None, "stopped_by": "too_slow",
-                                  "timed_s": 0.0, "job_s": job.elapsed(), "time_limit_s": job.limit_s,
-                                  "time_limit_source": job.limit_source})
+            result.update(timing=Timing(load_s=loaded.load_s, warmup_s=warmup_s, first_call_s=warmup_s[0],
+                                        first_call_overhead_s=None, compile_s=None, stopped_by="too_slow",
+                                        timed_s=0.0, job_s=job.elapsed(), time_limit_s=job.limit_s,
+                                        time_limit_source=job.limit_source))
             return None
     summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed, warmup_counts)
     return timed.wav
 
 
-def run(req: RunRequest, out_json: str | Path) -> dict:
+def run(req: RunRequest, out_json: str | Path) -> RunResult:
     """Benchmark one model x variant x batch size and write its JSON (and WAV). Never raises for a
     failure inside the run: that is recorded as status 'failed' so other runs go on."""
     job = job_time_limit(req.protocol, time.time())
@@ -380,8 +377,9 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
         wav_path = out_json.with_suffix(".wav")
         results.write_atomic(wav_path, wav)
         result["audio"] = {"sample_rate": 24_000, "wav": wav_path.name}
-    RunResult.from_dict(result, str(out_json)).save_json(out_json)  # validated when written
-    return result
+    record = RunResult.from_dict(result, str(out_json))
+    record.save_json(out_json)  # validated when written
+    return record
 
 
 def _describe_source(req: RunRequest) -> dict:
