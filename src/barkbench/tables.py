@@ -760,3 +760,15 @@ def with_fidelity(rel: pd.DataFrame, cells: pd.DataFrame, fidelity: pd.DataFrame
                         {True: "within", False: "outside", None: "not checked"}[w])
     rel["fidelity"] = verdicts
     return rel
+
+
+# ---------------------------------------------------------------- audio
+
+def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:
+    """Name in the report -> WAV file, for every ok run that recorded one."""
+    ok = runs[(runs["status"] == "ok") & runs["wav"].notna()]
+    names = [f"{layout.slug(r.hardware)}__{layout.slug(r.model)}__{r.variant}__bs{r.batch_size}.wav".replace("+", "-")
+             for r in ok.itertuples()]
+    return pd.DataFrame({"name": names, "source": ok["wav"].tolist(), "variant": ok["variant"].tolist(),
+                         "batch_size": ok["batch_size"].tolist(), "hardware": ok["hardware"].tolist(),
+                         "model": ok["model"].tolist()})
