@@ -156,7 +156,7 @@ def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoi
     out = tmp_path / variant / "bs1.json"
     result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cpu", threads=TORCH_THREADS), out)
     results.validate(result.to_dict())
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
     expected_reason = variants.parse(variant).not_applicable_reason(CPU)
     if expected_reason is None:
         assert result.status == "ok", result.reason
