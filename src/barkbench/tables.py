@@ -152,7 +152,8 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     it, summ = rec.iterations, rec.summary.latency_s if rec.summary else None
     mem, thr, timing = rec.memory, rec.throughput, rec.timing
     device = rec.device.get("type", "")
-    cuda, anon, rss = (_attr(mem, k, None) for k in ("cuda_peak_allocated_bytes", "peak_anon_rss_bytes", "peak_rss_bytes"))
+    cuda, anon, rss = (_attr(mem, k, None)
+                       for k in ("cuda_peak_allocated_bytes", "peak_anon_rss_bytes", "peak_rss_bytes"))
     if device == "cuda" and cuda is not None:
         peak, kind = cuda, "CUDA peak allocated"
     elif anon is not None:
