@@ -11,7 +11,7 @@ import pytest
 from barkbench import layout
 from barkbench.aggregate import aggregate, read_csv
 from barkbench.figures import FIGURES, make_figures
-from barkbench.fragments import fmt_pct, to_pipe_table
+from barkbench.markdown import fmt_pct, to_pipe_table
 from barkbench.records import FidelityResult, ResultError, RunResult
 from barkbench.tables import cells_table, read_runs, relative_table, runs_table
 from conftest import make_run_json

@@ -28,23 +28,23 @@ def test_runs_on_cuda(variant, tmp_path):
     result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cuda"), tmp_path / "bs2.json")
     reason = variants.parse(variant).not_applicable_reason(CUDA)
     if reason:
-        assert result["status"] == "not_applicable" and result["reason"] == reason
+        assert result.status == "not_applicable" and result.reason == reason
         skip_not_applicable(variant, reason)
-    assert result["status"] == "ok", result["reason"]
-    assert result["device"]["type"] == "cuda" and len(result["iterations"]["latency_s"]) == 2
-    assert min(result["iterations"]["latency_s"]) > 0
-    memory = result["memory"]
-    assert memory["cuda_peak_allocated_bytes"] > 0
-    assert memory["cuda_peak_reserved_bytes"] >= memory["cuda_peak_allocated_bytes"]
+    assert result.status == "ok", result.reason
+    assert result.device["type"] == "cuda" and len(result.iterations.latency_s) == 2
+    assert min(result.iterations.latency_s) > 0
+    memory = result.memory
+    assert memory.cuda_peak_allocated_bytes > 0
+    assert memory.cuda_peak_reserved_bytes >= memory.cuda_peak_allocated_bytes
     names = variants.parse(variant).names
     if "compile" in names:
-        compiled = result["compiled"]
+        compiled = result.extra["compiled"]
         if "static" in names:  # the decode step, captured once, replays every step of every timed call
             assert compiled["cuda_graph_replays_timed"] > 0, compiled
             assert compiled["cuda_graph_skips"] == 0, compiled["cuda_graph_skip_reasons"]
             assert compiled["recompiles_timed"] == 0, compiled
     else:
-        assert "compiled" not in result
+        assert "compiled" not in result.extra
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "eager"])

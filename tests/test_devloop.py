@@ -213,10 +213,10 @@ def test_a_devloop_run_through_the_runner(tiny_checkpoint, tmp_path):
                      length_mode="fixed")
     out = tmp_path / "results" / "sdpa+devloop" / "bs2.json"
     result = runner.run(runner.RunRequest(TINY, "sdpa+devloop", proto, device="cpu", threads=TORCH_THREADS), out)
-    assert result["status"] == "ok", result["reason"]
-    assert result["variant"]["optimizations"] == ["sdpa", "devloop"]
-    assert any("device-side loop" in note for note in result["variant"]["notes"])
-    assert result["iterations"]["semantic_tokens"] == [8] * 2  # fixed length: max_new_tokens every call
+    assert result.status == "ok", result.reason
+    assert result.variant["optimizations"] == ["sdpa", "devloop"]
+    assert any("device-side loop" in note for note in result.variant["notes"])
+    assert result.iterations.semantic_tokens == [8] * 2  # fixed length: max_new_tokens every call
     assert out.exists() and out.with_suffix(".wav").exists()
 
 

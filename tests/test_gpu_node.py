@@ -129,9 +129,9 @@ def test_compile_without_a_toolchain_is_recorded_before_loading(tmp_path, monkey
     proto = Protocol(warmup=1, min_iterations=1, max_iterations=1, max_new_tokens=8)
     result = runner.run(runner.RunRequest(TINY, "sdpa+compile", proto, device="cpu", threads=TORCH_THREADS),
                         tmp_path / "bs1.json")
-    assert result["status"] == "not_applicable"
-    assert result["reason"].startswith(f"not applicable here: compile: {availability.TOOLCHAIN_REASON}")
-    assert json.loads((tmp_path / "bs1.json").read_text())["reason"] == result["reason"]
+    assert result.status == "not_applicable"
+    assert result.reason.startswith(f"not applicable here: compile: {availability.TOOLCHAIN_REASON}")
+    assert json.loads((tmp_path / "bs1.json").read_text())["reason"] == result.reason
 
 
 # ---------------------------------------------------------------- a skip of an expected optimization fails
@@ -221,13 +221,13 @@ def test_run_records_energy_and_compile_counters(tiny_checkpoint, tmp_path, monk
     proto = Protocol(warmup=1, min_iterations=3, max_iterations=3, batch_size=2, max_new_tokens=8, do_sample=False)
     result = runner.run(runner.RunRequest(TINY, "sdpa+compile", proto, device="cpu", threads=TORCH_THREADS),
                         tmp_path / "bs2.json")
-    assert result["status"] == "ok", result["reason"]
-    rec = result["energy"]
+    assert result.status == "ok", result.reason
+    rec = result.extra["energy"]
     assert counter.reads == 6 and rec["counter"] == "rapl" and rec["joules_per_call"] == [0.5, 0.5, 0.5]
     assert rec["joules_per_sample"] == pytest.approx(0.25)
-    audio = result["iterations"]["audio_s"]
+    audio = result.iterations.audio_s
     assert rec["joules_per_audio_s"] * 2 * sum(audio) == pytest.approx(1.5)
-    compiled = result["compiled"]
+    compiled = result.extra["compiled"]
     assert compiled["cuda_graph_replays_timed"] == 0 and compiled["recompiles_timed"] == 0
     assert json.loads((tmp_path / "bs2.json").read_text())["energy"] == rec
 
@@ -237,7 +237,7 @@ def test_run_without_an_energy_counter_says_so(tiny_checkpoint, tmp_path, monkey
     proto = Protocol(warmup=1, min_iterations=1, max_iterations=1, max_new_tokens=8)
     result = runner.run(runner.RunRequest(TINY, "sdpa", proto, device="cpu", threads=TORCH_THREADS),
                         tmp_path / "bs1.json")
-    assert result["energy"] == {"counter": None, "reason": energy.NO_COUNTER} and "compiled" not in result
+    assert result.extra["energy"] == {"counter": None, "reason": energy.NO_COUNTER} and "compiled" not in result.extra
 
 
 def test_tables_show_energy_and_cuda_graphs(tmp_path):

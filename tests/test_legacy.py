@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from barkbench import attention, fidelity, legacy, models, tables, variants
-from barkbench.fragments import PUBLISHED_TO_OURS
+from barkbench.study2023 import PUBLISHED_TO_OURS
 from barkbench.records import FidelityResult, RunResult
 from conftest import TINY, make_run_json
 

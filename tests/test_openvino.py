@@ -28,9 +28,9 @@ def test_ov_is_not_applicable_when_openvino_cannot_import(fresh_check, monkeypat
     assert reason.startswith("not applicable here: OpenVINO is not usable (") and "openvino" in reason
     result = runner.run(runner.RunRequest(TINY, "ov", PROTOCOL, device="cpu", threads=TORCH_THREADS),
                         tmp_path / "ov" / "bs1.json")
-    results.validate(result)
-    assert result["status"] == "not_applicable" and result["reason"] == reason
-    assert result["timing"] is None
+    results.validate(result.to_dict())
+    assert result.status == "not_applicable" and result.reason == reason
+    assert result.timing is None
 
 
 def test_ov_is_not_for_cuda():
@@ -50,10 +50,10 @@ def test_ov_runs_on_openvino(variant, fresh_check, tiny_checkpoint, tmp_path):
     execute.compiled_cache.clear()
     result = runner.run(runner.RunRequest(TINY, variant, PROTOCOL, device="cpu", threads=TORCH_THREADS),
                         tmp_path / variant / "bs1.json")
-    results.validate(result)
-    assert result["status"] == "ok", result["reason"]
-    assert any("OpenVINO" in note for note in result["variant"]["notes"])
-    assert result["timing"]["compile_s"] is not None
+    results.validate(result.to_dict())
+    assert result.status == "ok", result.reason
+    assert any("OpenVINO" in note for note in result.variant["notes"])
+    assert result.timing.compile_s is not None
     # The backend falls back to inductor without a word when it cannot convert a graph: the OpenVINO models it
     # compiled for this run are the evidence that OpenVINO ran.
     assert execute.compiled_cache, "no graph was compiled by OpenVINO"

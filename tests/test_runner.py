@@ -42,104 +42,104 @@ def sdpa_run(tiny_checkpoint, tmp_path_factory):
 
 def test_result_validates_and_matches_the_file(sdpa_run):
     result, out, _ = sdpa_run
-    assert result["status"] == "ok", result["reason"]
-    results.validate(result)
+    assert result.status == "ok", result.reason
+    results.validate(result.to_dict())
     on_disk = results.load_result(out)  # validates too
-    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk == json.loads(json.dumps(result.to_dict()))
     assert on_disk["config_hash"] == "abc123"
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
 def test_result_describes_the_run(sdpa_run):
     result, _, proto = sdpa_run
-    assert result["model"]["requested"] == TINY
-    assert result["model"]["id"] == TINY
-    assert result["model"]["weights"] == "synthetic"
-    assert result["model"]["architecture"] == "tiny"
-    assert result["model"]["parameters"] > 0
-    assert result["model"]["weights_bytes"] >= 4 * result["model"]["parameters"]
-    assert result["variant"]["name"] == "sdpa" and result["variant"]["optimizations"] == ["sdpa"]
-    assert result["device"]["type"] == "cpu"
-    assert result["protocol"] == proto.to_dict()
-    assert result["instrumented"] is True
-    assert result["timing"]["load_s"] > 0
-    timing = result["timing"]
-    assert len(timing["warmup_s"]) == 1 and timing["first_call_s"] == timing["warmup_s"][0]
-    assert timing["first_call_overhead_s"] == pytest.approx(
-        timing["warmup_s"][0] - float(np.median(result["iterations"]["latency_s"])))
-    assert timing["compile_s"] is None and timing["compile_cache"] is None
-    assert timing["stopped_by"] == "max_iterations"
-    assert timing["timed_s"] == pytest.approx(sum(result["iterations"]["latency_s"]))
-    assert timing["job_s"] >= timing["load_s"] + timing["warmup_s"][0] + timing["timed_s"]
-    assert timing["time_limit_s"] == proto.time_limit_s and timing["time_limit_source"] == "protocol"
-    assert result["retry_of"] is None
-    assert result["memory"]["peak_rss_bytes"] > 0 and result["memory"]["rss_after_load_bytes"] > 0
-    assert result["memory"]["cuda_peak_allocated_bytes"] is None
-    assert result["memory"]["weights_bytes"] == result["model"]["weights_bytes"]
-    assert result["hardware"]["torch_threads"] >= 1
-    assert result["started_at"] <= result["finished_at"]
+    assert result.model["requested"] == TINY
+    assert result.model["id"] == TINY
+    assert result.model["weights"] == "synthetic"
+    assert result.model["architecture"] == "tiny"
+    assert result.model["parameters"] > 0
+    assert result.model["weights_bytes"] >= 4 * result.model["parameters"]
+    assert result.variant["name"] == "sdpa" and result.variant["optimizations"] == ["sdpa"]
+    assert result.device["type"] == "cpu"
+    assert result.protocol == proto.to_dict()
+    assert result.instrumented is True
+    assert result.timing.load_s > 0
+    timing = result.timing
+    assert len(timing.warmup_s) == 1 and timing.first_call_s == timing.warmup_s[0]
+    assert timing.first_call_overhead_s == pytest.approx(
+        timing.warmup_s[0] - float(np.median(result.iterations.latency_s)))
+    assert timing.compile_s is None and timing.compile_cache is None
+    assert timing.stopped_by == "max_iterations"
+    assert timing.timed_s == pytest.approx(sum(result.iterations.latency_s))
+    assert timing.job_s >= timing.load_s + timing.warmup_s[0] + timing.timed_s
+    assert timing.time_limit_s == proto.time_limit_s and timing.time_limit_source == "protocol"
+    assert result.retry_of is None
+    assert result.memory.peak_rss_bytes > 0 and result.memory.rss_after_load_bytes > 0
+    assert result.memory.cuda_peak_allocated_bytes is None
+    assert result.memory.weights_bytes == result.model["weights_bytes"]
+    assert result.hardware["torch_threads"] >= 1
+    assert result.started_at <= result.finished_at
 
 
 def test_summary_is_recomputable_from_the_iterations(sdpa_run):
     result, out, proto = sdpa_run
-    latencies = result["iterations"]["latency_s"]
+    latencies = result.iterations.latency_s
     assert len(latencies) == proto.max_iterations
     assert all(x > 0 for x in latencies)
     # the summary describes these very calls (checked against the numbers themselves, not the same function)
-    summary = result["summary"]["latency_s"]
+    summary = result.summary.latency_s
     ordered = sorted(latencies)
-    assert summary["n"] == len(latencies) and summary["min"] == ordered[0] and summary["max"] == ordered[-1]
-    assert summary["median"] == pytest.approx((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2)
-    assert summary["mean"] == pytest.approx(sum(latencies) / len(latencies))
+    assert summary.n == len(latencies) and summary.min == ordered[0] and summary.max == ordered[-1]
+    assert summary.median == pytest.approx((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2)
+    assert summary.mean == pytest.approx(sum(latencies) / len(latencies))
     on_disk = json.loads(out.read_text())
-    assert on_disk["summary"] == result["summary"] and on_disk["iterations"]["latency_s"] == latencies
+    assert on_disk["summary"] == result.summary.to_dict() and on_disk["iterations"]["latency_s"] == latencies
 
 
 def test_throughput_is_consistent(sdpa_run):
     result, _, proto = sdpa_run
-    median = float(np.median(result["iterations"]["latency_s"]))
-    audio = float(np.mean(result["iterations"]["audio_s"]))
-    assert result["summary"]["latency_s"]["median"] == pytest.approx(median, rel=1e-12)
-    tp = result["throughput"]
-    assert tp["samples_per_s"] == pytest.approx(proto.batch_size / median, rel=1e-9)
-    assert tp["audio_s_per_s"] == pytest.approx(proto.batch_size * audio / median, rel=1e-9)
-    assert tp["rtf"] == pytest.approx(median / (proto.batch_size * audio), rel=1e-9)
-    assert tp["rtf"] * tp["audio_s_per_s"] == pytest.approx(1.0)
+    median = float(np.median(result.iterations.latency_s))
+    audio = float(np.mean(result.iterations.audio_s))
+    assert result.summary.latency_s.median == pytest.approx(median, rel=1e-12)
+    tp = result.throughput
+    assert tp.samples_per_s == pytest.approx(proto.batch_size / median, rel=1e-9)
+    assert tp.audio_s_per_s == pytest.approx(proto.batch_size * audio / median, rel=1e-9)
+    assert tp.rtf == pytest.approx(median / (proto.batch_size * audio), rel=1e-9)
+    assert tp.rtf * tp.audio_s_per_s == pytest.approx(1.0)
 
 
 def test_wav_beside_the_json(sdpa_run):
     result, out, _ = sdpa_run
     wav = out.with_suffix(".wav")
-    assert result["audio"] == {"sample_rate": 24_000, "wav": wav.name}
+    assert result.audio == {"sample_rate": 24_000, "wav": wav.name}
     rate, data = wavfile.read(wav)
     assert rate == 24_000
     assert data.ndim == 1 and data.size > 0 and data.dtype == np.float32
     assert np.isfinite(data).all() and np.abs(data).max() > 0
     # the sample is the first call's first waveform, cut at its length
-    assert data.size == round(result["iterations"]["audio_s"][0] * 24_000)
+    assert data.size == round(result.iterations.audio_s[0] * 24_000)
 
 
 def test_fixed_length_mode_decodes_max_new_tokens_every_time(sdpa_run):
     result, _, proto = sdpa_run
-    assert result["iterations"]["semantic_tokens"] == [MAX_NEW] * proto.max_iterations
-    assert result["iterations"]["stages"]["semantic"]["tokens"] == [MAX_NEW] * proto.max_iterations
+    assert result.iterations.semantic_tokens == [MAX_NEW] * proto.max_iterations
+    assert result.iterations.stages["semantic"].tokens == [MAX_NEW] * proto.max_iterations
     # the same length every call: the same audio duration too
-    assert len(set(result["iterations"]["audio_s"])) == 1 and result["iterations"]["audio_s"][0] > 0
+    assert len(set(result.iterations.audio_s)) == 1 and result.iterations.audio_s[0] > 0
 
 
 def test_stage_seconds_are_positive_and_within_the_latency(sdpa_run):
     result, _, proto = sdpa_run
-    it = result["iterations"]
-    assert set(it["stages"]) == {"semantic", "coarse", "fine", "decode"}
-    for stage, record in it["stages"].items():
-        assert len(record["seconds"]) == proto.max_iterations, stage
-        assert len(record["tokens"]) == proto.max_iterations, stage
-        assert all(s > 0 for s in record["seconds"]), stage
-        assert all(t > 0 for t in record["tokens"]), stage
-    for i, latency in enumerate(it["latency_s"]):
-        assert sum(record["seconds"][i] for record in it["stages"].values()) <= latency
+    it = result.iterations
+    assert set(it.stages) == {"semantic", "coarse", "fine", "decode"}
+    for stage, record in it.stages.items():
+        assert len(record.seconds) == proto.max_iterations, stage
+        assert len(record.tokens) == proto.max_iterations, stage
+        assert all(s > 0 for s in record.seconds), stage
+        assert all(t > 0 for t in record.tokens), stage
+    for i, latency in enumerate(it.latency_s):
+        assert sum(record.seconds[i] for record in it.stages.values()) <= latency
     # decode "tokens" are audio samples: one call's audio
-    assert it["stages"]["decode"]["tokens"][0] == round(it["audio_s"][0] * 24_000)
+    assert it.stages["decode"].tokens[0] == round(it.audio_s[0] * 24_000)
 
 
 def test_no_temporary_files_left(sdpa_run):
@@ -151,16 +151,16 @@ def test_batch_of_two(tiny_checkpoint, tmp_path):
     out = tmp_path / "bs2.json"
     proto = _protocol(max_iterations=1, batch_size=2, do_sample=False)
     result = runner.run(_request("sdpa", proto), out)
-    assert result["status"] == "ok", result["reason"]
-    results.validate(result)
-    assert result["hardware"]["torch_threads"] == TORCH_THREADS
-    assert result["protocol"]["batch_size"] == 2
-    assert result["protocol"]["prompts"] == proto.prompts
-    assert result["iterations"]["semantic_tokens"] == [MAX_NEW]
-    median = result["summary"]["latency_s"]["median"]
-    assert result["throughput"]["samples_per_s"] == pytest.approx(2 / median, rel=1e-9)
-    assert result["iterations"]["stages"]["decode"]["tokens"][0] == pytest.approx(
-        2 * result["iterations"]["audio_s"][0] * 24_000)
+    assert result.status == "ok", result.reason
+    results.validate(result.to_dict())
+    assert result.hardware["torch_threads"] == TORCH_THREADS
+    assert result.protocol["batch_size"] == 2
+    assert result.protocol["prompts"] == proto.prompts
+    assert result.iterations.semantic_tokens == [MAX_NEW]
+    median = result.summary.latency_s.median
+    assert result.throughput.samples_per_s == pytest.approx(2 / median, rel=1e-9)
+    assert result.iterations.stages["decode"].tokens[0] == pytest.approx(
+        2 * result.iterations.audio_s[0] * 24_000)
     rate, data = wavfile.read(out.with_suffix(".wav"))
     assert rate == 24_000 and data.size > 0
 
@@ -169,12 +169,12 @@ def test_uninstrumented_run(tiny_checkpoint, tmp_path):
     out = tmp_path / "plain.json"
     proto = _protocol(max_iterations=1, do_sample=False)
     result = runner.run(_request("eager", proto, instrument_stages=False), out)
-    assert result["status"] == "ok", result["reason"]
-    results.validate(result)
-    assert result["instrumented"] is False
-    assert result["iterations"]["stages"] is None
-    assert result["iterations"]["semantic_tokens"] == []
-    assert result["summary"]["latency_s"]["n"] == 1
+    assert result.status == "ok", result.reason
+    results.validate(result.to_dict())
+    assert result.instrumented is False
+    assert result.iterations.stages is None
+    assert result.iterations.semantic_tokens == []
+    assert result.summary.latency_s.n == 1
     assert out.with_suffix(".wav").is_file()
 
 
@@ -248,10 +248,10 @@ def test_protocol_json_schema_is_generated_from_the_dataclass():
 def test_zero_budget_stops_at_min_iterations(tiny_checkpoint, tmp_path):
     proto = _protocol(min_iterations=2, max_iterations=10, budget_s=0.0, do_sample=False)
     result = runner.run(_request("sdpa", proto, retry_of="sdpa-bs1-try1"), tmp_path / "b.json")
-    assert result["status"] == "ok", result["reason"]
-    assert len(result["iterations"]["latency_s"]) == 2 and result["summary"]["latency_s"]["n"] == 2
-    assert result["timing"]["stopped_by"] == "budget"
-    assert result["retry_of"] == "sdpa-bs1-try1"
+    assert result.status == "ok", result.reason
+    assert len(result.iterations.latency_s) == 2 and result.summary.latency_s.n == 2
+    assert result.timing.stopped_by == "budget"
+    assert result.retry_of == "sdpa-bs1-try1"
     assert results.load_result(tmp_path / "b.json")["retry_of"] == "sdpa-bs1-try1"
 
 
@@ -295,15 +295,15 @@ def test_a_hopeless_run_stops_early_and_keeps_what_it_measured(tiny_checkpoint, 
     proto = _protocol(min_iterations=3, max_iterations=9, time_limit_s=12.0, do_sample=False)
     out = tmp_path / "slow.json"
     result = runner.run(_request("sdpa", proto), out)
-    assert result["status"] == "too_slow", result["reason"]
+    assert result.status == "too_slow", result.reason
     assert re.fullmatch(r"too slow: 3 timed calls of ~(\d\.\d) s cannot end within the 12 s time limit; stopped "
-                        + (r"after 1 timed call" if timed else r"after 0 timed calls \(warm-up only\)"), result["reason"])
-    assert result["timing"]["stopped_by"] == "too_slow" and result["timing"]["warmup_s"]
+                        + (r"after 1 timed call" if timed else r"after 0 timed calls \(warm-up only\)"), result.reason)
+    assert result.timing.stopped_by == "too_slow" and result.timing.warmup_s
     if timed:
-        assert len(result["iterations"]["latency_s"]) == 1 and result["iterations"]["latency_s"][0] >= 5.0
-        assert result["summary"]["latency_s"]["n"] == 1
+        assert len(result.iterations.latency_s) == 1 and result.iterations.latency_s[0] >= 5.0
+        assert result.summary.latency_s.n == 1
     else:
-        assert result["iterations"] is None and result["timing"]["warmup_s"][0] >= 5.0
+        assert result.iterations is None and result.timing.warmup_s[0] >= 5.0
     assert len(calls) == 1 + timed  # no call started after the verdict
     assert results.load_result(out)["status"] == "too_slow"
 
@@ -343,11 +343,11 @@ def test_time_limit_during_warm_up_is_recorded_failed(tiny_checkpoint, tmp_path,
     start = time.perf_counter()
     result = runner.run(_request("sdpa", _protocol(time_limit_s=LIMIT_S, do_sample=False)), out)
     assert time.perf_counter() - start < LIMIT_S + 5  # interrupted, not slept out
-    assert result["status"] == "failed"
-    assert result["reason"].startswith("time limit 4.0 s reached during warm-up/compilation (first call still "
-                                       "running after "), result["reason"]
-    assert result["error"]["type"] == "TimeLimitExceeded"
-    assert result["timing"] is None and result["iterations"] is None and result["audio"] is None
+    assert result.status == "failed"
+    assert result.reason.startswith("time limit 4.0 s reached during warm-up/compilation (first call still "
+                                       "running after "), result.reason
+    assert result.error["type"] == "TimeLimitExceeded"
+    assert result.timing is None and result.iterations is None and result.audio is None
     assert results.load_result(out)["status"] == "failed"
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]
     assert signal.getsignal(signal.SIGALRM) is handler  # disarmed, previous handler back
@@ -365,17 +365,17 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     proto = _protocol(min_iterations=min_iterations, max_iterations=100, time_limit_s=limit, do_sample=False)
     result = runner.run(_request("sdpa", proto), tmp_path / "r.json")
     if min_iterations == 2:
-        assert result["status"] == "failed"
-        assert result["reason"] == "time limit 10 s reached after 1 of min 2 timed calls"
+        assert result.status == "failed"
+        assert result.reason == "time limit 10 s reached after 1 of min 2 timed calls"
         return
-    assert result["status"] == "ok", result["reason"]
-    assert result["timing"]["stopped_by"] == "time_limit"
-    n = len(result["iterations"]["latency_s"])
-    assert n == 1 and len(result["iterations"]["audio_s"]) == 1
+    assert result.status == "ok", result.reason
+    assert result.timing.stopped_by == "time_limit"
+    n = len(result.iterations.latency_s)
+    assert n == 1 and len(result.iterations.audio_s) == 1
     # the interrupted call had timed its semantic, coarse and fine stages: dropped
-    assert all(len(r["seconds"]) == len(r["tokens"]) == 1 for r in result["iterations"]["stages"].values())
-    assert result["iterations"]["semantic_tokens"] == [MAX_NEW]
-    assert result["timing"]["job_s"] >= LIMIT_S
+    assert all(len(r.seconds) == len(r.tokens) == 1 for r in result.iterations.stages.values())
+    assert result.iterations.semantic_tokens == [MAX_NEW]
+    assert result.timing.job_s >= LIMIT_S
     assert (tmp_path / "r.wav").is_file()
 
 
@@ -388,9 +388,9 @@ def test_deadline_in_the_past_fails_without_loading(tmp_path, monkeypatch):
     monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 10))
     out = tmp_path / "late.json"
     result = runner.run(_request("sdpa", _protocol()), out)
-    assert result["status"] == "failed"
-    assert result["reason"].startswith("run budget exhausted before this job started (deadline ")
-    assert result["model"]["id"] == TINY and result["timing"] is None
+    assert result.status == "failed"
+    assert result.reason.startswith("run budget exhausted before this job started (deadline ")
+    assert result.model["id"] == TINY and result.timing is None
     assert results.load_result(out)["status"] == "failed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json"]
 
@@ -426,10 +426,10 @@ def test_compile_variant_runs_with_a_cold_cache(tiny_checkpoint, tmp_path, monke
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "warm"))
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     result = runner.run(_request("sdpa+compile", _protocol(max_iterations=2, do_sample=False)), tmp_path / "c.json")
-    assert result["status"] == "ok", result["reason"]
-    timing = result["timing"]
-    assert timing["compile_cache"] == runner.COLD_CACHE
-    assert timing["compile_s"] == pytest.approx(max(0.0, timing["first_call_overhead_s"]))
+    assert result.status == "ok", result.reason
+    timing = result.timing
+    assert timing.compile_cache == runner.COLD_CACHE
+    assert timing.compile_s == pytest.approx(max(0.0, timing.first_call_overhead_s))
     inductor = seen["TORCHINDUCTOR_CACHE_DIR"]
     assert inductor and inductor != str(tmp_path / "warm") and seen["TRITON_CACHE_DIR"]
     assert not os.path.exists(os.path.dirname(inductor))  # removed after the run
@@ -482,8 +482,8 @@ def test_fixed_length_mode_overrides_an_early_eos(tiny_checkpoint, tmp_path, mon
     for mode in ("natural", "fixed"):
         proto = _protocol(max_iterations=1, length_mode=mode, do_sample=False)
         result = runner.run(_request("eager", proto), tmp_path / f"{mode}.json")
-        assert result["status"] == "ok", result["reason"]
-        tokens[mode] = (result["iterations"]["semantic_tokens"][0], result["iterations"]["audio_s"][0])
+        assert result.status == "ok", result.reason
+        tokens[mode] = (result.iterations.semantic_tokens[0], result.iterations.audio_s[0])
     assert tokens["natural"][0] < MAX_NEW  # the model stopped early on its own...
     assert tokens["fixed"][0] == MAX_NEW  # ...but fixed mode decodes max_new_tokens regardless
     assert tokens["natural"][1] < tokens["fixed"][1]
@@ -493,12 +493,12 @@ def test_forced_failure_is_recorded(tiny_checkpoint, tmp_path):
     out = tmp_path / "failed" / "bs1.json"
     proto = _protocol(max_iterations=1)
     result = runner.run(_request("sdpa", proto, fail_with="boom"), out)
-    assert result["status"] == "failed"
-    assert result["reason"] == "RuntimeError: boom"
-    assert result["error"]["type"] == "RuntimeError" and result["error"]["message"] == "boom"
-    assert "boom" in result["error"]["traceback"] and "Traceback" in result["error"]["traceback"]
+    assert result.status == "failed"
+    assert result.reason == "RuntimeError: boom"
+    assert result.error["type"] == "RuntimeError" and result.error["message"] == "boom"
+    assert "boom" in result.error["traceback"] and "Traceback" in result.error["traceback"]
     for key in ("timing", "iterations", "summary", "memory", "throughput", "audio"):
-        assert result[key] is None, key
+        assert getattr(result, key) is None, key
     on_disk = results.load_result(out)
     assert on_disk["status"] == "failed" and on_disk["error"]["message"] == "boom"
     assert on_disk["model"]["id"] == TINY  # what it tried to run is still recorded
@@ -524,9 +524,9 @@ def test_not_applicable_hub_model_never_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "resolve", no_load)
     out = tmp_path / "fp16.json"
     result = runner.run(_request("sdpa+fp16", _protocol(), model="suno/bark"), out)
-    assert result["status"] == "not_applicable"
-    assert result["reason"].startswith("not applicable on cpu: fp16")
-    assert result["model"] == {"requested": "suno/bark", "id": "suno/bark", "weights": None, "architecture": "bark"}
+    assert result.status == "not_applicable"
+    assert result.reason.startswith("not applicable on cpu: fp16")
+    assert result.model == {"requested": "suno/bark", "id": "suno/bark", "weights": None, "architecture": "bark"}
     assert results.load_result(out)["status"] == "not_applicable"
 
 
@@ -536,9 +536,9 @@ def test_threads_request_sets_torch_threads(tmp_path):
     try:
         # a run that does not load anything still sets the threads first and records them
         default = runner.run(runner.RunRequest(TINY, "fp16", _protocol(), device="cpu"), tmp_path / "a.json")
-        assert default["hardware"]["torch_threads"] == (psutil.cpu_count(logical=False) or os.cpu_count())
+        assert default.hardware["torch_threads"] == (psutil.cpu_count(logical=False) or os.cpu_count())
         three = runner.run(runner.RunRequest(TINY, "fp16", _protocol(), device="cpu", threads=3), tmp_path / "b.json")
-        assert three["hardware"]["torch_threads"] == 3 and torch.get_num_threads() == 3
+        assert three.hardware["torch_threads"] == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(TORCH_THREADS)
 
@@ -555,7 +555,7 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
 
 
 def test_write_result_refuses_an_invalid_document(tmp_path, sdpa_run):
-    result, _, _ = sdpa_run
+    result = sdpa_run[0].to_dict()
     path = tmp_path / "r.json"
     bad = {**result, "status": "great"}
     with pytest.raises(Exception, match="great"):

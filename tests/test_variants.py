@@ -155,23 +155,23 @@ def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoi
     variant = variants.canonical("+".join([name, *variants.REGISTRY[name].requires]))
     out = tmp_path / variant / "bs1.json"
     result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cpu", threads=TORCH_THREADS), out)
-    results.validate(result)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    results.validate(result.to_dict())
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
     expected_reason = variants.parse(variant).not_applicable_reason(CPU)
     if expected_reason is None:
-        assert result["status"] == "ok", result["reason"]
-        assert result["variant"]["optimizations"] == variants.parse(variant).names
-        assert result["iterations"]["semantic_tokens"] == [8]
+        assert result.status == "ok", result.reason
+        assert result.variant["optimizations"] == variants.parse(variant).names
+        assert result.iterations.semantic_tokens == [8]
         assert out.with_suffix(".wav").is_file()
     else:
-        assert result["status"] == "not_applicable"
-        assert result["reason"] == expected_reason
-        assert "not applicable on cpu" in result["reason"] or "not applicable here" in result["reason"]
-        assert result["iterations"] is None and result["summary"] is None and result["audio"] is None
-        assert result["model"]["id"] == TINY and result["model"]["weights"] == "synthetic"
+        assert result.status == "not_applicable"
+        assert result.reason == expected_reason
+        assert "not applicable on cpu" in result.reason or "not applicable here" in result.reason
+        assert result.iterations is None and result.summary is None and result.audio is None
+        assert result.model["id"] == TINY and result.model["weights"] == "synthetic"
         assert not out.with_suffix(".wav").exists()
     if name in ("eager", "sdpa", "bf16", "int8"):  # the ones that must run on any CPU
-        assert result["status"] == "ok"
+        assert result.status == "ok"
 
 
 def test_bf16_and_int8_change_what_is_loaded(tiny_checkpoint):

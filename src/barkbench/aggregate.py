@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 
 from . import fragments as md
-from . import layout, tables
+from . import layout, study2023, tables
 from .results import write_atomic
 
 
@@ -56,13 +56,13 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
     }
     data["relative"] = tables.with_fidelity(data["relative"], runs_df, data["fidelity"], baseline)
     reference_df = pd.read_csv(reference) if reference else None
-    data["stacks"] = tables.stacks_table(runs_df, baseline, md.PUBLISHED_TO_OURS, reference_df)
+    data["stacks"] = tables.stacks_table(runs_df, baseline, study2023.PUBLISHED_TO_OURS, reference_df)
     out = Path(out_dir)
     written = {}
     for name in layout.TABLE_NAMES:
         written[name] = out / f"{name}.csv"
         _write(written[name], data[name].to_csv(index=False))
-    manifest = md.audio_manifest(runs_df)
+    manifest = tables.audio_manifest(runs_df)
     _write(out / "audio.csv", manifest.to_csv(index=False))
 
     records = [(f, r) for f, _, r in run_recs]

@@ -152,9 +152,8 @@ def main(argv=None) -> int:
                                     offline_fallback=args.offline_fallback, instrument_stages=not args.no_stage_timing,
                                     config_hash=args.config_hash, fail_with=args.fail_with, threads=args.threads,
                                     retry_of=args.retry_of), args.out)
-            summary = result["summary"]
-            detail = (f"median {summary['latency_s']['median']:.3f} s" if summary else result["reason"])
-            print(f"{args.variant} bs{protocol.batch_size}: {result['status']} ({detail})", file=sys.stderr)
+            detail = f"median {result.summary.latency_s.median:.3f} s" if result.summary else result.reason
+            print(f"{args.variant} bs{protocol.batch_size}: {result.status} ({detail})", file=sys.stderr)
             return 0
         if args.command == "hardware":
             import json

@@ -8,22 +8,11 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import layout
+from .markdown import callout, fmt_num, fmt_pct, isnum, md_escape, to_pipe_table
+from .provenance import CPU_FEATURES  # the instruction-set extensions that decide the fastest CPU variant
+from .study2023 import PUBLISHED_BASELINE, PUBLISHED_TO_OURS, STUDY
 from .tables import CONTROL, STAGES
 
-MINUS = "\u2212"
-PUBLISHED_TO_OURS = {  # the 2023 study's variants -> our optimizations
-    "bettertransformer": {"sdpa"},
-    "fp16": {"fp16"},
-    "offload": {"offload"},
-    "offload + bettertransformer": {"offload", "sdpa"},
-    "offload + bettertransformer + fp16": {"offload", "sdpa", "fp16"},
-}
-PUBLISHED_BASELINE = "no optimization"
-STUDY = ('Hugging Face blog "Optimizing Bark using 🤗 Transformers", Aug 2023 '
-         "(<https://huggingface.co/blog/optimizing-bark>)")
-# CPU instruction-set extensions that decide which CPU variant is fastest (bf16 and int8 matmuls).
-from .provenance import CPU_FEATURES  # noqa: E402
 INTERVALS = ("**Intervals.** The process is the unit of replication: every cell (variant × batch size) is "
              "measured in several fresh processes, in interleaved rounds (round *k* runs every cell's *k*-th "
              "process, in a seeded random order), and the baseline once more as its own cell, the A/A control. "
@@ -42,51 +31,7 @@ INTERVALS = ("**Intervals.** The process is the unit of replication: every cell 
              "*n* is written calls × processes.")
 
 
-# ---------------------------------------------------------------- formatting
-
-def isnum(x) -> bool:
-    return x is not None and not isinstance(x, (str, bool)) and not pd.isna(x) and not (
-        isinstance(x, float) and math.isnan(x))
-
-
-def fmt_num(x, digits: int = 2) -> str:
-    return f"{round(float(x), digits) + 0.0:.{digits}f}" if isnum(x) else ""  # + 0.0: never "-0.0"
-
-
-def fmt_pct(x, digits: int = 1) -> str:
-    """Signed percent with a typographic minus, e.g. `−27.0 %`; empty for missing values."""
-    if not isnum(x):
-        return ""
-    return "0 %" if float(x) == 0 else f"{float(x):+.{digits}f} %".replace("-", MINUS)
-
-
-def md_escape(text) -> str:
-    """Escape Markdown-active characters in free text taken from data (names, reasons)."""
-    if isinstance(text, bool):
-        return str(text).lower()
-    if text is None or (not isinstance(text, str) and not isnum(text)):
-        return ""
-    s = " ".join(str(text).split())
-    for ch in "\\`*_[]<>$@#~^":  # `|` is escaped by to_pipe_table
-        s = s.replace(ch, "\\" + ch)
-    return s
-
-
-def to_pipe_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_(no rows)_\n"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        cells = ["" if (not isinstance(v, str) and pd.isna(v)) else " ".join(str(v).split()).replace("|", "\\|")
-                 for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def callout(kind: str, title: str, body: str) -> str:
-    return f'::: {{.callout-{kind} title="{title}"}}\n{body.strip()}\n:::\n'
-
+# ---------------------------------------------------------------- cells
 
 def level_text(level, df) -> str:
     """The level an interval is stated at, with its degrees of freedom, e.g. `95 %, t 10 df`."""
@@ -536,16 +481,6 @@ def _fine_padding(g: pd.DataFrame) -> str:
             "real utterances of several seconds.\n")
 
 
-def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:
-    """Name in the report -> WAV file, for every ok run that recorded one."""
-    ok = runs[(runs["status"] == "ok") & runs["wav"].notna()]
-    names = [f"{layout.slug(r.hardware)}__{layout.slug(r.model)}__{r.variant}__bs{r.batch_size}.wav".replace("+", "-")
-             for r in ok.itertuples()]
-    return pd.DataFrame({"name": names, "source": ok["wav"].tolist(), "variant": ok["variant"].tolist(),
-                         "batch_size": ok["batch_size"].tolist(), "hardware": ok["hardware"].tolist(),
-                         "model": ok["model"].tolist()})
-
-
 def audio_md(manifest: pd.DataFrame) -> str:
     lines = [f"**{md_escape(r.variant)}**, batch size {r.batch_size} ({md_escape(r.hardware)} · {md_escape(r.model)})"
              f"\n\n<audio controls src=\"audio/{r.name}\"></audio>\n" for r in manifest.itertuples()]
@@ -641,21 +576,27 @@ def _within(value, bound, upper: bool = True) -> str:
 
 def _path_cell(r, name: str) -> str:
     """Free-running tokens: agreement, how many steps the margins make decisive, and the faults found."""
-    if not isnum(r[f"{name}_agreement"]):
+    return _decisive_cell(r, f"{name}_agreement", f"{name}_decisive_mismatches",
+                          lambda r: (f"{int(r[f'{name}_prefix'])}/{int(r[f'{name}_length'])} same; "
+                                     f"decisive {r[f'{name}_decisive_share']:.0%}; "),
+                          f"**diverged at a decisive step (margin {_g(r[f'{name}_divergence_margin'])})**",
+                          "no decisive divergence")
+
+
+def _decisive_cell(r, measured: str, mismatches: str, compared, faults: str, clean: str = "") -> str:
+    """A check's cell: what it compared (`compared(r)`), then its decisive faults in bold (`faults`, {n} their
+    number) or `clean`; – where the check did not run (no `measured`)."""
+    if not isnum(r[measured]):
         return "–"
-    faults = int(r[f"{name}_decisive_mismatches"])
-    return (f"{int(r[f'{name}_prefix'])}/{int(r[f'{name}_length'])} same; decisive {r[f'{name}_decisive_share']:.0%}; "
-            + (f"**diverged at a decisive step (margin {_g(r[f'{name}_divergence_margin'])})**" if faults
-               else "no decisive divergence"))
+    n = int(r[mismatches])
+    return compared(r) + (faults.format(n=n) if n else clean)
 
 
 def _chain_cell(r) -> str:
-    if not isnum(r["chain_codes_agreement"]):
-        return "–"
-    faults = int(r["chain_decisive_mismatches"])
-    return (f"codes {r['chain_codes_agreement']:.1%} same, SNR {fmt_num(r['chain_snr_db'], 1)} dB; "
-            f"judged {int(r['chain_judged_calls'])}/{int(r['chain_calls'])} fine calls: "
-            + (f"**{faults} decisive code(s) differ**" if faults else "no decisive difference"))
+    return _decisive_cell(r, "chain_codes_agreement", "chain_decisive_mismatches",
+                          lambda r: (f"codes {r['chain_codes_agreement']:.1%} same, SNR {fmt_num(r['chain_snr_db'], 1)} dB; "
+                                     f"judged {int(r['chain_judged_calls'])}/{int(r['chain_calls'])} fine calls: "),
+                          "**{n} decisive code(s) differ**", "no decisive difference")
 
 
 def _codec_cell(r) -> str:
@@ -665,12 +606,11 @@ def _codec_cell(r) -> str:
 
 
 def _batched_cell(r) -> str:
-    if not isnum(r["batched_size"]):
-        return "–"
-    faults = int(r["batched_decisive_mismatches"])
-    return (f"bs {int(r['batched_size'])} × {int(r['batched_tokens'])} tokens vs bs 1: min {r['batched_min_agreement']:.0%} same, "
-            f"rel err {_within(r['batched_max_rel'], r['tol_logits_max_rel'])}"
-            + (f"; **{faults} decisive divergence(s)**" if faults else ""))
+    return _decisive_cell(r, "batched_size", "batched_decisive_mismatches",
+                          lambda r: (f"bs {int(r['batched_size'])} × {int(r['batched_tokens'])} tokens vs bs 1: "
+                                     f"min {r['batched_min_agreement']:.0%} same, "
+                                     f"rel err {_within(r['batched_max_rel'], r['tol_logits_max_rel'])}"),
+                          "; **{n} decisive divergence(s)**")
 
 
 def _reference_cell(r) -> str:

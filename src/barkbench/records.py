@@ -2,16 +2,18 @@
 
 Each record is validated against its JSON Schema when written and when read. A file that is not JSON,
 truncated, of another schema version or of another kind gets one line naming the file and the problem.
+A run's nested measures (timing, iterations, summary, memory, throughput) are small typed records read as
+attributes; on disk they stay the JSON objects the schema describes, key for key.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from . import results
+from . import results, stats
 from .layout import RESERVED
 
 
@@ -54,23 +56,179 @@ def _read(path: Path) -> dict:
                           f"column {exc.colno})") from None
 
 
+class _Omitted:
+    """Default of an optional key: left out of the JSON unless given (None, when given, is written as null)."""
+
+    def __repr__(self) -> str:
+        return "OMITTED"
+
+
+OMITTED = _Omitted()
+
+
+@dataclass(kw_only=True)
+class _Measure:
+    """A nested JSON object of a record as a typed record: known keys are attributes (an optional one not
+    given reads None and is left out of the JSON), unknown keys are kept in `extra`, so a file round-trips."""
+
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._omitted = {f.name for f in fields(self) if getattr(self, f.name) is OMITTED}
+        for name in self._omitted:
+            setattr(self, name, None)
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        if data is None or isinstance(data, cls):
+            return data
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**cls._typed({k: v for k, v in data.items() if k in known}),
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def _typed(cls, values: dict) -> dict:
+        """The values of the nested records among `values` as their types (a subclass with some says which)."""
+        return values
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            if f.name == "extra" or f.name in self._omitted:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = _plain(value)
+        return {**out, **self.extra}
+
+
+def _plain(value):
+    if isinstance(value, _Measure):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(kw_only=True)
+class Latency(_Measure):
+    """Descriptive statistics of the timed calls' latencies in seconds (`barkbench.stats.summarize`)."""
+
+    n: int
+    mean: float | None = OMITTED  # the schema asks only n and the median
+    median: float
+    std: float | None = OMITTED
+    min: float | None = OMITTED
+    max: float | None = OMITTED
+    p10: float | None = OMITTED
+    p90: float | None = OMITTED
+    cv: float | None = OMITTED
+    ci_low: float | None = OMITTED
+    ci_high: float | None = OMITTED
+    ci_level: float | None = OMITTED
+    ci_method: str | None = OMITTED
+
+    @classmethod
+    def from_values(cls, values) -> "Latency":
+        return cls(**stats.summarize(values))
+
+
+@dataclass(kw_only=True)
+class Summary(_Measure):
+    latency_s: Latency
+
+    @classmethod
+    def _typed(cls, values: dict) -> dict:
+        return {**values, "latency_s": Latency.from_dict(values.get("latency_s"))}
+
+
+@dataclass(kw_only=True)
+class Stage(_Measure):
+    """One generation stage over the timed calls: seconds and tokens per call."""
+
+    seconds: list[float]
+    tokens: list[int]
+
+
+@dataclass(kw_only=True)
+class Iterations(_Measure):
+    """Per timed call: latency, seconds of audio, semantic tokens; per stage (None: stages not timed)."""
+
+    latency_s: list[float]
+    audio_s: list[float]
+    semantic_tokens: list[int]
+    stages: dict[str, Stage] | None
+
+    @classmethod
+    def _typed(cls, values: dict) -> dict:
+        stages = values.get("stages")
+        return {**values, "stages": None if stages is None else {k: Stage.from_dict(v) for k, v in stages.items()}}
+
+
+@dataclass(kw_only=True)
+class Timing(_Measure):
+    """Where a run's time went, outside the timed calls' own latencies."""
+
+    load_s: float
+    warmup_s: list[float]
+    first_call_s: float
+    first_call_overhead_s: float | None  # first call minus a steady-state call
+    compile_s: float | None
+    compile_cache: str | None = OMITTED
+    stopped_by: str
+    timed_s: float
+    job_s: float
+    time_limit_s: float
+    time_limit_source: str
+    stage_timer_overhead_s: float | None = OMITTED
+
+
+@dataclass(kw_only=True)
+class Memory(_Measure):
+    """Peak and after-load memory of a run, in bytes (None: not measured on this device)."""
+
+    peak_rss_bytes: int
+    peak_anon_rss_bytes: int | None = OMITTED
+    rss_after_load_bytes: int
+    cuda_peak_allocated_bytes: int | None
+    cuda_peak_reserved_bytes: int | None
+    weights_bytes: int | None
+
+
+@dataclass(kw_only=True)
+class Throughput(_Measure):
+    samples_per_s: float
+    audio_s_per_s: float
+    rtf: float  # real-time factor: seconds of compute per second of audio
+
+    @classmethod
+    def of_calls(cls, batch_size: int, median_s: float, audio_s: float) -> "Throughput":
+        """From the median call's seconds and the mean seconds of audio per sample: RTF counts the audio
+        of all samples of the batch."""
+        return cls(samples_per_s=batch_size / median_s, audio_s_per_s=batch_size * audio_s / median_s,
+                   rtf=median_s / (batch_size * audio_s))
+
+
 class _Record:
     SCHEMA: callable
+    MEASURES: dict = {}  # field -> its typed record (a _Measure)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "result"):
+        """From the JSON object (nested measures may already be typed records)."""
+        if isinstance(data, dict):
+            data = {k: _plain(v) for k, v in data.items()}
         _check(data, cls.SCHEMA(), where)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known})
+        typed = {k: cls.MEASURES[k].from_dict(v) if k in cls.MEASURES else v for k, v in data.items() if k in known}
+        return cls(**typed, extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
     def from_json(cls, path):
         return cls.from_dict(_read(Path(path)), str(path))
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        return {**{k: v for k, v in data.items() if k != "extra"}, **(self.extra or {})}
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        return {**data, **(self.extra or {})}
 
     def save_json(self, path) -> None:
         data = self.to_dict()
@@ -93,11 +251,11 @@ class RunResult(_Record):
     versions: dict
     git_commit: str | None
     protocol: dict
-    timing: dict | None
-    iterations: dict | None
-    summary: dict | None
-    memory: dict | None
-    throughput: dict | None
+    timing: Timing | None
+    iterations: Iterations | None
+    summary: Summary | None
+    memory: Memory | None
+    throughput: Throughput | None
     audio: dict | None
     started_at: str
     finished_at: str
@@ -107,6 +265,8 @@ class RunResult(_Record):
     extra: dict | None = None
 
     SCHEMA = staticmethod(results.schema)
+    MEASURES = {"timing": Timing, "iterations": Iterations, "summary": Summary, "memory": Memory,
+                "throughput": Throughput}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result dict (-> JSON + WAV).
+"""One benchmark run: load -> apply variant -> warm up -> timed calls -> result record (-> JSON + WAV).
 
 Timed calls run until max_iterations, or, once min_iterations are done, until the timed calls took
 budget_s in all or the next call would likely cross the job's time limit (stopped_by). The time limit
@@ -24,9 +24,9 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import calibration, compile_counters, energy, models, provenance, results, stats, variants
+from . import calibration, compile_counters, energy, models, provenance, results, variants
 from .protocol import DEADLINE_ENV, Protocol
-from .records import RunResult
+from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
 
 MIN_START_S = 5.0  # less than this left before the deadline: the job does not start
@@ -108,19 +108,20 @@ def _quiet_transformers():
     transformers.logging.disable_progress_bar()
 
 
-def base_result(req: RunRequest, device: torch.device, variant: variants.Variant) -> dict:
-    return {
-        "schema_version": results.SCHEMA_VERSION, "status": "ok", "reason": None, "error": None,
-        "model": {"requested": req.model, "id": None, "weights": None, "architecture": None},
-        "variant": {"name": variant.name, "optimizations": variant.names,
-                    "descriptions": {o.name: o.summary for o in variant.optimizations}, "notes": []},
-        "device": {"type": device.type, "name": str(device)},
-        "hardware": provenance.hardware(device), "versions": provenance.versions(),
-        "git_commit": provenance.git_commit(), "config_hash": req.config_hash, "retry_of": req.retry_of,
-        "protocol": req.protocol.to_dict(), "instrumented": req.instrument_stages,
-        "timing": None, "iterations": None, "summary": None, "memory": None, "throughput": None,
-        "audio": None, "started_at": _now(), "finished_at": None,
-    }
+def base_result(req: RunRequest, device: torch.device, variant: variants.Variant) -> RunResult:
+    """The record of a run before it measures anything; the run fills it in."""
+    return RunResult(
+        schema_version=results.SCHEMA_VERSION, status="ok", reason=None, error=None,
+        model={"requested": req.model, "id": None, "weights": None, "architecture": None},
+        variant={"name": variant.name, "optimizations": variant.names,
+                 "descriptions": {o.name: o.summary for o in variant.optimizations}, "notes": []},
+        device={"type": device.type, "name": str(device)},
+        hardware=provenance.hardware(device), versions=provenance.versions(),
+        git_commit=provenance.git_commit(), config_hash=req.config_hash, retry_of=req.retry_of,
+        protocol=req.protocol.to_dict(), instrumented=req.instrument_stages,
+        timing=None, iterations=None, summary=None, memory=None, throughput=None,
+        audio=None, started_at=_now(), finished_at=None, extra={},
+    )
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -159,11 +160,11 @@ class Timed:
     compiled: dict | None = None  # compile_counters.counting of the timed calls (compiled variants)
 
 
-def load_model(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
+def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
     """Load the checkpoint, apply the variant, and prepare the generate call."""
     proto = req.protocol
     source = models.resolve(req.model, req.offline_fallback)
-    result["model"].update(id=source.id, weights=source.weights, architecture=source.architecture)
+    result.model.update(id=source.id, weights=source.weights, architecture=source.architecture)
     load_start = time.perf_counter()
     try:
         loaded = models.load(source, **variant.load_kwargs(device))
@@ -180,14 +181,14 @@ def load_model(req: RunRequest, result: dict, variant: variants.Variant, device:
         inputs = {k: v.to(device) for k, v in inputs.items()}
     except TimeLimitExceeded:
         raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
-    result["variant"]["notes"] = ctx.notes
+    result.variant["notes"] = ctx.notes
     # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
     try:
-        result["model"]["stage_work"] = calibration.stage_work(model)
+        result.model["stage_work"] = calibration.stage_work(model)
     except Exception as exc:  # a model the floors do not know (another stack, a foreign layer): no floors, the run goes on
-        result["model"]["stage_work"] = None
+        result.model["stage_work"] = None
         ctx.notes.append(f"no stage floors: {type(exc).__name__}: {exc}"[:300])
-    result["model"].update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
+    result.model.update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
     def call():
@@ -273,7 +274,7 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
                  energy.record(counter, joules[:n], proto.batch_size, audio_s), compiled)
 
 
-def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
+def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
                   job: Job, loaded: Loaded, warmup_s: list[float], timed: Timed, warmup_counts: dict | None = None) -> None:
     """The result's timing, iterations, summary, memory and throughput."""
     proto, latencies = req.protocol, timed.latency_s
@@ -281,36 +282,32 @@ def summarize_run(result: dict, req: RunRequest, variant: variants.Variant, devi
     median = float(np.median(latencies))
     compiled = any(o.group == "compile" for o in variant.optimizations)  # compile, or another backend (ov)
     audio_mean = float(np.mean(timed.audio_s))
-    result.update(
-        timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
-                "first_call_overhead_s": warmup_s[0] - median,
-                # the first call of a compiled variant compiles: first call minus a steady-state call
-                "compile_s": max(0.0, warmup_s[0] - median) if compiled else None,
-                "compile_cache": COLD_CACHE if compiled else None,
-                "stopped_by": timed.stopped_by, "timed_s": float(sum(latencies)), "job_s": job_s,
-                "time_limit_s": job.limit_s, "time_limit_source": job.limit_source,
-                "stage_timer_overhead_s": stage_timer_cost(clock) if timed.stages else None},
-        iterations={"latency_s": latencies, "audio_s": timed.audio_s,
-                    "semantic_tokens": timed.stages["semantic"]["tokens"] if timed.stages else [],
-                    "stages": timed.stages},
-        summary={"latency_s": stats.summarize(latencies)},
-        memory={"peak_rss_bytes": int(timed.peak_rss.peak), "peak_anon_rss_bytes": timed.peak_rss.peak_anon,
-                "rss_after_load_bytes": int(loaded.rss_after_load),
-                "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
-                "weights_bytes": result["model"]["weights_bytes"]},
-        # RTF: seconds of compute per second of audio produced by one call (all samples of the batch).
-        throughput={"samples_per_s": proto.batch_size / median,
-                    "audio_s_per_s": proto.batch_size * audio_mean / median,
-                    "rtf": median / (proto.batch_size * audio_mean)},
-    )
-    result["hardware"]["torch_threads"] = torch.get_num_threads()
-    result["energy"] = timed.energy
+    result.timing = Timing(load_s=loaded.load_s, warmup_s=warmup_s, first_call_s=warmup_s[0],
+                           first_call_overhead_s=warmup_s[0] - median,
+                           # the first call of a compiled variant compiles: first call minus a steady-state call
+                           compile_s=max(0.0, warmup_s[0] - median) if compiled else None,
+                           compile_cache=COLD_CACHE if compiled else None,
+                           stopped_by=timed.stopped_by, timed_s=float(sum(latencies)), job_s=job_s,
+                           time_limit_s=job.limit_s, time_limit_source=job.limit_source,
+                           stage_timer_overhead_s=stage_timer_cost(clock) if timed.stages else None)
+    result.iterations = Iterations(latency_s=latencies, audio_s=timed.audio_s,
+                                   semantic_tokens=timed.stages["semantic"]["tokens"] if timed.stages else [],
+                                   stages={k: Stage(**v) for k, v in timed.stages.items()} if timed.stages else None)
+    result.summary = Summary(latency_s=Latency.from_values(latencies))
+    cuda = device.type == "cuda"
+    result.memory = Memory(peak_rss_bytes=int(timed.peak_rss.peak), peak_anon_rss_bytes=timed.peak_rss.peak_anon,
+                           rss_after_load_bytes=int(loaded.rss_after_load),
+                           cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+                           cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if cuda else None,
+                           weights_bytes=result.model["weights_bytes"])
+    result.throughput = Throughput.of_calls(proto.batch_size, median, audio_mean)
+    result.hardware["torch_threads"] = torch.get_num_threads()
+    result.extra["energy"] = timed.energy
     if timed.compiled is not None:
-        result["compiled"] = compile_counters.summary(warmup_counts, timed.compiled, len(latencies))
+        result.extra["compiled"] = compile_counters.summary(warmup_counts, timed.compiled, len(latencies))
 
 
-def measure(req: RunRequest, result: dict, variant: variants.Variant, device: torch.device, job: Job) -> bytes | None:
+def measure(req: RunRequest, result: RunResult, variant: variants.Variant, device: torch.device, job: Job) -> bytes | None:
     """Fill `result` with the measurement; returns the WAV of the first timed call's first sample."""
     clock = Clock(device)
     label = f"{variant.name} bs{req.protocol.batch_size}"
@@ -327,18 +324,18 @@ def measure(req: RunRequest, result: dict, variant: variants.Variant, device: to
         per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]
         why = (f"too slow: {need} timed calls of ~{_secs(per_call)} s cannot end within the {_secs(job.limit_s)} s time "
                f"limit; stopped after {n} timed call{'s' if n != 1 else ''}" + ("" if n else " (warm-up only)"))
-        result.update(status="too_slow", reason=why)
+        result.status, result.reason = "too_slow", why
         if not n:
-            result.update(timing={"load_s": loaded.load_s, "warmup_s": warmup_s, "first_call_s": warmup_s[0],
-                                  "first_call_overhead_s": None, "compile_s": None, "stopped_by": "too_slow",
-                                  "timed_s": 0.0, "job_s": job.elapsed(), "time_limit_s": job.limit_s,
-                                  "time_limit_source": job.limit_source})
+            result.timing = Timing(load_s=loaded.load_s, warmup_s=warmup_s, first_call_s=warmup_s[0],
+                                   first_call_overhead_s=None, compile_s=None, stopped_by="too_slow",
+                                   timed_s=0.0, job_s=job.elapsed(), time_limit_s=job.limit_s,
+                                   time_limit_source=job.limit_source)
             return None
     summarize_run(result, req, variant, device, clock, job, loaded, warmup_s, timed, warmup_counts)
     return timed.wav
 
 
-def run(req: RunRequest, out_json: str | Path) -> dict:
+def run(req: RunRequest, out_json: str | Path) -> RunResult:
     """Benchmark one model x variant x batch size and write its JSON (and WAV). Never raises for a
     failure inside the run: that is recorded as status 'failed' so other runs go on."""
     job = job_time_limit(req.protocol, time.time())
@@ -351,17 +348,18 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
     wav = None
     reason = variant.not_applicable_reason(device)
     if reason:
-        result.update(status="not_applicable", reason=reason)
-        result["model"].update(_describe_source(req))
+        result.status, result.reason = "not_applicable", reason
+        result.model.update(_describe_source(req))
     elif job.limit_source == "run deadline" and job.limit_s < MIN_START_S:
         deadline = datetime.fromtimestamp(float(os.environ[DEADLINE_ENV]), timezone.utc).isoformat(timespec="seconds")
-        result.update(status="failed", reason=f"run budget exhausted before this job started (deadline {deadline}, "
-                                              f"{max(job.limit_s, 0):.0f} s left)")
-        result["model"].update(_describe_source(req))
+        result.status = "failed"
+        result.reason = (f"run budget exhausted before this job started (deadline {deadline}, "
+                         f"{max(job.limit_s, 0):.0f} s left)")
+        result.model.update(_describe_source(req))
     else:
         try:
             if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
-                result["hardware"]["calibration"] = calibration.measure()
+                result.hardware["calibration"] = calibration.measure()
                 job = job_time_limit(req.protocol, time.time())  # the time limit is the measurement's
             with cold_compile_cache():
                 wav = measure(req, result, variant, device, job)
@@ -371,16 +369,15 @@ def run(req: RunRequest, out_json: str | Path) -> dict:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             reason = str(exc) if isinstance(exc, TimeLimitExceeded) else f"{type(exc).__name__}: {exc}".strip()
-            result.update(status="failed", reason=reason[:500],
-                          error={"type": type(exc).__name__, "message": str(exc),
-                                 "traceback": traceback.format_exc()},
-                          timing=None, iterations=None, summary=None, memory=None, throughput=None)
-    result["finished_at"] = _now()
+            result.status, result.reason = "failed", reason[:500]
+            result.error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+            result.timing = result.iterations = result.summary = result.memory = result.throughput = None
+    result.finished_at = _now()
     if wav is not None:
         wav_path = out_json.with_suffix(".wav")
         results.write_atomic(wav_path, wav)
-        result["audio"] = {"sample_rate": 24_000, "wav": wav_path.name}
-    RunResult.from_dict(result, str(out_json)).save_json(out_json)  # validated when written
+        result.audio = {"sample_rate": 24_000, "wav": wav_path.name}
+    result.save_json(out_json)  # validated when written
     return result
 
 

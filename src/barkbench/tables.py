@@ -33,6 +33,11 @@ def _get(d, *keys, default=None):
     return d
 
 
+def _attr(record, name: str, default=np.nan):
+    """An attribute of a nested measure that may be missing (None: the run measured nothing)."""
+    return default if record is None else getattr(record, name)
+
+
 def _median(xs):
     xs = [x for x in (xs or []) if x is not None]
     return float(np.median(xs)) if xs else np.nan
@@ -144,18 +149,19 @@ def _process_of(path: Path) -> int:
 
 
 def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
-    it, summ = rec.iterations or {}, _get(rec.summary, "latency_s") or {}
-    mem, thr, timing = rec.memory or {}, rec.throughput or {}, rec.timing or {}
+    it, summ = rec.iterations, rec.summary.latency_s if rec.summary else None
+    mem, thr, timing = rec.memory, rec.throughput, rec.timing
     device = rec.device.get("type", "")
-    cuda, anon, rss = mem.get("cuda_peak_allocated_bytes"), mem.get("peak_anon_rss_bytes"), mem.get("peak_rss_bytes")
+    cuda, anon, rss = (_attr(mem, k, None)
+                       for k in ("cuda_peak_allocated_bytes", "peak_anon_rss_bytes", "peak_rss_bytes"))
     if device == "cuda" and cuda is not None:
         peak, kind = cuda, "CUDA peak allocated"
     elif anon is not None:
         peak, kind = anon, "peak anonymous RSS"
     else:
         peak, kind = rss, "peak RSS"
-    lat = [float(x) for x in it.get("latency_s") or []]
-    sem = [int(x) for x in it.get("semantic_tokens") or []]
+    lat = [float(x) for x in _attr(it, "latency_s", None) or []]
+    sem = [int(x) for x in _attr(it, "semantic_tokens", None) or []]
     wav = _get(rec.audio, "wav")
     row = {
         "hardware": folder, "hardware_id": rec.hardware.get("id"), "model": rec.model["requested"],
@@ -168,30 +174,30 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         "protocol": _protocol_key(rec.protocol),
         "versions": " ".join(f"{k}={rec.versions.get(k)}" for k in VERSION_KEYS if rec.versions.get(k)),
         "git_commit": rec.git_commit, "length_mode": rec.protocol.get("length_mode"),
-        "max_new_tokens": rec.protocol.get("max_new_tokens"), "n": int(summ.get("n", len(lat))),
+        "max_new_tokens": rec.protocol.get("max_new_tokens"), "n": int(_attr(summ, "n", len(lat))),
     }
     for key in ("median", "mean", "std", "cv", "min", "max", "p10", "p90", "ci_low", "ci_high"):
-        row[f"latency_{key}"] = summ.get(key, np.nan) if summ.get(key) is not None else np.nan
-    row["latency_ci_method"] = summ.get("ci_method")
+        row[f"latency_{key}"] = _attr(summ, key, None) if _attr(summ, key, None) is not None else np.nan
+    row["latency_ci_method"] = _attr(summ, "ci_method", None)
     row.update({
         "memory_kind": kind if peak is not None else None,
         "peak_memory_mb": peak / MB if peak is not None else np.nan,
-        "weights_mb": (mem.get("weights_bytes") or np.nan) / MB,
-        "samples_per_s": thr.get("samples_per_s", np.nan), "audio_s_per_s": thr.get("audio_s_per_s", np.nan),
-        "rtf": thr.get("rtf", np.nan),
-        "load_s": timing.get("load_s", np.nan), "compile_s": timing.get("compile_s") or np.nan,
-        "first_call_overhead_s": timing.get("first_call_overhead_s", np.nan),
-        "first_call_s": timing.get("first_call_s", np.nan),
-        "stopped_by": timing.get("stopped_by"), "timed_s": timing.get("timed_s", np.nan),
-        "stage_timer_overhead_s": timing.get("stage_timer_overhead_s") or np.nan,
+        "weights_mb": (_attr(mem, "weights_bytes", None) or np.nan) / MB,
+        "samples_per_s": _attr(thr, "samples_per_s"), "audio_s_per_s": _attr(thr, "audio_s_per_s"),
+        "rtf": _attr(thr, "rtf"),
+        "load_s": _attr(timing, "load_s"), "compile_s": _attr(timing, "compile_s", None) or np.nan,
+        "first_call_overhead_s": _attr(timing, "first_call_overhead_s"),
+        "first_call_s": _attr(timing, "first_call_s"),
+        "stopped_by": _attr(timing, "stopped_by", None), "timed_s": _attr(timing, "timed_s"),
+        "stage_timer_overhead_s": _attr(timing, "stage_timer_overhead_s", None) or np.nan,
     })
     extra = rec.extra or {}
     row.update(energy_cells(extra.get("energy")))
     row.update(compiled_cells(extra.get("compiled")))
-    stages = it.get("stages") or {}
+    stages = _attr(it, "stages", None) or {}
     for st in STAGES:
-        row[f"stage_{st}_s"] = _median(_get(stages, st, "seconds"))
-        row[f"stage_{st}_tokens"] = _median(_get(stages, st, "tokens"))
+        row[f"stage_{st}_s"] = _median(_attr(stages.get(st), "seconds", None))
+        row[f"stage_{st}_tokens"] = _median(_attr(stages.get(st), "tokens", None))
     # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration)
     cal = rec.hardware.get("calibration")
     floors = calibration.stage_floors(rec.model.get("stage_work"), cal,
@@ -755,3 +761,15 @@ def with_fidelity(rel: pd.DataFrame, cells: pd.DataFrame, fidelity: pd.DataFrame
                         {True: "within", False: "outside", None: "not checked"}[w])
     rel["fidelity"] = verdicts
     return rel
+
+
+# ---------------------------------------------------------------- audio
+
+def audio_manifest(runs: pd.DataFrame) -> pd.DataFrame:
+    """Name in the report -> WAV file, for every ok run that recorded one."""
+    ok = runs[(runs["status"] == "ok") & runs["wav"].notna()]
+    names = [f"{layout.slug(r.hardware)}__{layout.slug(r.model)}__{r.variant}__bs{r.batch_size}.wav".replace("+", "-")
+             for r in ok.itertuples()]
+    return pd.DataFrame({"name": names, "source": ok["wav"].tolist(), "variant": ok["variant"].tolist(),
+                         "batch_size": ok["batch_size"].tolist(), "hardware": ok["hardware"].tolist(),
+                         "model": ok["model"].tolist()})
