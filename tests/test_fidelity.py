@@ -413,6 +413,34 @@ def test_limits_do_not_move_with_the_candidate(fault_suite):
     assert all(len(set(v)) == 1 for v in by_variant.values())
 
 
+def test_the_suite_record_reaches_the_report_with_its_separation(fault_suite, tmp_path):
+    """The record the workflow's `faults` job writes, read back by `aggregate` from where the layout puts it, and
+    its section: each case's distance and verdict; a record in another model's place is refused."""
+    from barkbench import faults, layout
+    from barkbench.fragments import faults_md
+    from barkbench.markdown import md_escape
+    from barkbench.records import ResultError
+    from barkbench.tables import faults_table
+
+    root = tmp_path / "results"
+    path = root / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
+    path.parent.mkdir(parents=True)
+    rows = list(fault_suite.values())
+    path.write_text(json.dumps(faults.record(TINY, torch.device("cpu"), TOKENS, rows, "t0")))
+    table = faults_table([path], root)
+    assert list(table["case"]) == [r["case"] for r in rows] and set(table["hardware"]) == {"cpu-test"}
+    md = faults_md(table)
+    assert "every fault caught, every correct variant within" in md
+    for r in rows:
+        shown = "∞" if math.isinf(r["distance"]) else f"{r['distance']:.3g}"
+        assert f"| {md_escape(r['case'])} | {r['variant']} | {'fault' if r['fault'] else 'correct'} | {shown} |" in md
+    wrong = root / layout.FAULTS.format(hardware="cpu-test", model="another--model")
+    wrong.parent.mkdir(parents=True)
+    wrong.write_text(path.read_text())
+    with pytest.raises(ResultError, match="another--model/faults.json: not the fault suite"):
+        faults_table([wrong], root)
+
+
 # --- the recorded job --------------------------------------------------------------------------------
 
 def _run(variant, tmp_path):

@@ -27,7 +27,7 @@ def read_csv(path) -> pd.DataFrame:
 
 
 def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), overhead=(),
-              config=None, reference=None) -> dict[str, Path]:
+              config=None, reference=None, faults=()) -> dict[str, Path]:
     """Write `<out_dir>/<table>.csv` for every name in `layout.TABLE_NAMES`, `audio.csv`, and the report's
     fragments `<out_dir>/fragments/<name>.md` for every name in `layout.FRAGMENT_NAMES`."""
     if not runs:
@@ -53,6 +53,7 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
         "fidelity": tables.fidelity_table(fid_recs),
         "repro": tables.repro_table(rep_recs, baseline),
         "overhead": tables.overhead_table(ovh_recs, runs_df, baseline),
+        "faults": tables.faults_table(faults, results_dir),
     }
     data["relative"] = tables.with_fidelity(data["relative"], runs_df, data["fidelity"], baseline)
     reference_df = pd.read_csv(reference) if reference else None
@@ -80,6 +81,7 @@ def aggregate(results_dir, out_dir, baseline: str, runs, fidelity=(), repro=(), 
         "stages": md.stages_md(runs_df, tables.calibration_table(runs_df),
                                tables.cpu_guidance_table(runs_df, data["relative"])),
         "fidelity": md.fidelity_md(data["fidelity"]),
+        "faults": md.faults_md(data["faults"]),
         "repro": md.repro_md(data["repro"]),
         "overhead": md.overhead_md(data["overhead"]),
         "comparison": md.comparison_md(reference_df, runs_df, data["relative"]),

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--fidelity", nargs="*", default=[], metavar="JSON")
     agg.add_argument("--repro", nargs="*", default=[], metavar="JSON")
     agg.add_argument("--overhead", nargs="*", default=[], metavar="JSON")
+    agg.add_argument("--faults", nargs="*", default=[], metavar="JSON", help="fault-suite records (barkbench.faults)")
     agg.add_argument("--config", default=None, help="the effective config, shown in the report")
     agg.add_argument("--reference", default=None, help="the 2023 study's published figures (CSV)")
     agg.add_argument("--out-dir", required=True)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
             from .aggregate import aggregate
 
             aggregate(args.results_dir, args.out_dir, args.baseline, args.runs, args.fidelity, args.repro,
-                      args.overhead, config=args.config, reference=args.reference)
+                      args.overhead, config=args.config, reference=args.reference, faults=args.faults)
             return 0
         if args.command == "figures":
             from .figures import make_figures

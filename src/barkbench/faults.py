@@ -12,6 +12,7 @@ import argparse
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 import torch
@@ -211,11 +212,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def record(model: str, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> dict:
+    """The suite's result as a JSON-able record with its provenance; a decisive divergence (infinitely far
+    outside) is written as distance null with `diverged` true."""
+    from . import provenance
+
+    return {"kind": "fault-suite", "model": model, "device": device.type, "tokens": tokens,
+            "inputs": "the check's own prompts and inputs (seed 0); limits calibrated on seed 1",
+            "hardware": provenance.hardware(device), "versions": provenance.versions(),
+            "git_commit": provenance.git_commit(), "started_at": started_at, "finished_at": _now(),
+            "rows": [{"case": r["case"], "variant": r["variant"], "fault": r["fault"], "caught": r["caught"],
+                      "named": r["named"], "diverged": math.isinf(r["distance"]),
+                      "distance": None if math.isinf(r["distance"]) else r["distance"],
+                      "first_violation": r["violations"][0] if r["violations"] else None} for r in rows]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m barkbench.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="synthetic:bark-small")
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--out", help="write the suite's record (JSON) here, atomically")
     args = parser.parse_args(argv)
+    started = _now()
     source, device = models.resolve(args.model), torch.device("cpu")
     base = fidelity._load(source, variants.parse("eager"), device)
     rows = []
@@ -224,6 +246,13 @@ def main(argv=None) -> None:
         rows.append(judge(source, case, device, args.tokens, base))
     print(f"Fault suite on {args.model} (cpu, check inputs seed 0; limits calibrated on seed 1):\n")
     print(table(rows))
+    if args.out:
+        import json
+
+        from .results import write_atomic
+
+        write_atomic(args.out, (json.dumps(record(args.model, device, args.tokens, rows, started), indent=1)
+                                + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -672,6 +672,37 @@ def _format_cost_md(fid: pd.DataFrame) -> str:
             + "\n".join(f"- {md_escape(r)}" for r in sorted(set(lossy["cost_verdict_reason"].dropna()))))
 
 
+def faults_md(faults: pd.DataFrame) -> str:
+    """The fault suite: how far inside its limits each correct variant lies, how far outside each fault."""
+    if faults.empty:
+        return ""
+    parts = ["### Fault suite: the limits catch plausible faults near them\n\n"
+             "Each row is a registry variant loaded as the fidelity check loads it, judged as the check judges it "
+             "(same reference simulation, same limits); a *fault* has one thing done wrong after loading (a scale 2 % "
+             "off, per-channel scales where the scheme has one per tensor, an activation quantized twice, a bf16 "
+             "softmax without fp32 accumulation, a padded row's mask off by one, one op in the wrong precision). "
+             "*Largest measure / limit*: below 1 within, above 1 outside; ∞ where a free-running path diverged at a "
+             "decisive step."]
+    for (hw, model), g in faults.groupby(["hardware", "model"], sort=False):
+        missed = g[g["fault"] & ~g["caught"]]["case"].tolist()
+        failing = g[~g["fault"] & g["caught"]]["case"].tolist()
+        verdict = ("every fault caught, every correct variant within" if not missed and not failing else
+                   "; ".join([f"**missed: {', '.join(map(md_escape, missed))}**"] * bool(missed)
+                             + [f"**correct but outside: {', '.join(map(md_escape, failing))}**"] * bool(failing)))
+        table = pd.DataFrame({
+            "case": g["case"].map(md_escape), "variant": g["variant"].map(md_escape),
+            "kind": g["fault"].map(lambda f: "fault" if f else "correct"),
+            "largest measure / limit": ["∞" if d else f"{x:.3g}" for d, x in zip(g["diverged"], g["distance"])],
+            "verdict": [("caught" if c else "**MISSED**") if f else ("**outside**" if c else "within")
+                        for f, c in zip(g["fault"], g["caught"])],
+            "first violation": g["first_violation"].map(lambda v: md_escape(v[:100]) if isinstance(v, str) else ""),
+        })
+        first = g.iloc[0]
+        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** ({md_escape(first['device'])}, {int(first['tokens'])} "
+                     f"tokens, {md_escape(first['inputs'])}): {verdict}.\n\n{to_pipe_table(table)}")
+    return "\n\n".join(parts)
+
+
 def fidelity_md(fid: pd.DataFrame) -> str:
     if fid.empty:
         return ""

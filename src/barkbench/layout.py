@@ -19,6 +19,8 @@ CONTROL = "{hardware}/{model}/%s/bs{bs}/rep{k}.json" % CONTROL_DIR
 FIDELITY = "{hardware}/{model}/%s/{variant}.json" % FIDELITY_DIR
 REPRO = "{hardware}/{model}/%s/{variant}/rep{k}.json" % REPRO_DIR
 OVERHEAD = "{hardware}/{model}/%s/{variant}/bs{bs}.json" % OVERHEAD_DIR
+# The fault suite (`barkbench.faults`): plausible faults near the fidelity limits and the correct variants beside them.
+FAULTS = "{hardware}/{model}/faults.json"
 # Written by scripts/gpu-reference: the fidelity noise floors measured on that machine (one JSON per line),
 # and the config its runs declare (the report's --configfile).
 NOISE_FLOOR = "{hardware}/{model}/noise-floor.jsonl"
@@ -33,9 +35,10 @@ CONFIG = "config.yaml"
 RESERVED = (FIDELITY_DIR, REPRO_DIR, OVERHEAD_DIR, CONTROL_DIR)
 
 # Tables written by `barkbench aggregate` (CSV: data; the report's fragments are Markdown beside them).
-TABLE_NAMES = ("runs", "processes", "noise", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead", "stacks")
+TABLE_NAMES = ("runs", "processes", "noise", "absolute", "relative", "cross_hardware", "fidelity", "repro", "overhead", "stacks",
+               "faults")
 FRAGMENT_NAMES = ("warning", "findings", "unavailable", "protocol", "provenance", "tables", "cross_hardware",
-                  "stages", "fidelity", "repro", "overhead", "comparison", "stacks", "audio")
+                  "stages", "fidelity", "faults", "repro", "overhead", "comparison", "stacks", "audio")
 
 
 def slug(model_id: str) -> str:

@@ -88,6 +88,22 @@ def read_fidelity(paths, root) -> list[tuple[str, Path, FidelityResult]]:
     return out
 
 
+def faults_table(paths, root) -> pd.DataFrame:
+    """One row per case of each fault-suite record (`barkbench.faults`), each record where the layout puts the
+    suite of its model: <hardware>/<model>/faults.json."""
+    rows = []
+    for p in map(Path, paths):
+        rec = json.loads(p.read_text(encoding="utf-8"))
+        folder = hardware_folder(p, root)
+        rel = p.resolve().relative_to(Path(root).resolve()).parts
+        if rec.get("kind") != "fault-suite" or rel[1:] != (layout.slug(rec["model"]), Path(layout.FAULTS).name):
+            raise ResultError(f"{p}: not the fault suite of the model its place in the results layout names")
+        for r in rec["rows"]:
+            rows.append({"hardware": folder, "model": rec["model"], "device": rec["device"], "tokens": rec["tokens"],
+                         "inputs": rec["inputs"], "git_commit": rec["git_commit"], **r})
+    return pd.DataFrame(rows)
+
+
 def check_against_config(config: dict, *record_lists) -> None:
     """Every record measured with this config: its model among the config's, its protocol the config's for
     its device, its config hash this config's, and one weights kind (and checkpoint) per hardware and model.
