@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from barkbench import layout, plan, variants
 from barkbench.protocol import DEADLINE_ENV
