@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from barkbench import models, results, runner, trackers
+from barkbench import models, results, runner, trackers, variants
 from barkbench.protocol import Protocol
 from conftest import TINY, TORCH_THREADS
 
@@ -435,6 +435,21 @@ def test_compile_variant_runs_with_a_cold_cache(tiny_checkpoint, tmp_path, monke
     assert not os.path.exists(os.path.dirname(inductor))  # removed after the run
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "warm")  # environment restored
     assert "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_an_optimization_that_compiles_gets_its_compile_counters(tiny_checkpoint, tmp_path):
+    """The runner counts what torch.compile did for an optimization that says it compiles, whatever its name."""
+    name = "compilesalike"
+    variants.register(variants.Optimization(name, "a test's own optimization that says it compiles", order=95,
+                                            compiles=True))
+    try:
+        result = runner.run(_request(f"sdpa+{name}", _protocol(max_iterations=2, do_sample=False)), tmp_path / "a.json")
+    finally:
+        del variants.REGISTRY[name]
+    assert result["status"] == "ok", result["reason"]
+    assert result["compiled"]["recompiles_timed"] == 0  # counted; nothing was compiled
+    plain = runner.run(_request("sdpa", _protocol(max_iterations=2, do_sample=False)), tmp_path / "b.json")
+    assert plain["status"] == "ok" and "compiled" not in plain
 
 
 def test_time_limit_outside_the_main_thread_is_not_armed():

@@ -138,7 +138,7 @@ def test_not_applicable_reasons():
 def _registry_params():
     for name in sorted(variants.REGISTRY):
         marks = ()
-        if name == "compile":
+        if variants.REGISTRY[name].compiles:
             marks = (pytest.mark.slow, pytest.mark.skipif(os.environ.get("BARKBENCH_SLOW") != "1",
                                                           reason="torch.compile is slow; set BARKBENCH_SLOW=1"))
         yield pytest.param(name, marks=marks, id=name)

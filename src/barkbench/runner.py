@@ -247,7 +247,7 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
     stages = StageTracker(loaded.model, clock) if req.instrument_stages else None
     wav = None
     counter = energy.counter_for(device)
-    counting = compile_counters.counting() if "compile" in req.variant.split("+") else nullcontext()
+    counting = compile_counters.counting() if variants.parse(req.variant).compiles else nullcontext()
     with PeakRSS() as rss, counting as compiled, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
         try:
             while (stopped_by := stop_reason(proto, latencies, job, warmup_guess)) is None:
@@ -313,7 +313,7 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
     label = f"{variant.name} bs{req.protocol.batch_size}"
     with TimeLimit(job.limit_s - job.elapsed()):
         loaded = load_model(req, result, variant, device, job)
-        compiled = "compile" in variant.names
+        compiled = variant.compiles
         with compile_counters.counting() if compiled else nullcontext() as warmup_counts:
             warmup_s = warm_up(loaded, req.protocol, label, clock, job)
         # the last warm-up call predicts a timed one, except a compiled variant's only one (it compiled)

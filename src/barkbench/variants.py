@@ -117,6 +117,9 @@ class Optimization:
     # names of `provenance.CPU_FEATURES`); empty: pays off on any CPU. Why, for the report.
     pays_off_with: tuple[str, ...] = ()
     pays_off_why: str = ""
+    # torch.compile (inductor) compiles the model at its first call: the run counts compilations and CUDA graph
+    # replays, and its last warm-up call does not predict a timed one.
+    compiles: bool = False
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if self.needs_stack and (reason := self.needs_stack()):
@@ -308,7 +311,8 @@ register(Optimization(
     reference="fine-window"))
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
-    order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem))
+    order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem,
+    compiles=True))
 
 # OpenVINO: the CPU runtime a user would pick instead of PyTorch (OpenVINO's CPU plugin needs SSE4.2 at least;
 # AVX2 / AVX-512 set its kernel speed, VNNI / AMX its int8 speed).
@@ -353,6 +357,10 @@ class Variant:
     @property
     def places_model(self) -> bool:
         return any(o.places_model for o in self.optimizations)
+
+    @property
+    def compiles(self) -> bool:
+        return any(o.compiles for o in self.optimizations)
 
     def apply(self, model, ctx: Context) -> None:
         for opt in sorted(self.optimizations, key=lambda o: o.order):
