@@ -90,7 +90,7 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     results = work / "results" / "smoke"
     folder = results / TARGET
     records = sorted(folder.rglob("*.json"))
-    assert len(records) == 10 + 3 + 1  # processes, fidelity, overhead: as in a local run
+    assert len(records) == 10 + 3 + 1 + 1  # processes, fidelity, overhead, fault suite: as in a local run
     node = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%n"], capture_output=True, text=True,
                           check=True).stdout.split()[0]
     measured = set()

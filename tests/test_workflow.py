@@ -203,6 +203,7 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert ok_cells and len(re.findall(r"<audio[^>]*src=\"data:audio", html)) == len(ok_cells)  # one per cell
     assert "not applicable on cpu" in html
     assert "A/A control" in html and "Noise check" in html  # the control cell and the check of the noise model
+    assert "every fault caught, every correct variant within" in html  # the fault suite's job, in the report
     # interleaved rounds: every cell's process 1 finished before any process 2 started
     rounds = {k: [_json(p) for p in runs if p.name == f"rep{k}.json" and "repro" not in p.parts] for k in (1, 2)}
     assert len(rounds[1]) == len(rounds[2]) == 5  # 4 variants + control, batch size 1

@@ -216,12 +216,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def record(model: str, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> dict:
+def record(model, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> dict:
     """The suite's result as a JSON-able record with its provenance; a decisive divergence (infinitely far
     outside) is written as distance null with `diverged` true."""
     from . import provenance
 
-    return {"kind": "fault-suite", "model": model, "device": device.type, "tokens": tokens,
+    source = model if isinstance(model, models.ModelSource) else models.resolve(model)
+    return {"kind": "fault-suite", "model": source.requested, "model_id": source.id, "weights": source.weights,
+            "device": device.type, "tokens": tokens,
             "inputs": "the check's own prompts and inputs (seed 0); limits calibrated on seed 1",
             "hardware": provenance.hardware(device), "versions": provenance.versions(),
             "git_commit": provenance.git_commit(), "started_at": started_at, "finished_at": _now(),
@@ -236,9 +238,11 @@ def main(argv=None) -> None:
     parser.add_argument("model", nargs="?", default="synthetic:bark-small")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--out", help="write the suite's record (JSON) here, atomically")
+    parser.add_argument("--offline-fallback", choices=["synthetic"], default=None,
+                        help="a hub model that cannot be reached runs as its synthetic twin")
     args = parser.parse_args(argv)
     started = _now()
-    source, device = models.resolve(args.model), torch.device("cpu")
+    source, device = models.resolve(args.model, args.offline_fallback), torch.device("cpu")
     base = fidelity._load(source, variants.parse("eager"), device)
     rows = []
     for case in tqdm(CASES, desc="cases"):
@@ -251,7 +255,7 @@ def main(argv=None) -> None:
 
         from .results import write_atomic
 
-        write_atomic(args.out, (json.dumps(record(args.model, device, args.tokens, rows, started), indent=1)
+        write_atomic(args.out, (json.dumps(record(source, device, args.tokens, rows, started), indent=1)
                                 + "\n").encode("utf-8"))
 
 

@@ -698,7 +698,8 @@ def faults_md(faults: pd.DataFrame) -> str:
             "first violation": g["first_violation"].map(lambda v: md_escape(v[:100]) if isinstance(v, str) else ""),
         })
         first = g.iloc[0]
-        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** ({md_escape(first['device'])}, {int(first['tokens'])} "
+        parts.append(f"**{md_escape(hw)} · {md_escape(model)}** ({md_escape(first['model_id'])}, {first['weights']} "
+                     f"weights, {md_escape(first['device'])}, {int(first['tokens'])} "
                      f"tokens, {md_escape(first['inputs'])}): {verdict}.\n\n{to_pipe_table(table)}")
     return "\n\n".join(parts)
 

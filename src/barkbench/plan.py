@@ -292,6 +292,11 @@ class Plan:
         others = [v for v in cfg["variants"] if v not in baselines]
         return self._paths(layout.FIDELITY, folders, model=self.models, variant=others)
 
+    def faults_jsons(self, folders=None, cfg=None) -> list[str]:
+        """The fault suite of each model, beside its fidelity checks."""
+        f = (cfg or self.config)["fidelity"]
+        return self._paths(layout.FAULTS, folders, model=self.models) if f["enabled"] and f["faults"] else []
+
     def repro_jsons(self, folders=None, cfg=None) -> list[str]:
         r = (cfg or self.config)["reproducibility"]
         return self._paths(layout.REPRO, folders, model=self.models, variant=r["variants"],
@@ -303,7 +308,8 @@ class Plan:
 
     def declared(self, cfg=None) -> list[str]:
         """The result files of this machine that `cfg` (default: the plan's config) declares."""
-        return [p for f in (self.run_jsons, self.fidelity_jsons, self.repro_jsons, self.overhead_jsons)
+        return [p for f in (self.run_jsons, self.fidelity_jsons, self.faults_jsons, self.repro_jsons,
+                            self.overhead_jsons)
                 for p in f([self.hardware], cfg)]
 
     def missing_results(self) -> list[str]:

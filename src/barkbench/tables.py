@@ -99,7 +99,8 @@ def faults_table(paths, root) -> pd.DataFrame:
         if rec.get("kind") != "fault-suite" or rel[1:] != (layout.slug(rec["model"]), Path(layout.FAULTS).name):
             raise ResultError(f"{p}: not the fault suite of the model its place in the results layout names")
         for r in rec["rows"]:
-            rows.append({"hardware": folder, "model": rec["model"], "device": rec["device"], "tokens": rec["tokens"],
+            rows.append({"hardware": folder, "model": rec["model"], "model_id": rec["model_id"], "weights": rec["weights"],
+                         "device": rec["device"], "tokens": rec["tokens"],
                          "inputs": rec["inputs"], "git_commit": rec["git_commit"], **r})
     return pd.DataFrame(rows)
 

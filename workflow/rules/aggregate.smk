@@ -8,6 +8,7 @@ rule aggregate:
         fidelity=fidelity_jsons(),
         repro=repro_jsons(),
         overhead=overhead_jsons(),
+        faults=faults_jsons(),
         config=f"{RESULTS}/{layout.CONFIG}",
         reference="report/reference/published_results.csv",
     output:
@@ -25,6 +26,7 @@ rule aggregate:
     shell:
         "{params.python:q} -m barkbench aggregate --results-dir {params.results:q} --baseline {params.baseline:q}"
         " --runs {input.runs:q} --fidelity {input.fidelity:q} --repro {input.repro:q} --overhead {input.overhead:q}"
+        " --faults {input.faults:q}"
         " --config {input.config:q} --reference {input.reference:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 

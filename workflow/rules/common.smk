@@ -56,7 +56,7 @@ def interpreter(wc):
 # ---------------------------------------------------------------- job arguments, result files, logs
 run_args = PLAN.run_args  # a list: the rules quote each argument with `:q`
 run_jsons, fidelity_jsons = PLAN.run_jsons, PLAN.fidelity_jsons  # the result files this config declares
-repro_jsons, overhead_jsons = PLAN.repro_jsons, PLAN.overhead_jsons
+repro_jsons, overhead_jsons, faults_jsons = PLAN.repro_jsons, PLAN.overhead_jsons, PLAN.faults_jsons
 _WILDCARDS = {"hardware": HARDWARE, "model": "{model}", "variant": "{variant}", "bs": "{bs}", "k": "{k}"}
 
 

@@ -29,6 +29,27 @@ rule fidelity:
         " --job-shell-pid $$ --out {output:q} 2> {log:q}"
 
 
+rule faults:
+    output:
+        this_machine(layout.FAULTS),
+    params:
+        model=lambda wc: MODELS[wc.model],
+        args=lambda wc: ["--tokens", str(config["fidelity"]["fault_tokens"])]
+        + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
+        python=JOB_PYTHON,
+    priority: FIDELITY_PRIORITY
+    threads: EXCLUSIVE
+    resources:
+        mem_mb=mem_mb,
+        runtime=RUNTIME_MIN,
+    conda:
+        "../../envs/barkbench.yaml"
+    log:
+        log_of(layout.FAULTS),
+    shell:
+        "{params.python:q} -m barkbench.faults {params.model:q} {params.args:q} --out {output:q} > {log:q} 2>&1"
+
+
 use rule benchmark as reproducibility with:
     priority: 0
     output:
