@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from barkbench import openvino_runtime, results, runner, variants
+from barkbench import openvino_runtime, runner, variants
+from barkbench.records import RunResult
 from barkbench.protocol import Protocol
 from conftest import TINY, TORCH_THREADS
 
@@ -28,7 +29,7 @@ def test_ov_is_not_applicable_when_openvino_cannot_import(fresh_check, monkeypat
     assert reason.startswith("not applicable here: OpenVINO is not usable (") and "openvino" in reason
     result = runner.run(runner.RunRequest(TINY, "ov", PROTOCOL, device="cpu", threads=TORCH_THREADS),
                         tmp_path / "ov" / "bs1.json")
-    results.validate(result)
+    RunResult.from_dict(result)
     assert result["status"] == "not_applicable" and result["reason"] == reason
     assert result["timing"] is None
 
@@ -50,7 +51,7 @@ def test_ov_runs_on_openvino(variant, fresh_check, tiny_checkpoint, tmp_path):
     execute.compiled_cache.clear()
     result = runner.run(runner.RunRequest(TINY, variant, PROTOCOL, device="cpu", threads=TORCH_THREADS),
                         tmp_path / variant / "bs1.json")
-    results.validate(result)
+    RunResult.from_dict(result)
     assert result["status"] == "ok", result["reason"]
     assert any("OpenVINO" in note for note in result["variant"]["notes"])
     assert result["timing"]["compile_s"] is not None

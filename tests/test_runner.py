@@ -14,6 +14,7 @@ from scipy.io import wavfile
 
 from barkbench import models, results, runner, trackers
 from barkbench.protocol import Protocol
+from barkbench.records import ResultError, RunResult
 from conftest import TINY, TORCH_THREADS
 
 MAX_NEW = 8
@@ -43,8 +44,8 @@ def sdpa_run(tiny_checkpoint, tmp_path_factory):
 def test_result_validates_and_matches_the_file(sdpa_run):
     result, out, _ = sdpa_run
     assert result["status"] == "ok", result["reason"]
-    results.validate(result)
-    on_disk = results.load_result(out)  # validates too
+    RunResult.from_dict(result)
+    on_disk = RunResult.from_json(out).to_dict()  # validates too
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["config_hash"] == "abc123"
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
@@ -152,7 +153,7 @@ def test_batch_of_two(tiny_checkpoint, tmp_path):
     proto = _protocol(max_iterations=1, batch_size=2, do_sample=False)
     result = runner.run(_request("sdpa", proto), out)
     assert result["status"] == "ok", result["reason"]
-    results.validate(result)
+    RunResult.from_dict(result)
     assert result["hardware"]["torch_threads"] == TORCH_THREADS
     assert result["protocol"]["batch_size"] == 2
     assert result["protocol"]["prompts"] == proto.prompts
@@ -170,7 +171,7 @@ def test_uninstrumented_run(tiny_checkpoint, tmp_path):
     proto = _protocol(max_iterations=1, do_sample=False)
     result = runner.run(_request("eager", proto, instrument_stages=False), out)
     assert result["status"] == "ok", result["reason"]
-    results.validate(result)
+    RunResult.from_dict(result)
     assert result["instrumented"] is False
     assert result["iterations"]["stages"] is None
     assert result["iterations"]["semantic_tokens"] == []
@@ -252,7 +253,7 @@ def test_zero_budget_stops_at_min_iterations(tiny_checkpoint, tmp_path):
     assert len(result["iterations"]["latency_s"]) == 2 and result["summary"]["latency_s"]["n"] == 2
     assert result["timing"]["stopped_by"] == "budget"
     assert result["retry_of"] == "sdpa-bs1-try1"
-    assert results.load_result(tmp_path / "b.json")["retry_of"] == "sdpa-bs1-try1"
+    assert RunResult.from_json(tmp_path / "b.json").to_dict()["retry_of"] == "sdpa-bs1-try1"
 
 
 def test_stop_reason():
@@ -304,7 +305,7 @@ def test_a_hopeless_run_stops_early_and_keeps_what_it_measured(tiny_checkpoint, 
     else:
         assert result["iterations"] is None and result["timing"]["warmup_s"][0] >= 3.0
     assert len(calls) == 1 + timed  # no call started after the verdict
-    assert results.load_result(out)["status"] == "too_slow"
+    assert RunResult.from_json(out).to_dict()["status"] == "too_slow"
 
 
 def _slow_decode(monkeypatch, sleep_on_call: int, calls: list, sleep_s: float = 120):
@@ -347,7 +348,7 @@ def test_time_limit_during_warm_up_is_recorded_failed(tiny_checkpoint, tmp_path,
                                        "running after "), result["reason"]
     assert result["error"]["type"] == "TimeLimitExceeded"
     assert result["timing"] is None and result["iterations"] is None and result["audio"] is None
-    assert results.load_result(out)["status"] == "failed"
+    assert RunResult.from_json(out).to_dict()["status"] == "failed"
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]
     assert signal.getsignal(signal.SIGALRM) is handler  # disarmed, previous handler back
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
@@ -390,7 +391,7 @@ def test_deadline_in_the_past_fails_without_loading(tmp_path, monkeypatch):
     assert result["status"] == "failed"
     assert result["reason"].startswith("run budget exhausted before this job started (deadline ")
     assert result["model"]["id"] == TINY and result["timing"] is None
-    assert results.load_result(out)["status"] == "failed"
+    assert RunResult.from_json(out).to_dict()["status"] == "failed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json"]
 
 
@@ -498,7 +499,7 @@ def test_forced_failure_is_recorded(tiny_checkpoint, tmp_path):
     assert "boom" in result["error"]["traceback"] and "Traceback" in result["error"]["traceback"]
     for key in ("timing", "iterations", "summary", "memory", "throughput", "audio"):
         assert result[key] is None, key
-    on_disk = results.load_result(out)
+    on_disk = RunResult.from_json(out).to_dict()
     assert on_disk["status"] == "failed" and on_disk["error"]["message"] == "boom"
     assert on_disk["model"]["id"] == TINY  # what it tried to run is still recorded
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]  # no WAV, no temp file
@@ -526,7 +527,7 @@ def test_not_applicable_hub_model_never_loads(tmp_path, monkeypatch):
     assert result["status"] == "not_applicable"
     assert result["reason"].startswith("not applicable on cpu: fp16")
     assert result["model"] == {"requested": "suno/bark", "id": "suno/bark", "weights": None, "architecture": "bark"}
-    assert results.load_result(out)["status"] == "not_applicable"
+    assert RunResult.from_json(out).to_dict()["status"] == "not_applicable"
 
 
 def test_threads_request_sets_torch_threads(tmp_path):
@@ -553,21 +554,22 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_write_result_refuses_an_invalid_document(tmp_path, sdpa_run):
+def test_a_run_record_refuses_an_invalid_document(tmp_path, sdpa_run):
     result, _, _ = sdpa_run
     path = tmp_path / "r.json"
-    bad = {**result, "status": "great"}
-    with pytest.raises(Exception, match="great"):
-        results.write_result(path, bad)
+    bad = RunResult.from_dict(result)
+    bad.status = "great"
+    with pytest.raises(ResultError, match="great"):
+        bad.save_json(path)
     assert not path.exists() and not list(tmp_path.iterdir())
     missing = {k: v for k, v in result.items() if k != "summary"}
-    with pytest.raises(Exception, match="summary"):
-        results.validate(missing)
+    with pytest.raises(ResultError, match="summary"):
+        RunResult.from_dict(missing)
     ok_without_iterations = {**result, "iterations": None}
-    with pytest.raises(Exception):
-        results.validate(ok_without_iterations)  # status ok demands the measurements
-    results.write_result(path, result)
-    assert results.load_result(path) == json.loads(json.dumps(result))
+    with pytest.raises(ResultError):
+        RunResult.from_dict(ok_without_iterations)  # status ok demands the measurements
+    RunResult.from_dict(result).save_json(path)
+    assert RunResult.from_json(path).to_dict() == json.loads(json.dumps(result))
     assert not [p for p in os.listdir(tmp_path) if p != "r.json"]
 
 

@@ -50,7 +50,6 @@ from .trackers import TimeLimit, TimeLimitExceeded
 
 SCHEMA_VERSION = 3
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
-SUB_MODELS = ("semantic", "coarse", "fine")
 # Prompts of different lengths for the batched check; the first is also the free-running prompt.
 PROMPTS = ("Let's try generating speech, with Bark, a text-to-speech model",
            "Hello.",

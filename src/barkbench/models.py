@@ -11,12 +11,10 @@ import gc
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from .results import slug  # noqa: F401  (re-exported: the workflow names result folders with it)
 
 HUB_MODELS = {"suno/bark-small": "bark-small", "suno/bark": "bark"}
 SYNTHETIC_PREFIX = "synthetic:"
@@ -81,7 +79,6 @@ class LoadedModel:
     model: object
     processor: object
     source: ModelSource
-    info: dict = field(default_factory=dict)
 
 
 def known_models() -> list[str]:
@@ -241,7 +238,7 @@ def load(source: ModelSource, **from_pretrained_kwargs) -> LoadedModel:
     model = BarkModel.from_pretrained(path, **spelled_for_this_stack(from_pretrained_kwargs))
     model.eval()
     processor = AutoProcessor.from_pretrained(path)
-    return LoadedModel(model, processor, source, {"path_kind": source.weights})
+    return LoadedModel(model, processor, source)
 
 
 def materialize(model: torch.nn.Module) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 from . import jobs
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "not_applicable", "failed", "too_slow")
 
 
 @lru_cache(maxsize=None)
@@ -36,15 +35,6 @@ def jsonschema():
                           "pip install jsonschema, or without a package index install the wheelhouse that "
                           "envs/gpu-wheelhouse.sh prepares (README, On a GPU node)") from None
     return package
-
-
-def validate(result: dict) -> None:
-    jsonschema().validate(result, schema())
-
-
-def slug(model_id: str) -> str:
-    """Folder-safe name of a model id in the results layout (suno/bark-small -> suno--bark-small)."""
-    return model_id.replace("/", "--").replace(":", "--")
 
 
 def _default(obj):
@@ -76,13 +66,3 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_json(path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, default=_default) + "\n").encode())
 
-
-def write_result(path, result: dict) -> None:
-    validate(result)
-    write_json(path, result)
-
-
-def load_result(path) -> dict:
-    result = json.loads(Path(path).read_text())
-    validate(result)
-    return result
