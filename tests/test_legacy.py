@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from barkbench import attention, fidelity, legacy, models, tables, variants
+from barkbench import attention, cache, fidelity, legacy, models, tables, variants
 from barkbench.fragments import PUBLISHED_TO_OURS
 from barkbench.records import FidelityResult, RunResult
 from conftest import TINY, make_run_json
@@ -23,7 +23,7 @@ REQUIREMENTS = REPO / "envs" / "legacy-requirements.txt"
 CPU = torch.device("cpu")
 # The environments' root: the user's barkbench cache (read at collection, before the session fixture
 # points BARKBENCH_CACHE at a temporary folder), so the environment is built once and reused across runs.
-ENV_ROOT = models.cache_dir()
+ENV_ROOT = cache.cache_dir()
 
 
 def test_pins_hash_follows_the_pins_not_the_comments(tmp_path):
