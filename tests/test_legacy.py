@@ -52,6 +52,10 @@ def test_legacy_variants_are_not_applicable_on_todays_stack():
         variants.parse("legacy+bt+sdpa")
     assert legacy.baseline_for("legacy+bt", "eager") == "legacy+eager"
     assert legacy.baseline_for("sdpa", "eager") == "eager"
+    # today's counterpart of a 2023 variant (the stacks table pairs legacy+bt+fp16 with sdpa+fp16): each 2023
+    # optimization and its successor are registered optimizations
+    assert legacy.today_counterpart(frozenset(variants.parse("legacy+bt+fp16").names)) == {"sdpa", "fp16"}
+    assert set(legacy.SUCCESSOR.values()) <= set(variants.REGISTRY) >= set(legacy.SUCCESSOR)
 
 
 def test_load_dtype_is_spelled_for_the_stack(monkeypatch):

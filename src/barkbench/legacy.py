@@ -43,10 +43,25 @@ def is_legacy_variant(variant: str) -> bool:
     return variant.startswith(PREFIX)
 
 
+def stack_baseline(baseline: str) -> str:
+    """The baseline on the 2023 stack (legacy+eager for eager)."""
+    return PREFIX + baseline
+
+
 def baseline_for(variant: str, baseline: str) -> str:
     """A legacy variant is compared with the baseline on its own stack (legacy+eager for eager): the
     fidelity check loads both models in one process, so both must run in the same interpreter."""
-    return PREFIX + baseline if is_legacy_variant(variant) else baseline
+    return stack_baseline(baseline) if is_legacy_variant(variant) else baseline
+
+
+# A 2023 optimization -> what replaces it on today's stack (BetterTransformer's Bark attention is SDPA).
+SUCCESSOR = {"bt": "sdpa"}
+
+
+def today_counterpart(optimizations: frozenset) -> frozenset:
+    """The optimizations of a legacy variant on today's stack (legacy dropped, each 2023 optimization replaced by
+    its successor)."""
+    return frozenset(SUCCESSOR.get(o, o) for o in optimizations if o != "legacy")
 
 
 def from_pretrained_kwargs(kwargs: dict) -> dict:
