@@ -209,6 +209,10 @@ def test_protocol_defaults_are_the_2023_gpu_study():
     ({"coarse_temperature": -1.0}, "coarse-temperature must be > 0"),
     ({"seed": -1}, "seed must be >= 0 (got -1)"),
     ({"seed": 1.5}, "seed must be of type integer"),
+    ({"seed": 1.0}, "seed must be of type integer (got 1.0)"),  # an integer is an int, as on the command line
+    ({"warmup": True}, "warmup must be of type integer"),
+    ({"budget_s": float("inf")}, "budget-s must be a finite number"),
+    ({"seed": -1, "warmup": 0}, "warmup must be >= 1"),  # the first field in the protocol's order
     ({"do_sample": "yes"}, "do-sample must be of type boolean"),
     ({"prompts": []}, "prompts needs at least 1 item"),
     ({"prompts": ["a", 3]}, "prompts must be of type string"),

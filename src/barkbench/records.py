@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import results
 from .layout import RESERVED
+from .validation import first_error
 
 
 class ResultError(ValueError):
@@ -31,10 +32,7 @@ def _check(data, schema: dict, where: str) -> None:
     if data.get("schema_version") != expected:
         raise ResultError(f"{where}: schema_version {data.get('schema_version')!r}, this barkbench reads "
                           f"{expected}: re-run it (or delete it) with this version")
-    package = results.jsonschema()
-    from jsonschema.exceptions import best_match
-
-    error = best_match(package.Draft202012Validator(schema).iter_errors(data))
+    error = first_error(data, schema)
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path) or "top level"
         raise ResultError(f"{where}: not a valid {schema['title'].split(':')[0]} ({at}: {error.message[:200]})")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import jobs
+from .protocol import Protocol
 
 SCHEMA_VERSION = 2
 
@@ -18,23 +19,9 @@ SCHEMA_VERSION = 2
 @lru_cache(maxsize=None)
 def schema() -> dict:
     """The run schema, its `protocol` property generated from the Protocol dataclass."""
-    from .protocol import Protocol
-
     doc = json.loads(resources.files("barkbench").joinpath("schemas/run.schema.json").read_text())
     doc["properties"]["protocol"] = Protocol.json_schema()
     return doc
-
-
-def jsonschema():
-    """The jsonschema package, imported on first use: commands that validate nothing (and test collection)
-    run without it; on a machine without a package index it comes from the wheelhouse (README, GPU)."""
-    try:
-        import jsonschema as package
-    except ImportError as exc:
-        raise ImportError(f"barkbench validates results with the package 'jsonschema', not importable here ({exc}): "
-                          "pip install jsonschema, or without a package index install the wheelhouse that "
-                          "envs/gpu-wheelhouse.sh prepares (README, On a GPU node)") from None
-    return package
 
 
 def _default(obj):
