@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from barkbench import models, results, runner, trackers
-from barkbench.protocol import Protocol
+from barkbench import jobwrap, models, results, runner, trackers
+from barkbench.protocol import DEADLINE_ENV, Protocol
 from barkbench.records import ResultError, RunResult
 from conftest import TINY, TORCH_THREADS
 
@@ -262,7 +262,7 @@ def test_zero_budget_stops_at_min_iterations(tiny_checkpoint, tmp_path):
 
 def test_stop_reason():
     proto = Protocol(min_iterations=2, max_iterations=4, budget_s=10.0, time_limit_s=100.0)
-    job = runner.Job(100.0, "protocol")
+    job = jobwrap.Job(100.0, "protocol")
     assert runner.stop_reason(proto, [], job) is None
     assert runner.stop_reason(proto, [50.0], job) is None  # min_iterations first, whatever the budget
     assert runner.stop_reason(proto, [1.0, 1.0], job) is None
@@ -280,7 +280,7 @@ def test_stop_reason_too_slow():
     """Before the minimum calls are timed: stop when the calls so far (before the first one, the warm-up call's
     time) show that the rest cannot end within the time limit."""
     proto = Protocol(min_iterations=3, max_iterations=9, budget_s=1.0, time_limit_s=100.0)
-    job = runner.Job(100.0, "protocol")
+    job = jobwrap.Job(100.0, "protocol")
     job.start -= 50.0  # 50 s into the 100 s job
     assert runner.stop_reason(proto, [20.0], job) is None  # 2 more of 20 s end at 90 s
     assert runner.stop_reason(proto, [30.0], job) == "too_slow"  # 2 more of 30 s would end at 110 s
@@ -383,38 +383,22 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     assert (tmp_path / "r.wav").is_file()
 
 
-def test_deadline_in_the_past_fails_without_loading(tmp_path, monkeypatch):
-    def no_load(*a, **k):
-        raise AssertionError("an exhausted run budget must not load the model")
-
-    monkeypatch.setattr(models, "load", no_load)
-    monkeypatch.setattr(models, "resolve", no_load)
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 10))
-    out = tmp_path / "late.json"
-    result = runner.run(_request("sdpa", _protocol()), out)
-    assert result["status"] == "failed"
-    assert result["reason"].startswith("run budget exhausted before this job started (deadline ")
-    assert result["model"]["id"] == TINY and result["timing"] is None
-    assert RunResult.from_json(out).to_dict()["status"] == "failed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json"]
-
-
 def test_deadline_caps_the_time_limit(monkeypatch):
     proto = Protocol(time_limit_s=3600.0)
     now = 1_000_000.0
-    monkeypatch.delenv(runner.DEADLINE_ENV, raising=False)
-    job = runner.job_time_limit(proto, now)
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    job = jobwrap.job_time_limit(proto.time_limit_s, now)
     assert (job.limit_s, job.limit_source) == (3600.0, "protocol")
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 600))
-    job = runner.job_time_limit(proto, now)
+    monkeypatch.setenv(DEADLINE_ENV, str(now + 600))
+    job = jobwrap.job_time_limit(proto.time_limit_s, now)
     assert (job.limit_s, job.limit_source) == (600.0, "run deadline")
     assert job.exceeded("after 1 of min 2 timed calls").args[0] == (
         "time limit 600 s (run deadline) reached after 1 of min 2 timed calls")
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 7200))
-    assert runner.job_time_limit(proto, now).limit_source == "protocol"
-    monkeypatch.setenv(runner.DEADLINE_ENV, "tomorrow")
+    monkeypatch.setenv(DEADLINE_ENV, str(now + 7200))
+    assert jobwrap.job_time_limit(proto.time_limit_s, now).limit_source == "protocol"
+    monkeypatch.setenv(DEADLINE_ENV, "tomorrow")
     with pytest.raises(ValueError, match="BARKBENCH_DEADLINE"):
-        runner.job_time_limit(proto, now)
+        jobwrap.job_time_limit(proto.time_limit_s, now)
 
 
 def test_compile_variant_runs_with_a_cold_cache(tiny_checkpoint, tmp_path, monkeypatch):
