@@ -14,13 +14,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from barkbench.aggregate import read_csv  # noqa: E402
 from barkbench.results import write_atomic  # noqa: E402
-from barkbench.tables import STAGES  # noqa: E402
+from barkbench.tables import STAGES, json_list  # noqa: E402
 from barkbench.tables import variant_order as _variant_order  # noqa: E402
 
 DPI = 110
@@ -28,11 +27,6 @@ DPI = 110
 
 def variant_order(variants, baseline=None):
     return _variant_order(variants, baseline)
-
-
-def json_list(row, column):
-    val = row[column]
-    return json.loads(val) if isinstance(val, str) and val else []
 
 
 def _save(fig, path: Path) -> Path:

@@ -249,9 +249,14 @@ def variant_order(variants, baseline: str) -> list[str]:
     return head + [v for v in uniq if v not in head]
 
 
+def json_list(row, column) -> list:
+    """A list column of a table row (JSON text in the CSV; empty when missing)."""
+    val = row[column]
+    return json.loads(val) if isinstance(val, str) and val else []
+
+
 def latencies(row) -> list[float]:
-    val = row["latency_s"]
-    return [float(x) for x in json.loads(val)] if isinstance(val, str) and val else []
+    return [float(x) for x in json_list(row, "latency_s")]
 
 
 CELL = GROUP + ["variant"]
