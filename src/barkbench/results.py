@@ -52,4 +52,3 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, default=_default) + "\n").encode())
-
