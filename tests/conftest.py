@@ -14,11 +14,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:  # let the tests run from a checkout without installing the package
     sys.path.insert(0, str(SRC))
 
+from barkbench import layout  # noqa: E402
+from barkbench.results import SCHEMA_VERSION as RUN_SCHEMA_VERSION  # noqa: E402
 from barkbench.stats import summarize  # noqa: E402
 
 # No network in tests: set before huggingface_hub / transformers are imported (they read it at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from barkbench import attention  # noqa: E402  (imports transformers: after the lines above)
 
 PROMPTS = ["Let's try generating speech, with Bark, a text-to-speech model", "Wow, batching is so great!"]
 
@@ -33,7 +37,7 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
     variant's; `subdir` (e.g. overhead/<variant>): `<subdir>/bs<N>.json`; `rep=K`: `repro/<variant>/rep<K>.json`.
     """
     results = Path(results_dir) if results_dir else Path(tmp_path) / "results"
-    slug = model.replace("/", "--").replace(":", "--")
+    slug = layout.slug(model)
     if rep is not None:
         folder, name = results / hardware / slug / "repro" / variant, f"rep{rep}"
     elif subdir is not None:
@@ -55,7 +59,7 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
         t = np.linspace(0, 0.05, 1200, endpoint=False)
         wavfile.write(folder / wav_name, 24000, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
     data = {
-        "schema_version": 2,
+        "schema_version": RUN_SCHEMA_VERSION,
         "status": status,
         "reason": reason,
         "error": None if status != "failed" else {"type": "RuntimeError", "message": reason or "", "traceback": "..."},
@@ -193,12 +197,15 @@ def skip_not_applicable(variant: str, reason: str):
     pytest.skip(reason)
 
 
+# --- a model with its variant applied, and the tokens of its stages --------------------------------------
+
 SHORT_WINDOW = 24  # a coarse sliding window this short (Bark's is 60) makes a short generation span several
+DECODE_TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first short window
 
 
-def load_short_window(variant_name: str, model: str = TINY, device=None):
-    """A model loaded and its variant applied, with the coarse sliding window shortened to SHORT_WINDOW (tests of
-    the decode loops across windows)."""
+def load_variant(variant_name: str, model: str = TINY, device=None, window: int | None = None):
+    """A model loaded and its variant applied, as the runner does (on `device`, CPU by default); `window`: the
+    coarse sliding window shortened to that many tokens first."""
     import torch
 
     from barkbench import models, variants
@@ -206,7 +213,63 @@ def load_short_window(variant_name: str, model: str = TINY, device=None):
     device = device or torch.device("cpu")
     variant = variants.parse(variant_name)
     loaded = models.load(models.resolve(model), **variant.load_kwargs(device))
-    loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = SHORT_WINDOW
+    if window is not None:
+        loaded.model.generation_config.coarse_acoustics_config["sliding_window_len"] = window
     loaded.model.to(device)
     variant.apply(loaded.model, variants.Context(device=device))
     return loaded
+
+
+def load_short_window(variant_name: str, model: str = TINY, device=None):
+    """`load_variant` with the coarse sliding window shortened to SHORT_WINDOW (tests of the decode loops across
+    windows)."""
+    return load_variant(variant_name, model, device, window=SHORT_WINDOW)
+
+
+def stage_tokens(loaded_model, prompts, do_sample: bool, fixed_length: bool = True, tokens: int = DECODE_TOKENS,
+                 device=None) -> dict:
+    """Semantic, coarse and fine tokens and the audio of one seeded BarkModel.generate call, captured per stage."""
+    import torch
+    from transformers import set_seed
+
+    model, processor = loaded_model.model, loaded_model.processor
+    captured = {}
+    for stage, sub in {"semantic": model.semantic, "coarse": model.coarse_acoustics,
+                       "fine": model.fine_acoustics}.items():
+        def capture(*args, _stage=stage, _original=sub.generate, **kwargs):
+            out = _original(*args, **kwargs)
+            captured[_stage] = (out[0] if isinstance(out, tuple) else out).clone()
+            return out
+
+        sub.generate = capture
+    inputs = {k: v.to(device or torch.device("cpu")) for k, v in processor(prompts, return_tensors="pt").items()}
+    length = {"semantic_min_new_tokens": tokens} if fixed_length else {}  # as Protocol.generate_kwargs
+    set_seed(0)
+    try:
+        with torch.inference_mode():
+            audio, _ = model.generate(**inputs, do_sample=do_sample, semantic_max_new_tokens=tokens, **length,
+                                      coarse_temperature=0.8, fine_temperature=0.4, return_output_lengths=True)
+    finally:
+        for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
+            sub.__dict__.pop("generate", None)
+    captured["audio"] = audio
+    return captured
+
+
+# --- faulty attentions (the fidelity checks must catch them) -------------------------------------------------
+
+def swap_attention(model, attention_class) -> None:
+    """Every Bark self-attention layer of `model` (eager, as loaded) becomes an `attention_class`."""
+    from barkbench import attention
+
+    for module in model.modules():
+        if type(module) is attention.BarkSelfAttention:
+            module.__class__ = attention_class
+
+
+class MaskIgnoredInBatches(attention.BarkSdpaAttention):
+    """SDPA attention that drops the padding mask at batch size > 1, as optimum's BetterTransformer Bark layer
+    does (it calls SDPA with attn_mask=None; at batch size 1 nothing is padded)."""
+
+    def _attn(self, query, key, value, attention_mask=None, query_positions=None):
+        return super()._attn(query, key, value, None if query.shape[0] > 1 else attention_mask, query_positions)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from barkbench import calibration, models, variants
-from conftest import TINY
+from barkbench import calibration, models
+from conftest import TINY, load_variant
 
 CPU = torch.device("cpu")
 
@@ -47,10 +47,7 @@ def test_fine_flops_match_torch_flop_counter(tiny_checkpoint, window):
 
 def test_stage_work_of_a_variant_follows_its_optimizations(tiny_checkpoint):
     def work(name):
-        variant = variants.parse(name)
-        model = models.load(models.resolve(TINY, None), **variant.load_kwargs(CPU)).model
-        variant.apply(model, variants.Context(device=CPU))
-        return calibration.stage_work(model)
+        return calibration.stage_work(load_variant(name).model)
 
     eager, int8 = work("eager"), work("sdpa+int8+finewin")
     assert int8["fine"]["gemm_dtype"] == "int8" and int8["fine"]["window_multiple"] == 64

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from barkbench import results
+from barkbench.records import RunResult
 from conftest import TINY, TORCH_THREADS
 
 GOOD = ["--model", TINY, "--variant", "sdpa", "--device", "cpu", "--min-iterations", "1", "--max-iterations", "1",
@@ -161,7 +161,7 @@ def test_forced_failure_exits_0_and_records_it(cli_runs):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "sdpa bs1: failed (RuntimeError: boom)" in proc.stderr.strip().splitlines()[-1]
-    result = results.load_result(out)
+    result = RunResult.from_json(out).to_dict()
     assert result["status"] == "failed"
     assert result["reason"] == "RuntimeError: boom"
     assert result["error"]["message"] == "boom"
@@ -172,7 +172,7 @@ def test_successful_run(cli_runs):
     proc, out = cli_runs["ok"]
     assert proc.returncode == 0, proc.stderr
     assert "sdpa bs1: ok (median " in proc.stderr.strip().splitlines()[-1]
-    result = results.load_result(out)
+    result = RunResult.from_json(out).to_dict()
     assert result["status"] == "ok"
     assert result["protocol"]["prompts"] == ["Hello world"]
     assert result["protocol"]["do_sample"] is False

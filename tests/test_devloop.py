@@ -15,46 +15,16 @@ from barkbench.attention import use_sdpa
 from barkbench.device_decode import (DecodeState, DeviceDecoding, LogitsProgram, ProgramSpec, decode_step,
                                      model_forward_of, use_device_decode)
 from barkbench.protocol import Protocol
-from conftest import PROMPTS, TINY, TORCH_THREADS, SHORT_WINDOW, load_short_window
+from conftest import DECODE_TOKENS, PROMPTS, SHORT_WINDOW, TINY, TORCH_THREADS, load_short_window, stage_tokens
 
 CPU = torch.device("cpu")
-TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first window...
-WINDOW = SHORT_WINDOW
-
-
-_load = load_short_window
+TOKENS, WINDOW = DECODE_TOKENS, SHORT_WINDOW
+_load, _stage_tokens = load_short_window, stage_tokens
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     return {name: _load(name) for name in ("eager", "sdpa+devloop")}
-
-
-def _stage_tokens(loaded_model, prompts, do_sample: bool, fixed_length: bool = True, tokens: int = TOKENS,
-                  device: torch.device = CPU) -> dict:
-    """Semantic, coarse and fine tokens and the audio of one seeded BarkModel.generate call."""
-    model, processor = loaded_model.model, loaded_model.processor
-    captured = {}
-    for stage, sub in {"semantic": model.semantic, "coarse": model.coarse_acoustics,
-                       "fine": model.fine_acoustics}.items():
-        def capture(*args, _stage=stage, _original=sub.generate, **kwargs):
-            out = _original(*args, **kwargs)
-            captured[_stage] = (out[0] if isinstance(out, tuple) else out).clone()
-            return out
-
-        sub.generate = capture
-    inputs = {k: v.to(device) for k, v in processor(prompts, return_tensors="pt").items()}
-    length = {"semantic_min_new_tokens": tokens} if fixed_length else {}  # as Protocol.generate_kwargs
-    set_seed(0)
-    try:
-        with torch.inference_mode():
-            audio, _ = model.generate(**inputs, do_sample=do_sample, semantic_max_new_tokens=tokens, **length,
-                                      coarse_temperature=0.8, fine_temperature=0.4, return_output_lengths=True)
-    finally:
-        for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
-            sub.__dict__.pop("generate", None)
-    captured["audio"] = audio
-    return captured
 
 
 CASES = [pytest.param([PROMPTS[0]], False, id="greedy-bs1"),

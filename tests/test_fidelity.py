@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from barkbench import attention, fidelity, models, variants
-from conftest import TINY
+from conftest import TINY, MaskIgnoredInBatches, swap_attention
 
 SR = 24_000
 TOKENS = 8
@@ -181,17 +181,8 @@ def fine_head_noise(model):
         w.add_(_noise_like(w, w.std().item()))
 
 
-class _MaskIgnoredInBatches(attention.BarkSdpaAttention):
-    """SDPA attention that drops the padding mask at batch size > 1 (optimum's BetterTransformer bug)."""
-
-    def _attn(self, query, key, value, attention_mask=None, query_positions=None):
-        return super()._attn(query, key, value, None if query.shape[0] > 1 else attention_mask, query_positions)
-
-
 def mask_ignored_in_batches(model):
-    for module in model.modules():
-        if type(module) is attention.BarkSelfAttention:
-            module.__class__ = _MaskIgnoredInBatches
+    swap_attention(model, MaskIgnoredInBatches)
 
 
 def sdpa(model):
@@ -208,9 +199,7 @@ class _CacheRowsSwapped(attention.BarkSdpaAttention):
 
 
 def cache_rows_swapped(model):
-    for module in model.modules():
-        if type(module) is attention.BarkSelfAttention:
-            module.__class__ = _CacheRowsSwapped
+    swap_attention(model, _CacheRowsSwapped)
 
 
 def _codec_noise(relative):

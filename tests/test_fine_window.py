@@ -9,7 +9,7 @@ from transformers.models.bark.generation_configuration_bark import (
 
 from barkbench import fine_window, models, variants
 from barkbench.trackers import Clock, StageTracker
-from conftest import TINY
+from conftest import TINY, load_variant
 
 CPU = torch.device("cpu")
 
@@ -50,10 +50,7 @@ def _fine_generate(model, coarse):
 
 
 def _load(name):
-    variant = variants.parse(name)
-    model = models.load(models.resolve(TINY, None), **variant.load_kwargs(CPU)).model
-    variant.apply(model, variants.Context(device=CPU))
-    return model
+    return load_variant(name).model
 
 
 @pytest.mark.parametrize("frames", [48, 64, 130])

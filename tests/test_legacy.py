@@ -13,17 +13,17 @@ import pandas as pd
 import pytest
 import torch
 
-from barkbench import attention, fidelity, legacy, models, tables, variants
+from barkbench import attention, cache, fidelity, legacy, models, tables, variants
 from barkbench.study2023 import PUBLISHED_TO_OURS
 from barkbench.records import FidelityResult, RunResult
-from conftest import TINY, make_run_json
+from conftest import TINY, MaskIgnoredInBatches, make_run_json, swap_attention
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS = REPO / "envs" / "legacy-requirements.txt"
 CPU = torch.device("cpu")
 # The environments' root: the user's barkbench cache (read at collection, before the session fixture
 # points BARKBENCH_CACHE at a temporary folder), so the environment is built once and reused across runs.
-ENV_ROOT = models.cache_dir()
+ENV_ROOT = cache.cache_dir()
 
 
 def test_pins_hash_follows_the_pins_not_the_comments(tmp_path):
@@ -52,6 +52,10 @@ def test_legacy_variants_are_not_applicable_on_todays_stack():
         variants.parse("legacy+bt+sdpa")
     assert legacy.baseline_for("legacy+bt", "eager") == "legacy+eager"
     assert legacy.baseline_for("sdpa", "eager") == "eager"
+    # today's counterpart of a 2023 variant (the stacks table pairs legacy+bt+fp16 with sdpa+fp16): each 2023
+    # optimization and its successor are registered optimizations
+    assert legacy.today_counterpart(frozenset(variants.parse("legacy+bt+fp16").names)) == {"sdpa", "fp16"}
+    assert set(legacy.SUCCESSOR.values()) <= set(variants.REGISTRY) >= set(legacy.SUCCESSOR)
 
 
 def test_load_dtype_is_spelled_for_the_stack(monkeypatch):
@@ -63,25 +67,16 @@ def test_load_dtype_is_spelled_for_the_stack(monkeypatch):
 
 # --- the padded-batch check ----------------------------------------------------------------------
 
-class _MaskIgnoringAttention(attention.BarkSdpaAttention):
-    """SDPA without the attention mask: what optimum's Bark layer does."""
-
-    def _attn(self, query, key, value, attention_mask=None, query_positions=None):
-        return super()._attn(query, key, value, None, query_positions)
-
-
 def _padded(tiny_checkpoint, swap):
     loaded = models.load(models.resolve(TINY))
     candidate = models.load(models.resolve(TINY)).model
-    for module in candidate.modules():
-        if type(module) is attention.BarkSelfAttention:
-            module.__class__ = swap
+    swap_attention(candidate, swap)
     return fidelity.padded_batch(loaded.model, candidate, loaded.processor, CPU)
 
 
 def test_padded_batch_tells_a_mask_ignoring_attention_from_a_correct_one(tiny_checkpoint):
     correct = _padded(tiny_checkpoint, attention.BarkSdpaAttention)
-    wrong = _padded(tiny_checkpoint, _MaskIgnoringAttention)
+    wrong = _padded(tiny_checkpoint, MaskIgnoredInBatches)
     for report in (correct, wrong):
         assert report["batch_size"] == fidelity.PADDED_BATCH and report["padded_rows"] >= 1
     tol = variants.FLOAT_ROUNDING

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from barkbench import models
+from barkbench import layout, models
 from conftest import TINY
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -118,8 +118,8 @@ def test_real_architectures(arch, shape, barkbench_cache):
 def test_known_models_and_slug():
     known = models.known_models()
     assert {"suno/bark-small", "suno/bark", "synthetic:bark-small", "synthetic:bark", TINY} <= set(known)
-    assert models.slug("suno/bark-small") == "suno--bark-small"
-    assert models.slug(TINY) == "synthetic--tiny"
+    assert layout.slug("suno/bark-small") == "suno--bark-small"
+    assert layout.slug(TINY) == "synthetic--tiny"
 
 
 def test_resolve_synthetic_and_unknown():

@@ -7,12 +7,18 @@ import sys
 import pytest
 import torch
 
-from barkbench import openvino_runtime, results, runner, variants
+from barkbench import openvino_runtime, runner, variants
+from barkbench.records import RunResult
 from barkbench.protocol import Protocol
 from conftest import TINY, TORCH_THREADS
 
 CPU = torch.device("cpu")
-PROTOCOL = Protocol(warmup=1, min_iterations=1, max_iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
+
+
+def _protocol() -> Protocol:
+    """Built when a test runs, not at collection: Protocol validates with jsonschema, which a bare GPU node's
+    `pytest -m cuda` collects without (tests/test_gpu_node.py)."""
+    return Protocol(warmup=1, min_iterations=1, max_iterations=1, batch_size=1, max_new_tokens=8, do_sample=False)
 
 
 @pytest.fixture
@@ -26,9 +32,9 @@ def test_ov_is_not_applicable_when_openvino_cannot_import(fresh_check, monkeypat
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
     reason = variants.parse("ov").not_applicable_reason(CPU)
     assert reason.startswith("not applicable here: OpenVINO is not usable (") and "openvino" in reason
-    result = runner.run(runner.RunRequest(TINY, "ov", PROTOCOL, device="cpu", threads=TORCH_THREADS),
+    result = runner.run(runner.RunRequest(TINY, "ov", _protocol(), device="cpu", threads=TORCH_THREADS),
                         tmp_path / "ov" / "bs1.json")
-    results.validate(result.to_dict())
+    RunResult.from_dict(result.to_dict())
     assert result.status == "not_applicable" and result.reason == reason
     assert result.timing is None
 
@@ -48,9 +54,9 @@ def test_ov_runs_on_openvino(variant, fresh_check, tiny_checkpoint, tmp_path):
     from openvino.frontend.pytorch.torchdynamo import execute
 
     execute.compiled_cache.clear()
-    result = runner.run(runner.RunRequest(TINY, variant, PROTOCOL, device="cpu", threads=TORCH_THREADS),
+    result = runner.run(runner.RunRequest(TINY, variant, _protocol(), device="cpu", threads=TORCH_THREADS),
                         tmp_path / variant / "bs1.json")
-    results.validate(result.to_dict())
+    RunResult.from_dict(result.to_dict())
     assert result.status == "ok", result.reason
     assert any("OpenVINO" in note for note in result.variant["notes"])
     assert result.timing.compile_s is not None

@@ -66,3 +66,12 @@ def test_an_invalid_nested_measure_is_refused_with_its_place(tmp_path):
 def test_latency_from_values_describes_the_values():
     lat = Latency.from_values([3.0, 1.0, 2.0])
     assert (lat.n, lat.min, lat.median, lat.max) == (3, 1.0, 2.0, 3.0)
+
+
+def test_update_sets_fields_and_refuses_an_unknown_name():
+    rec = RunResult.from_json(WRITTEN)
+    rec.update(status="failed", reason="RuntimeError: boom", timing=None)
+    assert (rec.status, rec.reason, rec.timing) == ("failed", "RuntimeError: boom", None)
+    with pytest.raises(TypeError, match="no field statu"):
+        rec.update(statu="ok")
+    assert rec.status == "failed"  # nothing set when a name is wrong

@@ -12,8 +12,9 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from barkbench import models, results, runner, trackers, variants
-from barkbench.protocol import Protocol
+from barkbench import jobwrap, models, results, runner, trackers, variants
+from barkbench.protocol import DEADLINE_ENV, Protocol
+from barkbench.records import ResultError, RunResult
 from conftest import TINY, TORCH_THREADS
 
 MAX_NEW = 8
@@ -43,8 +44,8 @@ def sdpa_run(tiny_checkpoint, tmp_path_factory):
 def test_result_validates_and_matches_the_file(sdpa_run):
     result, out, _ = sdpa_run
     assert result.status == "ok", result.reason
-    results.validate(result.to_dict())
-    on_disk = results.load_result(out)  # validates too
+    RunResult.from_dict(result.to_dict())
+    on_disk = RunResult.from_json(out).to_dict()  # validates too
     assert on_disk == json.loads(json.dumps(result.to_dict()))
     assert on_disk["config_hash"] == "abc123"
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
@@ -152,7 +153,7 @@ def test_batch_of_two(tiny_checkpoint, tmp_path):
     proto = _protocol(max_iterations=1, batch_size=2, do_sample=False)
     result = runner.run(_request("sdpa", proto), out)
     assert result.status == "ok", result.reason
-    results.validate(result.to_dict())
+    RunResult.from_dict(result.to_dict())
     assert result.hardware["torch_threads"] == TORCH_THREADS
     assert result.protocol["batch_size"] == 2
     assert result.protocol["prompts"] == proto.prompts
@@ -170,7 +171,7 @@ def test_uninstrumented_run(tiny_checkpoint, tmp_path):
     proto = _protocol(max_iterations=1, do_sample=False)
     result = runner.run(_request("eager", proto, instrument_stages=False), out)
     assert result.status == "ok", result.reason
-    results.validate(result.to_dict())
+    RunResult.from_dict(result.to_dict())
     assert result.instrumented is False
     assert result.iterations.stages is None
     assert result.iterations.semantic_tokens == []
@@ -208,6 +209,10 @@ def test_protocol_defaults_are_the_2023_gpu_study():
     ({"coarse_temperature": -1.0}, "coarse-temperature must be > 0"),
     ({"seed": -1}, "seed must be >= 0 (got -1)"),
     ({"seed": 1.5}, "seed must be of type integer"),
+    ({"seed": 1.0}, "seed must be of type integer (got 1.0)"),  # an integer is an int, as on the command line
+    ({"warmup": True}, "warmup must be of type integer"),
+    ({"budget_s": float("inf")}, "budget-s must be a finite number"),
+    ({"seed": -1, "warmup": 0}, "warmup must be >= 1"),  # the first field in the protocol's order
     ({"do_sample": "yes"}, "do-sample must be of type boolean"),
     ({"prompts": []}, "prompts needs at least 1 item"),
     ({"prompts": ["a", 3]}, "prompts must be of type string"),
@@ -252,12 +257,12 @@ def test_zero_budget_stops_at_min_iterations(tiny_checkpoint, tmp_path):
     assert len(result.iterations.latency_s) == 2 and result.summary.latency_s.n == 2
     assert result.timing.stopped_by == "budget"
     assert result.retry_of == "sdpa-bs1-try1"
-    assert results.load_result(tmp_path / "b.json")["retry_of"] == "sdpa-bs1-try1"
+    assert RunResult.from_json(tmp_path / "b.json").to_dict()["retry_of"] == "sdpa-bs1-try1"
 
 
 def test_stop_reason():
     proto = Protocol(min_iterations=2, max_iterations=4, budget_s=10.0, time_limit_s=100.0)
-    job = runner.Job(100.0, "protocol")
+    job = jobwrap.Job(100.0, "protocol")
     assert runner.stop_reason(proto, [], job) is None
     assert runner.stop_reason(proto, [50.0], job) is None  # min_iterations first, whatever the budget
     assert runner.stop_reason(proto, [1.0, 1.0], job) is None
@@ -275,7 +280,7 @@ def test_stop_reason_too_slow():
     """Before the minimum calls are timed: stop when the calls so far (before the first one, the warm-up call's
     time) show that the rest cannot end within the time limit."""
     proto = Protocol(min_iterations=3, max_iterations=9, budget_s=1.0, time_limit_s=100.0)
-    job = runner.Job(100.0, "protocol")
+    job = jobwrap.Job(100.0, "protocol")
     job.start -= 50.0  # 50 s into the 100 s job
     assert runner.stop_reason(proto, [20.0], job) is None  # 2 more of 20 s end at 90 s
     assert runner.stop_reason(proto, [30.0], job) == "too_slow"  # 2 more of 30 s would end at 110 s
@@ -305,7 +310,7 @@ def test_a_hopeless_run_stops_early_and_keeps_what_it_measured(tiny_checkpoint, 
     else:
         assert result.iterations is None and result.timing.warmup_s[0] >= 5.0
     assert len(calls) == 1 + timed  # no call started after the verdict
-    assert results.load_result(out)["status"] == "too_slow"
+    assert RunResult.from_json(out).to_dict()["status"] == "too_slow"
 
 
 def _slow_decode(monkeypatch, sleep_on_call: int, calls: list, sleep_s: float = 120):
@@ -348,7 +353,7 @@ def test_time_limit_during_warm_up_is_recorded_failed(tiny_checkpoint, tmp_path,
                                        "running after "), result.reason
     assert result.error["type"] == "TimeLimitExceeded"
     assert result.timing is None and result.iterations is None and result.audio is None
-    assert results.load_result(out)["status"] == "failed"
+    assert RunResult.from_json(out).to_dict()["status"] == "failed"
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]
     assert signal.getsignal(signal.SIGALRM) is handler  # disarmed, previous handler back
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
@@ -379,38 +384,22 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     assert (tmp_path / "r.wav").is_file()
 
 
-def test_deadline_in_the_past_fails_without_loading(tmp_path, monkeypatch):
-    def no_load(*a, **k):
-        raise AssertionError("an exhausted run budget must not load the model")
-
-    monkeypatch.setattr(models, "load", no_load)
-    monkeypatch.setattr(models, "resolve", no_load)
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(time.time() - 10))
-    out = tmp_path / "late.json"
-    result = runner.run(_request("sdpa", _protocol()), out)
-    assert result.status == "failed"
-    assert result.reason.startswith("run budget exhausted before this job started (deadline ")
-    assert result.model["id"] == TINY and result.timing is None
-    assert results.load_result(out)["status"] == "failed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.json"]
-
-
 def test_deadline_caps_the_time_limit(monkeypatch):
     proto = Protocol(time_limit_s=3600.0)
     now = 1_000_000.0
-    monkeypatch.delenv(runner.DEADLINE_ENV, raising=False)
-    job = runner.job_time_limit(proto, now)
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    job = jobwrap.job_time_limit(proto.time_limit_s, now)
     assert (job.limit_s, job.limit_source) == (3600.0, "protocol")
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 600))
-    job = runner.job_time_limit(proto, now)
+    monkeypatch.setenv(DEADLINE_ENV, str(now + 600))
+    job = jobwrap.job_time_limit(proto.time_limit_s, now)
     assert (job.limit_s, job.limit_source) == (600.0, "run deadline")
     assert job.exceeded("after 1 of min 2 timed calls").args[0] == (
         "time limit 600 s (run deadline) reached after 1 of min 2 timed calls")
-    monkeypatch.setenv(runner.DEADLINE_ENV, str(now + 7200))
-    assert runner.job_time_limit(proto, now).limit_source == "protocol"
-    monkeypatch.setenv(runner.DEADLINE_ENV, "tomorrow")
+    monkeypatch.setenv(DEADLINE_ENV, str(now + 7200))
+    assert jobwrap.job_time_limit(proto.time_limit_s, now).limit_source == "protocol"
+    monkeypatch.setenv(DEADLINE_ENV, "tomorrow")
     with pytest.raises(ValueError, match="BARKBENCH_DEADLINE"):
-        runner.job_time_limit(proto, now)
+        jobwrap.job_time_limit(proto.time_limit_s, now)
 
 
 def test_compile_variant_runs_with_a_cold_cache(tiny_checkpoint, tmp_path, monkeypatch):
@@ -514,7 +503,7 @@ def test_forced_failure_is_recorded(tiny_checkpoint, tmp_path):
     assert "boom" in result.error["traceback"] and "Traceback" in result.error["traceback"]
     for key in ("timing", "iterations", "summary", "memory", "throughput", "audio"):
         assert getattr(result, key) is None, key
-    on_disk = results.load_result(out)
+    on_disk = RunResult.from_json(out).to_dict()
     assert on_disk["status"] == "failed" and on_disk["error"]["message"] == "boom"
     assert on_disk["model"]["id"] == TINY  # what it tried to run is still recorded
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json"]  # no WAV, no temp file
@@ -542,7 +531,7 @@ def test_not_applicable_hub_model_never_loads(tmp_path, monkeypatch):
     assert result.status == "not_applicable"
     assert result.reason.startswith("not applicable on cpu: fp16")
     assert result.model == {"requested": "suno/bark", "id": "suno/bark", "weights": None, "architecture": "bark"}
-    assert results.load_result(out)["status"] == "not_applicable"
+    assert RunResult.from_json(out).to_dict()["status"] == "not_applicable"
 
 
 def test_threads_request_sets_torch_threads(tmp_path):
@@ -569,21 +558,22 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_write_result_refuses_an_invalid_document(tmp_path, sdpa_run):
+def test_a_run_record_refuses_an_invalid_document(tmp_path, sdpa_run):
     result = sdpa_run[0].to_dict()
     path = tmp_path / "r.json"
-    bad = {**result, "status": "great"}
-    with pytest.raises(Exception, match="great"):
-        results.write_result(path, bad)
+    bad = RunResult.from_dict(result)
+    bad.status = "great"
+    with pytest.raises(ResultError, match="great"):
+        bad.save_json(path)
     assert not path.exists() and not list(tmp_path.iterdir())
     missing = {k: v for k, v in result.items() if k != "summary"}
-    with pytest.raises(Exception, match="summary"):
-        results.validate(missing)
+    with pytest.raises(ResultError, match="summary"):
+        RunResult.from_dict(missing)
     ok_without_iterations = {**result, "iterations": None}
-    with pytest.raises(Exception):
-        results.validate(ok_without_iterations)  # status ok demands the measurements
-    results.write_result(path, result)
-    assert results.load_result(path) == json.loads(json.dumps(result))
+    with pytest.raises(ResultError):
+        RunResult.from_dict(ok_without_iterations)  # status ok demands the measurements
+    RunResult.from_dict(result).save_json(path)
+    assert RunResult.from_json(path).to_dict() == json.loads(json.dumps(result))
     assert not [p for p in os.listdir(tmp_path) if p != "r.json"]
 
 

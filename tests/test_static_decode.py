@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StaticCache, set_seed
+from transformers import StaticCache
 
-from barkbench import models, variants
+from barkbench import models
 from barkbench.static_decode import StaticCacheDecoding, coarse_cache_length
-from conftest import PROMPTS, TINY, SHORT_WINDOW, load_short_window
+from conftest import DECODE_TOKENS, PROMPTS, SHORT_WINDOW, TINY, load_short_window, stage_tokens
 
 CPU = torch.device("cpu")
-TOKENS = 12  # semantic tokens: 36 coarse tokens, so the coarse model runs more than its first window...
-WINDOW = SHORT_WINDOW
-
-
-_load = load_short_window
+TOKENS, WINDOW = DECODE_TOKENS, SHORT_WINDOW
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """eager (the baseline), sdpa+static and sdpa+static+compile, loaded once for the module."""
-    return {name: _load(name) for name in ("eager", "sdpa+static", "sdpa+static+compile")}
+    return {name: load_short_window(name) for name in ("eager", "sdpa+static", "sdpa+static+compile")}
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +28,10 @@ def eager_tokens(loaded):
     def tokens(prompts, do_sample):
         key = (tuple(prompts), do_sample)
         if key not in done:
-            done[key] = _stage_tokens(loaded["eager"], prompts, do_sample)
+            done[key] = stage_tokens(loaded["eager"], prompts, do_sample)
         return done[key]
 
     return tokens
-
-
-def _stage_tokens(loaded_model, prompts: list[str], do_sample: bool) -> dict:
-    """Semantic, coarse and fine tokens of one seeded BarkModel.generate call, captured per stage."""
-    model, processor = loaded_model.model, loaded_model.processor
-    captured = {}
-    for stage, sub in {"semantic": model.semantic, "coarse": model.coarse_acoustics,
-                       "fine": model.fine_acoustics}.items():
-        def capture(*args, _stage=stage, _original=sub.generate, **kwargs):
-            out = _original(*args, **kwargs)
-            captured[_stage] = (out[0] if isinstance(out, tuple) else out).clone()
-            return out
-
-        sub.generate = capture
-    inputs = processor(prompts, return_tensors="pt")
-    set_seed(0)
-    try:
-        with torch.inference_mode():
-            model.generate(**inputs, do_sample=do_sample, semantic_max_new_tokens=TOKENS,
-                           semantic_min_new_tokens=TOKENS,
-                           coarse_temperature=0.8, fine_temperature=0.4, return_output_lengths=True)
-    finally:
-        for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
-            sub.__dict__.pop("generate", None)
-    return captured
 
 
 def _assert_static_cache_used(model, batch_size: int):
@@ -81,7 +52,7 @@ CASES = [pytest.param([PROMPTS[0]], False, id="greedy-bs1"),
 @pytest.mark.parametrize("prompts, do_sample", CASES)
 def test_static_decoding_gives_the_tokens_of_eager(loaded, eager_tokens, candidate, prompts, do_sample):
     reference = eager_tokens(prompts, do_sample)
-    tokens = _stage_tokens(loaded[candidate], prompts, do_sample)
+    tokens = stage_tokens(loaded[candidate], prompts, do_sample)
     _assert_static_cache_used(loaded[candidate].model, len(prompts))
     assert reference["semantic"].shape == (len(prompts), TOKENS)
     assert reference["coarse"].shape[-1] > WINDOW  # more than one sliding window
@@ -91,7 +62,7 @@ def test_static_decoding_gives_the_tokens_of_eager(loaded, eager_tokens, candida
 
 def test_compile_compiles_the_decode_steps_only_with_static(loaded):
     for name in ("sdpa+static", "sdpa+static+compile"):
-        _stage_tokens(loaded[name], [PROMPTS[0]], False)
+        stage_tokens(loaded[name], [PROMPTS[0]], False)
     compiled = loaded["sdpa+static+compile"].model
     for sub in (compiled.semantic, compiled.coarse_acoustics):
         assert sub.decode_compile is not None and hasattr(sub, "_compiled_call")  # used by the calls above
@@ -101,9 +72,9 @@ def test_compile_compiles_the_decode_steps_only_with_static(loaded):
 
 def test_the_cache_is_kept_across_calls_of_the_same_shape(loaded):
     model = loaded["sdpa+static"].model
-    _stage_tokens(loaded["sdpa+static"], [PROMPTS[0]], False)
+    stage_tokens(loaded["sdpa+static"], [PROMPTS[0]], False)
     first = model.coarse_acoustics._decode_cache[1]
-    _stage_tokens(loaded["sdpa+static"], [PROMPTS[1]], False)
+    stage_tokens(loaded["sdpa+static"], [PROMPTS[1]], False)
     assert model.coarse_acoustics._decode_cache[1] is first
 
 

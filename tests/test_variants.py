@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from barkbench import attention, models, results, runner, variants
+from barkbench import attention, models, runner, variants
+from barkbench.records import RunResult
 from barkbench.protocol import Protocol
 from conftest import TINY, TORCH_THREADS
 
@@ -155,7 +156,7 @@ def test_every_optimization_runs_or_is_not_applicable_on_cpu(name, tiny_checkpoi
     variant = variants.canonical("+".join([name, *variants.REGISTRY[name].requires]))
     out = tmp_path / variant / "bs1.json"
     result = runner.run(runner.RunRequest(TINY, variant, protocol, device="cpu", threads=TORCH_THREADS), out)
-    results.validate(result.to_dict())
+    RunResult.from_dict(result.to_dict())
     assert json.loads(out.read_text()) == json.loads(json.dumps(result.to_dict()))
     expected_reason = variants.parse(variant).not_applicable_reason(CPU)
     if expected_reason is None:

@@ -33,7 +33,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -43,14 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from . import models, provenance, variants
-from .protocol import DEADLINE_ENV
+from .jobwrap import failure_reason, job_time_limit, now, quiet_transformers, run_job
 from .records import FidelityResult
-from .runner import _now, _quiet_transformers
 from .trackers import TimeLimit, TimeLimitExceeded
 
 SCHEMA_VERSION = 3
 SNR_CAP_DB = 200.0  # a bit-identical waveform has infinite SNR; JSON needs a number
-SUB_MODELS = ("semantic", "coarse", "fine")
 # Prompts of different lengths for the batched check; the first is also the free-running prompt.
 PROMPTS = ("Let's try generating speech, with Bark, a text-to-speech model",
            "Hello.",
@@ -639,7 +636,7 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
     baseline itself when it has none: is the implementation right?) and, for lossy formats, the format's cost
     against the baseline. Not applicable and failures are recorded, not raised. `time_limit_s` (and the
     workflow's run deadline): the check is stopped there and recorded as failed, naming the limit."""
-    _quiet_transformers()
+    quiet_transformers()
     variant, base_variant = variants.parse(variant_name), variants.parse(baseline)
     device = provenance.resolve_device(device_name)
     limit, formats = variant.limit, variant.reference_formats
@@ -654,57 +651,50 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
               "teacher_forced": None, "free_running": None, "chain": None, "codec": None, "batched": None,
               "padded_batch": None,
               "within_tolerance": None, "violations": [], "error": None, "retry_of": retry_of,
-              "started_at": _now(), "finished_at": None}
-    reason = variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device)
-    deadline = float(os.environ.get(DEADLINE_ENV) or "inf")  # the workflow's run budget
-    if reason:
-        report.update(status="not_applicable", reason=reason)
-    elif time.time() > deadline:
-        report.update(status="failed", reason="run budget exhausted before this job started")
-    else:
-        seconds_left = min(time_limit_s or math.inf, deadline - time.time())
-        try:
-            with TimeLimit(seconds_left) if math.isfinite(seconds_left) else contextlib.nullcontext():
-                source = models.resolve(model_id, offline_fallback)
-                report["model"].update(id=source.id, weights=source.weights)
-                report["limits_measured"] = limits_provenance(device, source.weights)
-                base = _load(source, base_variant, device)
-                candidate = _load(source, variant, device)
-                from .references import simulate
+              "started_at": now(), "finished_at": None}
+    job = job_time_limit(time_limit_s or math.inf, time.time())  # and the workflow's run deadline
 
-                reference = simulate(base.model, formats)
-                if formats:
-                    logits = [teacher_forced_logits(m, device) for m in (base.model, reference, candidate.model)]
-                    cost = {k: distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
-                    ref_snr, cand_snr = codec_snr(base.model, reference), codec_snr(base.model, candidate.model)
-                    report["format_cost"] = format_cost(*logits, ref_snr, cand_snr, source.weights, formats, cost_targets)
-                    limits = stage_limits(limit, cost, ref_snr)
-                    report["layers"] = layer_check(base.model, reference, candidate.model, device, limit)
-                else:
-                    limits = variants.FLOAT_ROUNDING
-                report["limits"] = ({k: _tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
-                                    else {"all": _tolerance_dict(limits)})
-                report["tolerance"] = _tolerance_dict(_loosest(limits))
-                # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
-                # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check; on
-                # bark-small over several coarse windows 64 did too, hence the limits of one frame and of all frames).
-                with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-                    report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits))
-                    if any(f in CHAIN_ONLY_FORMATS for f in formats):  # teacher-forced measures cannot see their cost
-                        report["format_cost"]["chain"] = compare(base.model, reference, base.processor, device, tokens,
-                                                                 limits=limits)["chain"]
-                report["violations"] = check(limits, report)
-                report["within_tolerance"] = not report["violations"]
-        except models.ModelSourceError:
-            raise
-        except TimeLimitExceeded:
-            report.update(status="failed", reason=f"time limit {seconds_left:.0f} s reached", error=traceback.format_exc())
-        except Exception as exc:
-            report.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500],
-                          error=traceback.format_exc())
+    def work():
+        with TimeLimit(job.limit_s) if math.isfinite(job.limit_s) else contextlib.nullcontext():
+            source = models.resolve(model_id, offline_fallback)
+            report["model"].update(id=source.id, weights=source.weights)
+            report["limits_measured"] = limits_provenance(device, source.weights)
+            base = _load(source, base_variant, device)
+            candidate = _load(source, variant, device)
+            from .references import simulate
+
+            reference = simulate(base.model, formats)
+            if formats:
+                logits = [teacher_forced_logits(m, device) for m in (base.model, reference, candidate.model)]
+                cost = {k: distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+                ref_snr, cand_snr = codec_snr(base.model, reference), codec_snr(base.model, candidate.model)
+                report["format_cost"] = format_cost(*logits, ref_snr, cand_snr, source.weights, formats, cost_targets)
+                limits = stage_limits(limit, cost, ref_snr)
+                report["layers"] = layer_check(base.model, reference, candidate.model, device, limit)
+            else:
+                limits = variants.FLOAT_ROUNDING
+            report["limits"] = ({k: _tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
+                                else {"all": _tolerance_dict(limits)})
+            report["tolerance"] = _tolerance_dict(_loosest(limits))
+            # The check runs the candidate at several batch sizes and with a recorder around its forward: each is a
+            # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check; on
+            # bark-small over several coarse windows 64 did too, hence the limits of one frame and of all frames).
+            with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+                report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits))
+                if any(f in CHAIN_ONLY_FORMATS for f in formats):  # teacher-forced measures cannot see their cost
+                    report["format_cost"]["chain"] = compare(base.model, reference, base.processor, device, tokens,
+                                                             limits=limits)["chain"]
+            report["violations"] = check(limits, report)
+            report["within_tolerance"] = not report["violations"]
+
+    def failure(exc: BaseException) -> dict:
+        reason = f"time limit {job.limit_s:.0f} s reached" if isinstance(exc, TimeLimitExceeded) else failure_reason(exc)
+        return {"reason": reason, "error": traceback.format_exc()}
+
+    run_job(report, job, variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device), work,
+            failure)
     if report["tolerance"] is None:
         report["tolerance"] = _tolerance_dict(variants.FLOAT_ROUNDING)
-    report["finished_at"] = _now()
     FidelityResult.from_dict(report, out).save_json(out)
     return report
 

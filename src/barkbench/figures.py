@@ -3,8 +3,7 @@ caption. Every registered figure is always written (with a "no data" note if emp
 places it in the report (`figures.md`, captions beside their figures)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import matplotlib
@@ -15,13 +14,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from barkbench.aggregate import read_csv  # noqa: E402
 from barkbench.results import write_atomic  # noqa: E402
-from barkbench.tables import STAGES  # noqa: E402
+from barkbench.tables import STAGES, json_list  # noqa: E402
 from barkbench.tables import variant_order as _variant_order  # noqa: E402
 
 DPI = 110
@@ -31,23 +29,14 @@ def variant_order(variants, baseline=None):
     return _variant_order(variants, baseline)
 
 
-def json_list(row, column):
-    val = row[column]
-    return json.loads(val) if isinstance(val, str) and val else []
-
-
 def _save(fig, path: Path) -> Path:
-    """Save atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    """Render the PNG, then write it atomically (`results.write_atomic`)."""
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, png.getvalue())
     return path
 
 
@@ -99,17 +88,27 @@ def _barh(ax, sub, values, xerr=None, color=None):
     ax.invert_yaxis()
 
 
-def latency_figure(runs: pd.DataFrame, path) -> Path:
-    """Latency per variant (geometric mean over its processes), one panel per batch size. Error bars: its t
-    interval on the run's pooled between-process variance, else the range min-max of the calls (hatched)."""
+def _per_batch_figure(runs: pd.DataFrame, path, title: str, draw: Callable) -> Path:
+    """One panel per hardware·model and batch size of the ok runs, `draw(ax, runs of the panel)` filling each
+    panel that has runs (a "no data" figure when none is ok)."""
     path, ok = Path(path), _ok(runs)
     if ok.empty:
-        return _no_data(path, "Latency per variant")
+        return _no_data(path, title)
     fig, panels = _panels(ok)
-    for ax, sub, title in panels:
+    for ax, sub, panel_title in panels:
         if sub.empty:
             ax.set_axis_off()
             continue
+        draw(ax, sub)
+        ax.set_title(panel_title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latency_figure(runs: pd.DataFrame, path) -> Path:
+    """Latency per variant (geometric mean over its processes), one panel per batch size. Error bars: its t
+    interval on the run's pooled between-process variance, else the range min-max of the calls (hatched)."""
+    def draw(ax, sub):
         med = sub["latency_gmean"].to_numpy(float)
         has_ci = sub["latency_ci_low"].notna().to_numpy()
         low = np.where(has_ci, sub["latency_ci_low"].to_numpy(float), sub["latency_min"].to_numpy(float))
@@ -119,27 +118,18 @@ def latency_figure(runs: pd.DataFrame, path) -> Path:
             if not ci:
                 patch.set_hatch("//")
         ax.set_xlabel("latency per generate call, s (geometric mean over processes)")
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+
+    return _per_batch_figure(runs, path, "Latency per variant", draw)
 
 
 def memory_figure(runs: pd.DataFrame, path) -> Path:
     """Peak memory per variant (CUDA peak allocated on GPU, peak RSS on CPU), one panel per batch size."""
-    path, ok = Path(path), _ok(runs)
-    if ok.empty:
-        return _no_data(path, "Peak memory per variant")
-    fig, panels = _panels(ok)
-    for ax, sub, title in panels:
-        if sub.empty:
-            ax.set_axis_off()
-            continue
+    def draw(ax, sub):
         _barh(ax, sub, sub["peak_memory_mb"].to_numpy(float), color=sns.color_palette()[1])
         kinds = ", ".join(sorted(str(k).replace("_", " ") for k in sub["memory_kind"].dropna().unique()))
         ax.set_xlabel(f"peak memory, MB ({kinds})")
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+
+    return _per_batch_figure(runs, path, "Peak memory per variant", draw)
 
 
 def throughput_figure(runs: pd.DataFrame, path) -> Path:

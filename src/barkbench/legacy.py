@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import venv
 from pathlib import Path
+
+from .cache import build_dir, cache_dir
 
 LEGACY_MAJOR = 4  # transformers major version of the 2023 stack
 PREFIX = "legacy+"  # variants run on the 2023 stack are named legacy+<optimizations>
@@ -43,10 +43,25 @@ def is_legacy_variant(variant: str) -> bool:
     return variant.startswith(PREFIX)
 
 
+def stack_baseline(baseline: str) -> str:
+    """The baseline on the 2023 stack (legacy+eager for eager)."""
+    return PREFIX + baseline
+
+
 def baseline_for(variant: str, baseline: str) -> str:
     """A legacy variant is compared with the baseline on its own stack (legacy+eager for eager): the
     fidelity check loads both models in one process, so both must run in the same interpreter."""
-    return PREFIX + baseline if is_legacy_variant(variant) else baseline
+    return stack_baseline(baseline) if is_legacy_variant(variant) else baseline
+
+
+# A 2023 optimization -> what replaces it on today's stack (BetterTransformer's Bark attention is SDPA).
+SUCCESSOR = {"bt": "sdpa"}
+
+
+def today_counterpart(optimizations: frozenset) -> frozenset:
+    """The optimizations of a legacy variant on today's stack (legacy dropped, each 2023 optimization replaced by
+    its successor)."""
+    return frozenset(SUCCESSOR.get(o, o) for o in optimizations if o != "legacy")
 
 
 def from_pretrained_kwargs(kwargs: dict) -> dict:
@@ -97,8 +112,6 @@ def pins_hash(requirements: str | Path) -> str:
 
 
 def env_dir(requirements: str | Path, root: str | Path | None = None) -> Path:
-    from .models import cache_dir
-
     return Path(root or cache_dir()) / "envs" / f"legacy-{pins_hash(requirements)}"
 
 
@@ -112,22 +125,14 @@ def build_env(requirements: str | Path, root: str | Path | None = None) -> dict:
     used; a finished one is reused (runs use `python -m`, so the renamed venv needs no fixing up)."""
     target = env_dir(requirements, root)
     started = time.perf_counter()
-    built = False
-    if not (target / COMPLETE).exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
-            staged = Path(tmp) / "env"
-            venv.create(staged, with_pip=True, clear=True)
-            subprocess.run([str(env_python(staged)), "-m", "pip", "install", "--disable-pip-version-check",
-                            "--no-input", "-r", str(Path(requirements).resolve())], check=True,
-                           stdout=sys.stderr)
-            (staged / COMPLETE).write_text("\n".join(pins(requirements)) + "\n")
-            try:
-                os.replace(staged, target)
-                built = True
-            except OSError:  # another process finished first
-                if not (target / COMPLETE).exists():
-                    raise
+
+    def build(staged: Path) -> None:
+        venv.create(staged, with_pip=True, clear=True)
+        subprocess.run([str(env_python(staged)), "-m", "pip", "install", "--disable-pip-version-check",
+                        "--no-input", "-r", str(Path(requirements).resolve())], check=True, stdout=sys.stderr)
+        (staged / COMPLETE).write_text("\n".join(pins(requirements)) + "\n")
+
+    built = build_dir(target, build, COMPLETE)
     freeze = subprocess.run([str(env_python(target)), "-m", "pip", "freeze", "--all"], check=True,
                             capture_output=True, text=True).stdout.split()
     return {"env": str(target), "python": str(env_python(target)), "pins_hash": pins_hash(requirements),

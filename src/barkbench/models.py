@@ -9,14 +9,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .results import slug  # noqa: F401  (re-exported: the workflow names result folders with it)
+from .cache import build_dir, cache_dir
+from .legacy import from_pretrained_kwargs as spelled_for_this_stack
 
 HUB_MODELS = {"suno/bark-small": "bark-small", "suno/bark": "bark"}
 SYNTHETIC_PREFIX = "synthetic:"
@@ -81,17 +80,10 @@ class LoadedModel:
     model: object
     processor: object
     source: ModelSource
-    info: dict = field(default_factory=dict)
 
 
 def known_models() -> list[str]:
     return sorted(HUB_MODELS) + [SYNTHETIC_PREFIX + a for a in ARCHITECTURES]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("BARKBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "barkbench")
-    return Path(root)
 
 
 def synthetic_config(arch_name: str):
@@ -139,12 +131,9 @@ def build_synthetic(arch_name: str, root: Path | None = None) -> Path:
 
     if arch_name not in ARCHITECTURES:
         raise ModelSourceError(f"unknown synthetic architecture {arch_name!r}; known: {', '.join(ARCHITECTURES)}")
-    root = Path(root or cache_dir())
-    target = root / f"synthetic-{arch_name}-seed{SYNTHETIC_SEED}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+    target = Path(root or cache_dir()) / f"synthetic-{arch_name}-seed{SYNTHETIC_SEED}"
+
+    def build(staged: Path) -> None:
         torch.manual_seed(SYNTHETIC_SEED)
         model = BarkModel(synthetic_config(arch_name))
         # As in the hub's generation_config.json: a plain GenerationConfig carrying the sub-configs,
@@ -153,18 +142,10 @@ def build_synthetic(arch_name: str, root: Path | None = None) -> Path:
             semantic_config=SEMANTIC_GENERATION, coarse_acoustics_config=COARSE_GENERATION,
             fine_acoustics_config=FINE_GENERATION, sample_rate=24_000, codebook_size=1024,
         )
-        model.save_pretrained(tmp)
-        BarkProcessor(tokenizer=synthetic_tokenizer()).save_pretrained(tmp)
-        staged = Path(tmp) / "checkpoint"
-        staged.mkdir()
-        for item in list(Path(tmp).iterdir()):
-            if item != staged:
-                shutil.move(str(item), staged / item.name)
-        try:
-            os.replace(staged, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
+        model.save_pretrained(staged)
+        BarkProcessor(tokenizer=synthetic_tokenizer()).save_pretrained(staged)
+
+    build_dir(target, build, complete="config.json")
     return target
 
 
@@ -235,13 +216,11 @@ def load(source: ModelSource, **from_pretrained_kwargs) -> LoadedModel:
     """Load model and processor through `from_pretrained`, whatever the source."""
     from transformers import AutoProcessor, BarkModel
 
-    from .legacy import from_pretrained_kwargs as spelled_for_this_stack
-
     path = source.path or str(build_synthetic(source.architecture))
     model = BarkModel.from_pretrained(path, **spelled_for_this_stack(from_pretrained_kwargs))
     model.eval()
     processor = AutoProcessor.from_pretrained(path)
-    return LoadedModel(model, processor, source, {"path_kind": source.weights})
+    return LoadedModel(model, processor, source)
 
 
 def materialize(model: torch.nn.Module) -> None:

@@ -1,8 +1,8 @@
 """The measurement protocol: one dataclass, defaults of the 2023 study.
 
 The dataclass is the single source of truth for the protocol fields: each field's metadata holds its
-help text and its JSON-schema constraints, from which come the validation (`__post_init__`), the JSON
-schema (`Protocol.json_schema`, injected into the run schema and the workflow config schema) and the
+help text and its JSON-schema constraints, from which come the JSON schema (`Protocol.json_schema`, by which
+`__post_init__` validates with jsonschema, injected into the run schema and the workflow config schema) and the
 command-line options (`cli.add_protocol_args`).
 
 Timed calls: at least `min_iterations`, at most `max_iterations`; after `min_iterations`, no new call
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .validation import errors as errors_of
 
 # The 2023 study's prompts (its single prompt first, then its batch examples), extended so a batch
 # of 8 gets distinct prompts; cycled when the batch is larger.
@@ -69,8 +71,9 @@ class Protocol:
                                 flag="--prompt", type="array", items={"type": "string"}, minItems=1)
 
     def __post_init__(self):
-        for f in fields(self):
-            _check(f.name.replace("_", "-"), getattr(self, f.name), f.metadata["schema"])
+        problem = _first_problem(self.to_dict(), self.json_schema())
+        if problem:
+            raise ValueError(problem)
         if self.max_iterations < self.min_iterations:
             raise ValueError(f"max-iterations must be >= min-iterations (got {self.max_iterations} < "
                              f"{self.min_iterations})")
@@ -100,26 +103,36 @@ class Protocol:
         return asdict(self)
 
 
-_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "string": str, "array": list}
+def _first_problem(values: dict, schema: dict) -> str | None:
+    """What is wrong with the first field (in the dataclass's order) that does not fit `schema`, naming its CLI
+    option, or None. Checked by jsonschema; numbers must be finite, as JSON's are (it has no NaN or infinity)."""
+    order = list(schema["properties"])
+    for name in order:
+        value = values[name]
+        if schema["properties"][name]["type"] == "number" and isinstance(value, float) and not math.isfinite(value):
+            return f"{_option(name)} must be a finite number (got {value})"
+    errors = errors_of(values, schema, strict_integers=True)
+    if not errors:
+        return None
+    error = min(errors, key=lambda e: order.index(e.absolute_path[0]) if e.absolute_path else -1)
+    if not error.absolute_path:
+        return error.message
+    name, value, limit = _option(error.absolute_path[0]), error.instance, error.validator_value
+    if error.validator == "enum":
+        limit = ", ".join(map(str, limit))
+    template = _MESSAGES.get(error.validator, "{name}: {message}")
+    return template.format(name=name, value=value, limit=limit, message=error.message)
 
 
-def _check(name: str, value, schema: dict) -> None:
-    """The subset of JSON Schema the protocol fields use; raises ValueError naming the CLI option."""
-    kind = schema["type"]
-    if not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "boolean"):
-        raise ValueError(f"{name} must be of type {kind} (got {value!r})")
-    if kind == "number" and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number (got {value})")
-    if "minimum" in schema and not value >= schema["minimum"]:
-        raise ValueError(f"{name} must be >= {schema['minimum']} (got {value})")
-    if "exclusiveMinimum" in schema and not value > schema["exclusiveMinimum"]:
-        raise ValueError(f"{name} must be > {schema['exclusiveMinimum']} (got {value})")
-    if "maximum" in schema and not value <= schema["maximum"]:
-        raise ValueError(f"{name} must be <= {schema['maximum']} (got {value})")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ValueError(f"{name} must be one of {', '.join(schema['enum'])} (got {value!r})")
-    if kind == "array":
-        if len(value) < schema.get("minItems", 0):
-            raise ValueError(f"{name} needs at least {schema['minItems']} item(s)")
-        for item in value:
-            _check(name, item, schema["items"])
+_MESSAGES = {  # what a field's jsonschema error says, in the words of the command line
+    "type": "{name} must be of type {limit} (got {value!r})",
+    "minimum": "{name} must be >= {limit} (got {value})",
+    "exclusiveMinimum": "{name} must be > {limit} (got {value})",
+    "maximum": "{name} must be <= {limit} (got {value})",
+    "enum": "{name} must be one of {limit} (got {value!r})",
+    "minItems": "{name} needs at least {limit} item(s)",
+}
+
+
+def _option(field_name: str) -> str:
+    return field_name.replace("_", "-")

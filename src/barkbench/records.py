@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import results, stats
 from .layout import RESERVED
+from .validation import first_error
 
 
 class ResultError(ValueError):
@@ -33,10 +34,7 @@ def _check(data, schema: dict, where: str) -> None:
     if data.get("schema_version") != expected:
         raise ResultError(f"{where}: schema_version {data.get('schema_version')!r}, this barkbench reads "
                           f"{expected}: re-run it (or delete it) with this version")
-    package = results.jsonschema()
-    from jsonschema.exceptions import best_match
-
-    error = best_match(package.Draft202012Validator(schema).iter_errors(data))
+    error = first_error(data, schema)
     if error is not None:
         at = ".".join(str(p) for p in error.absolute_path) or "top level"
         raise ResultError(f"{where}: not a valid {schema['title'].split(':')[0]} ({at}: {error.message[:200]})")
@@ -229,6 +227,15 @@ class _Record:
     def to_dict(self) -> dict:
         data = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
         return {**data, **(self.extra or {})}
+
+    def update(self, **values) -> None:
+        """Set several fields at once, as a dict's update does (the job wrapper fills dicts and records alike)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(unknown)}")
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def save_json(self, path) -> None:
         data = self.to_dict()

@@ -11,40 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from . import jobs
+from .protocol import Protocol
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "not_applicable", "failed", "too_slow")
 
 
 @lru_cache(maxsize=None)
 def schema() -> dict:
     """The run schema, its `protocol` property generated from the Protocol dataclass."""
-    from .protocol import Protocol
-
     doc = json.loads(resources.files("barkbench").joinpath("schemas/run.schema.json").read_text())
     doc["properties"]["protocol"] = Protocol.json_schema()
     return doc
-
-
-def jsonschema():
-    """The jsonschema package, imported on first use: commands that validate nothing (and test collection)
-    run without it; on a machine without a package index it comes from the wheelhouse (README, GPU)."""
-    try:
-        import jsonschema as package
-    except ImportError as exc:
-        raise ImportError(f"barkbench validates results with the package 'jsonschema', not importable here ({exc}): "
-                          "pip install jsonschema, or without a package index install the wheelhouse that "
-                          "envs/gpu-wheelhouse.sh prepares (README, On a GPU node)") from None
-    return package
-
-
-def validate(result: dict) -> None:
-    jsonschema().validate(result, schema())
-
-
-def slug(model_id: str) -> str:
-    """Folder-safe name of a model id in the results layout (suno/bark-small -> suno--bark-small)."""
-    return model_id.replace("/", "--").replace(":", "--")
 
 
 def _default(obj):
@@ -75,14 +52,3 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, default=_default) + "\n").encode())
-
-
-def write_result(path, result: dict) -> None:
-    validate(result)
-    write_json(path, result)
-
-
-def load_result(path) -> dict:
-    result = json.loads(Path(path).read_text())
-    validate(result)
-    return result

@@ -15,8 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 from . import calibration, compile_counters, energy, models, provenance, results, variants
-from .protocol import DEADLINE_ENV, Protocol
+from .jobwrap import Job, failure_reason, job_time_limit, now, quiet_transformers, run_job, secs
+from .protocol import Protocol
 from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
 
-MIN_START_S = 5.0  # less than this left before the deadline: the job does not start
 COLD_CACHE = "cold (fresh per-run inductor cache)"
 
 
@@ -45,38 +44,6 @@ class RunRequest:
     fail_with: str | None = None  # inject a failure inside the run (tests, and checking a workflow goes on)
     threads: int | None = None  # None: all physical cores (schedulers often export OMP_NUM_THREADS=1)
     retry_of: str | None = None  # set by the workflow when it re-attempts a failed run
-
-
-@dataclass
-class Job:
-    """The job's clock and its time limit, counted from the start of the run."""
-    limit_s: float
-    limit_source: str  # "protocol" or "run deadline"
-    start: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def exceeded(self, where: str) -> TimeLimitExceeded:
-        source = " (run deadline)" if self.limit_source == "run deadline" else ""
-        return TimeLimitExceeded(f"time limit {_secs(self.limit_s)} s{source} reached {where}")
-
-
-def _secs(seconds: float) -> str:
-    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
-
-
-def job_time_limit(proto: Protocol, now: float) -> Job:
-    """The protocol's time limit, or what is left before $BARKBENCH_DEADLINE when that is sooner."""
-    text = os.environ.get(DEADLINE_ENV)
-    if text:
-        try:
-            left = float(text) - now
-        except ValueError:
-            raise ValueError(f"{DEADLINE_ENV} must be a Unix timestamp (got {text!r})") from None
-        if left < proto.time_limit_s:
-            return Job(left, "run deadline")
-    return Job(proto.time_limit_s, "protocol")
 
 
 @contextmanager
@@ -97,17 +64,6 @@ def cold_compile_cache():
                     os.environ[key] = value
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 def base_result(req: RunRequest, device: torch.device, variant: variants.Variant) -> RunResult:
     """The record of a run before it measures anything; the run fills it in."""
     return RunResult(
@@ -120,7 +76,7 @@ def base_result(req: RunRequest, device: torch.device, variant: variants.Variant
         git_commit=provenance.git_commit(), config_hash=req.config_hash, retry_of=req.retry_of,
         protocol=req.protocol.to_dict(), instrumented=req.instrument_stages,
         timing=None, iterations=None, summary=None, memory=None, throughput=None,
-        audio=None, started_at=_now(), finished_at=None, extra={},
+        audio=None, started_at=now(), finished_at=None, extra={},
     )
 
 
@@ -180,7 +136,7 @@ def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, de
         inputs = processor(proto.batch_prompts(), return_tensors="pt")
         inputs = {k: v.to(device) for k, v in inputs.items()}
     except TimeLimitExceeded:
-        raise job.exceeded(f"while loading the model (after {_secs(time.perf_counter() - load_start)} s)") from None
+        raise job.exceeded(f"while loading the model (after {secs(time.perf_counter() - load_start)} s)") from None
     result.variant["notes"] = ctx.notes
     # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
     try:
@@ -211,7 +167,7 @@ def warm_up(loaded: Loaded, proto: Protocol, label: str, clock: Clock, job: Job)
                 loaded.call()
         except TimeLimitExceeded:
             which = "first call" if i == 0 else f"warm-up call {i + 1} of {proto.warmup}"
-            running = _secs(time.perf_counter() - start)
+            running = secs(time.perf_counter() - start)
             raise job.exceeded(f"during warm-up/compilation ({which} still running after {running} s)") from None
     return warmup_s
 
@@ -322,7 +278,7 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
     if timed.stopped_by == "too_slow":
         n, need = len(timed.latency_s), req.protocol.min_iterations
         per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]
-        why = (f"too slow: {need} timed calls of ~{_secs(per_call)} s cannot end within the {_secs(job.limit_s)} s time "
+        why = (f"too slow: {need} timed calls of ~{secs(per_call)} s cannot end within the {secs(job.limit_s)} s time "
                f"limit; stopped after {n} timed call{'s' if n != 1 else ''}" + ("" if n else " (warm-up only)"))
         result.status, result.reason = "too_slow", why
         if not n:
@@ -338,41 +294,30 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
 def run(req: RunRequest, out_json: str | Path) -> RunResult:
     """Benchmark one model x variant x batch size and write its JSON (and WAV). Never raises for a
     failure inside the run: that is recorded as status 'failed' so other runs go on."""
-    job = job_time_limit(req.protocol, time.time())
-    _quiet_transformers()
+    job = job_time_limit(req.protocol.time_limit_s, time.time())
+    quiet_transformers()
     variant = variants.parse(req.variant)
     device = provenance.resolve_device(req.device)
     torch.set_num_threads(req.threads or psutil.cpu_count(logical=False) or os.cpu_count())
     out_json = Path(out_json)
     result = base_result(req, device, variant)
     wav = None
-    reason = variant.not_applicable_reason(device)
-    if reason:
-        result.status, result.reason = "not_applicable", reason
+
+    def work():
+        nonlocal job, wav
+        if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
+            result.hardware["calibration"] = calibration.measure()
+            job = job_time_limit(req.protocol.time_limit_s, time.time())  # the time limit is the measurement's
+        with cold_compile_cache():
+            wav = measure(req, result, variant, device, job)
+
+    def failure(exc: BaseException) -> dict:
+        return {"reason": str(exc)[:500] if isinstance(exc, TimeLimitExceeded) else failure_reason(exc),
+                "error": {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()},
+                "timing": None, "iterations": None, "summary": None, "memory": None, "throughput": None}
+
+    if not run_job(result, job, variant.not_applicable_reason(device), work, failure):
         result.model.update(_describe_source(req))
-    elif job.limit_source == "run deadline" and job.limit_s < MIN_START_S:
-        deadline = datetime.fromtimestamp(float(os.environ[DEADLINE_ENV]), timezone.utc).isoformat(timespec="seconds")
-        result.status = "failed"
-        result.reason = (f"run budget exhausted before this job started (deadline {deadline}, "
-                         f"{max(job.limit_s, 0):.0f} s left)")
-        result.model.update(_describe_source(req))
-    else:
-        try:
-            if device.type == "cpu":  # the machine's floor, on the job's threads, before the model takes memory
-                result.hardware["calibration"] = calibration.measure()
-                job = job_time_limit(req.protocol, time.time())  # the time limit is the measurement's
-            with cold_compile_cache():
-                wav = measure(req, result, variant, device, job)
-        except models.ModelSourceError:
-            raise
-        except BaseException as exc:  # OOM, kernel errors, time limit; KeyboardInterrupt excluded below
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            reason = str(exc) if isinstance(exc, TimeLimitExceeded) else f"{type(exc).__name__}: {exc}".strip()
-            result.status, result.reason = "failed", reason[:500]
-            result.error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-            result.timing = result.iterations = result.summary = result.memory = result.throughput = None
-    result.finished_at = _now()
     if wav is not None:
         wav_path = out_json.with_suffix(".wav")
         results.write_atomic(wav_path, wav)

@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats as _sps
 
 from . import calibration, layout, stats, variants
+from .legacy import PREFIX as LEGACY_PREFIX, baseline_for, stack_baseline, today_counterpart
 from .records import FidelityResult, ResultError, RunResult, hardware_folder
 
 STAGES = ("semantic", "coarse", "fine", "decode")
@@ -271,9 +272,14 @@ def variant_order(variants, baseline: str) -> list[str]:
     return head + [v for v in uniq if v not in head]
 
 
+def json_list(row, column) -> list:
+    """A list column of a table row (JSON text in the CSV; empty when missing)."""
+    val = row[column]
+    return json.loads(val) if isinstance(val, str) and val else []
+
+
 def latencies(row) -> list[float]:
-    val = row["latency_s"]
-    return [float(x) for x in json.loads(val)] if isinstance(val, str) and val else []
+    return [float(x) for x in json_list(row, "latency_s")]
 
 
 CELL = GROUP + ["variant"]
@@ -660,14 +666,6 @@ def overhead_table(plain_records, runs: pd.DataFrame, baseline: str) -> pd.DataF
 
 # ---------------------------------------------------------------- the 2023 stack vs today
 
-STACK_SUCCESSOR = {"bt": "sdpa"}  # a 2023 optimization -> what replaces it on today's stack
-
-
-def today_counterpart(optimizations: frozenset) -> frozenset:
-    """The optimizations of a legacy variant on today's stack (legacy dropped, BetterTransformer -> SDPA)."""
-    return frozenset(STACK_SUCCESSOR.get(o, o) for o in optimizations if o != "legacy")
-
-
 def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | None = None,
                  reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """The study's rows on its own stack (legacy+...) beside today's counterparts, per hardware, model and
@@ -681,7 +679,7 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
                     "speedup_today", "published_pct", "differs", "note"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
-    legacy_base = "legacy+" + baseline
+    legacy_base = stack_baseline(baseline)
     published = {}
     if reference is not None and published_to_ours:
         for (src, bs), g in reference.groupby(["source", "batch_size"], sort=False):
@@ -702,7 +700,7 @@ def stacks_table(runs: pd.DataFrame, baseline: str, published_to_ours: dict | No
         for v in legacy_vs:
             match = [t for t in today_vs if opts[t] == today_counterpart(opts[v])]
             what = ("eager on both stacks: what the library versions changed" if v == legacy_base
-                    else f"{v.removeprefix('legacy+')} (2023) vs {match[0]} (today)" if match else "")
+                    else f"{v.removeprefix(LEGACY_PREFIX)} (2023) vs {match[0]} (today)" if match else "")
             pairs.append((what, v, match[0] if match else None))
         fastest = {name: vs[int(np.argmin(ok.loc[vs, "latency_gmean"]))] if vs else None
                    for name, vs in (("2023", [v for v in legacy_vs if v in ok.index]),
@@ -753,8 +751,6 @@ def _same_stack(cell_versions: str, fid_versions: str) -> bool:
 def with_fidelity(rel: pd.DataFrame, cells: pd.DataFrame, fidelity: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """The relative table with each row's fidelity verdict ("within", "outside", "failed", "not checked"),
     joined like for like: same hardware, model, weights, checkpoint, baseline and library versions."""
-    from .legacy import baseline_for
-
     rel = rel.copy()
     verdicts = []
     per_record = fidelity.drop_duplicates(["hardware", "model", "variant"]) if len(fidelity) else fidelity
