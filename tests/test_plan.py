@@ -138,7 +138,7 @@ def test_validation_fills_the_schemas_defaults():
     assert config["offline_fallback"] == "synthetic"
     assert config["results"] == "results" and config["replicates"] == 2 and config["schedule_seed"] == 0
     assert config["run_budget_min"] == {"cpu": None, "cuda": None}
-    assert config["fidelity"] == {"enabled": False, "tokens": 32}  # nested: a given value is kept
+    assert config["fidelity"] == {"enabled": False, "tokens": 32, "faults": True, "fault_tokens": 8}  # a given value kept
 
 
 # ---------------------------------------------------------------- variants: one spelling, from the registry
@@ -287,11 +287,14 @@ def test_the_declared_files(smoke):
     assert runs[0] == f"{smoke['results']}/{HARDWARE}/synthetic--tiny/eager/bs1/rep1.json"
     assert runs[1] == f"{smoke['results']}/{HARDWARE}/synthetic--tiny/eager/bs1/rep2.json"  # the last wildcard fastest
     assert {folder(r) for r in runs} == {HARDWARE, "gpu-other"} and len(runs) == len(set(runs))
-    assert sum(f"/{layout.CONTROL_DIR}/" in r for r in p.run_jsons([HARDWARE])) == 2 * smoke["replicates"]
+    assert sum(f"/{layout.CONTROL_DIR}/" in r for r in p.run_jsons([HARDWARE])) == len(p.batch_sizes) * smoke["replicates"]
     fidelity = p.fidelity_jsons([HARDWARE])
     assert [f.rsplit("/", 1)[1] for f in fidelity] == ["sdpa.json", "bf16.json", "fp16.json"]  # not the baseline
     assert p.overhead_jsons([HARDWARE]) == [f"{smoke['results']}/{HARDWARE}/synthetic--tiny/overhead/eager/bs1.json"]
+    assert p.faults_jsons([HARDWARE]) == [f"{smoke['results']}/{HARDWARE}/synthetic--tiny/faults.json"]
     assert {folder(d) for d in p.declared()} == {HARDWARE}
+    smoke["fidelity"]["faults"] = False
+    assert p.faults_jsons() == [] and p.fidelity_jsons()
     smoke["fidelity"]["enabled"] = False
     assert p.fidelity_jsons() == []
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import jsonschema
 import yaml
 
-from . import confighash, jobs, layout, legacy, variants
+from . import confighash, jobs, layout, legacy, validation, variants
 from .protocol import DEADLINE_ENV, Protocol
 from .records import FidelityResult, ResultError, RunResult
 
@@ -113,8 +113,7 @@ def validate(config: dict, schema_path: str) -> None:
         checks[f"protocol.{device}"] = (config["protocol"][device], [*SAMPLING, *PER_RUN])
     for where, (block, exclude) in checks.items():
         # The protocol's fields and their constraints live in barkbench.protocol.Protocol, not in the config schema.
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(Protocol.json_schema(exclude=exclude)).iter_errors(block))
+        error = validation.first_error(block, Protocol.json_schema(exclude=exclude))
         if error is not None:
             at = ".".join([where, *map(str, error.absolute_path)])
             raise PlanError(f"config: {at}: {error.message[:300]}")
