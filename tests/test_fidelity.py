@@ -430,6 +430,22 @@ def test_the_suite_record_reaches_the_report_with_its_separation(fault_suite, tm
         faults_table([wrong], root)
 
 
+def test_the_suite_stops_at_the_runs_deadline_and_says_what_it_did_not_run(tiny_checkpoint, tmp_path, monkeypatch):
+    from barkbench import faults, layout
+    from barkbench.fragments import faults_md
+    from barkbench.protocol import DEADLINE_ENV
+    from barkbench.tables import faults_table
+
+    monkeypatch.setenv(DEADLINE_ENV, str(__import__("time").time() - 1.0))  # the run's budget already spent
+    out = tmp_path / "results" / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
+    faults.main([TINY, "--tokens", str(TOKENS), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == [c.name for c in faults.CASES]
+    assert all(r["not_run"] == "run budget exhausted" and r["caught"] is None for r in rows)
+    md = faults_md(faults_table([out], tmp_path / "results"))
+    assert "not run, the run's budget spent" in md and "| not run |" in md and "MISSED" not in md
+
+
 # --- the recorded job --------------------------------------------------------------------------------
 
 def _run(variant, tmp_path):

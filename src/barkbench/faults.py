@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attention, fidelity, models, references, variants
+from .jobwrap import job_time_limit, now
 
 
 def _quantized_linears(model):
@@ -212,10 +213,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def record(model, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> dict:
     """The suite's result as a JSON-able record with its provenance; a decisive divergence (infinitely far
     outside) is written as distance null with `diverged` true."""
@@ -226,11 +223,15 @@ def record(model, device: torch.device, tokens: int, rows: list[dict], started_a
             "device": device.type, "tokens": tokens,
             "inputs": "the check's own prompts and inputs (seed 0); limits calibrated on seed 1",
             "hardware": provenance.hardware(device), "versions": provenance.versions(),
-            "git_commit": provenance.git_commit(), "started_at": started_at, "finished_at": _now(),
-            "rows": [{"case": r["case"], "variant": r["variant"], "fault": r["fault"], "caught": r["caught"],
-                      "named": r["named"], "diverged": math.isinf(r["distance"]),
+            "git_commit": provenance.git_commit(), "started_at": started_at, "finished_at": now(),
+            "rows": [{"case": r["case"], "variant": r["variant"], "fault": r["fault"], "not_run": None,
+                      "caught": r["caught"], "named": r["named"], "diverged": math.isinf(r["distance"]),
                       "distance": None if math.isinf(r["distance"]) else r["distance"],
-                      "first_violation": r["violations"][0] if r["violations"] else None} for r in rows]}
+                      "first_violation": r["violations"][0] if r["violations"] else None}
+                     if "not_run" not in r else
+                     {"case": r["case"], "variant": r["variant"], "fault": r["fault"], "not_run": r["not_run"],
+                      "caught": None, "named": None, "diverged": False, "distance": None, "first_violation": None}
+                     for r in rows]}
 
 
 def main(argv=None) -> None:
@@ -241,15 +242,22 @@ def main(argv=None) -> None:
     parser.add_argument("--offline-fallback", choices=["synthetic"], default=None,
                         help="a hub model that cannot be reached runs as its synthetic twin")
     args = parser.parse_args(argv)
-    started = _now()
+    started = now()
+    job = job_time_limit(math.inf, time.time())  # the run's deadline, when the workflow set one
     source, device = models.resolve(args.model, args.offline_fallback), torch.device("cpu")
     base = fidelity._load(source, variants.parse("eager"), device)
-    rows = []
+    rows, longest = [], 0.0
     for case in tqdm(CASES, desc="cases"):
+        if job.limit_s - job.elapsed() < longest:  # the next case would not end before the run's deadline: the rest are said, not run
+            rows.append({"case": case.name, "variant": case.variant, "fault": case.fault,
+                         "not_run": "run budget exhausted"})
+            continue
         torch._dynamo.reset()
+        t0 = time.perf_counter()
         rows.append(judge(source, case, device, args.tokens, base))
+        longest = max(longest, time.perf_counter() - t0)
     print(f"Fault suite on {args.model} (cpu, check inputs seed 0; limits calibrated on seed 1):\n")
-    print(table(rows))
+    print(table([r for r in rows if "not_run" not in r]))
     if args.out:
         import json
 

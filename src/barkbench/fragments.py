@@ -684,17 +684,22 @@ def faults_md(faults: pd.DataFrame) -> str:
              "*Largest measure / limit*: below 1 within, above 1 outside; ∞ where a free-running path diverged at a "
              "decisive step."]
     for (hw, model), g in faults.groupby(["hardware", "model"], sort=False):
-        missed = g[g["fault"] & ~g["caught"]]["case"].tolist()
-        failing = g[~g["fault"] & g["caught"]]["case"].tolist()
-        verdict = ("every fault caught, every correct variant within" if not missed and not failing else
-                   "; ".join([f"**missed: {', '.join(map(md_escape, missed))}**"] * bool(missed)
-                             + [f"**correct but outside: {', '.join(map(md_escape, failing))}**"] * bool(failing)))
+        ran = g["not_run"].isna() if "not_run" in g else pd.Series(True, index=g.index)
+        missed = g[ran & g["fault"] & (g["caught"] == False)]["case"].tolist()  # noqa: E712 (a column of objects)
+        failing = g[ran & ~g["fault"] & (g["caught"] == True)]["case"].tolist()  # noqa: E712
+        skipped = g[~ran]["case"].tolist()
+        verdict = ("; ".join([f"**missed: {', '.join(map(md_escape, missed))}**"] * bool(missed)
+                             + [f"**correct but outside: {', '.join(map(md_escape, failing))}**"] * bool(failing))
+                   or "every fault caught, every correct variant within")
+        if skipped:
+            verdict += f" (of the cases run; not run, the run's budget spent: {', '.join(map(md_escape, skipped))})"
         table = pd.DataFrame({
             "case": g["case"].map(md_escape), "variant": g["variant"].map(md_escape),
             "kind": g["fault"].map(lambda f: "fault" if f else "correct"),
-            "largest measure / limit": ["∞" if d else f"{x:.3g}" for d, x in zip(g["diverged"], g["distance"])],
-            "verdict": [("caught" if c else "**MISSED**") if f else ("**outside**" if c else "within")
-                        for f, c in zip(g["fault"], g["caught"])],
+            "largest measure / limit": ["∞" if d else f"{x:.3g}" if isnum(x) else "–"
+                                        for d, x in zip(g["diverged"], g["distance"])],
+            "verdict": ["not run" if not r else ("caught" if c else "**MISSED**") if f else ("**outside**" if c else "within")
+                        for r, f, c in zip(ran, g["fault"], g["caught"])],
             "first violation": g["first_violation"].map(lambda v: md_escape(v[:100]) if isinstance(v, str) else ""),
         })
         first = g.iloc[0]

@@ -37,7 +37,7 @@ rule faults:
         args=lambda wc: ["--tokens", str(config["fidelity"]["fault_tokens"])]
         + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
         python=JOB_PYTHON,
-    priority: FIDELITY_PRIORITY
+    priority: 0  # after every round: when the run's budget runs out, its remaining cases are said, not run
     threads: EXCLUSIVE
     resources:
         mem_mb=mem_mb,
