@@ -435,10 +435,10 @@ def test_an_optimization_that_compiles_gets_its_compile_counters(tiny_checkpoint
         result = runner.run(_request(f"sdpa+{name}", _protocol(max_iterations=2, do_sample=False)), tmp_path / "a.json")
     finally:
         del variants.REGISTRY[name]
-    assert result["status"] == "ok", result["reason"]
-    assert result["compiled"]["recompiles_timed"] == 0  # counted; nothing was compiled
+    assert result.status == "ok", result.reason
+    assert result.extra["compiled"]["recompiles_timed"] == 0  # counted; nothing was compiled
     plain = runner.run(_request("sdpa", _protocol(max_iterations=2, do_sample=False)), tmp_path / "b.json")
-    assert plain["status"] == "ok" and "compiled" not in plain
+    assert plain.status == "ok" and "compiled" not in plain.extra
 
 
 def test_time_limit_outside_the_main_thread_is_not_armed():

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
-import jsonschema
 import yaml
 
 from . import confighash, jobs, layout, legacy, validation, variants
@@ -84,7 +83,7 @@ def _filling_defaults(validator_class):
                 instance.setdefault(name, sub["default"])
         yield from check_properties(validator, props, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": properties})
+    return validation.jsonschema().validators.extend(validator_class, {"properties": properties})
 
 
 def _first_error(validator, instance) -> None:
@@ -100,7 +99,7 @@ def validate(config: dict, schema_path: str) -> None:
     `Protocol`'s own schema."""
     with open(schema_path, encoding="utf-8") as handle:
         schema = yaml.safe_load(handle)
-    _first_error(_filling_defaults(jsonschema.Draft202012Validator)(schema), config)
+    _first_error(_filling_defaults(validation.jsonschema().Draft202012Validator)(schema), config)
     for device, sizes in config["batch_sizes"].items():
         if any(not isinstance(b, int) or isinstance(b, bool) for b in sizes):  # JSON Schema takes 1.0 as integer
             raise PlanError(f"config: batch_sizes.{device}: {sizes} must be whole numbers written as such, e.g. [1, 8]")
