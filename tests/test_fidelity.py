@@ -374,12 +374,24 @@ def fault_suite(tiny_checkpoint):
 
     source = models.resolve(TINY)
     base = fidelity._load(source, variants.parse("eager"), torch.device("cpu"))
-    rows = {}
-    for case in faults.CASES:
+    rows, kept = {}, {}
+    for case in faults.CASES:  # as `python -m barkbench.faults` runs them: each format's reference kept
         torch._dynamo.reset()
-        rows[case.name] = faults.judge(source, case, torch.device("cpu"), TOKENS, base)
+        rows[case.name] = faults.judge(source, case, torch.device("cpu"), TOKENS, base, kept)
     print("\n" + faults.table(list(rows.values())))  # the separation (pytest -s)
     return rows
+
+
+@pytest.mark.parametrize("name", ["int8: activation quantized twice", "exact: one op (fine lm_heads[3], codebook 4) in bf16"])
+def test_a_case_judged_alone_measures_as_in_the_suite(fault_suite, name):
+    """What the suite keeps from earlier cases (the reference, its limits, its side of the measures) changes
+    nothing: the case judged alone, from a fresh reference, gives the same distance and violations."""
+    from barkbench import faults
+
+    case = next(c for c in faults.CASES if c.name == name)
+    alone = faults.judge(models.resolve(TINY), case, torch.device("cpu"), TOKENS)
+    assert alone["distance"] == fault_suite[name]["distance"]
+    assert alone["violations"] == fault_suite[name]["violations"]
 
 
 @pytest.mark.parametrize("name", [c.name for c in __import__("barkbench.faults").faults.CASES])
@@ -415,7 +427,7 @@ def test_the_suite_record_reaches_the_report_with_its_separation(fault_suite, tm
     path = root / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
     path.parent.mkdir(parents=True)
     rows = list(fault_suite.values())
-    path.write_text(json.dumps(faults.record(TINY, torch.device("cpu"), TOKENS, rows, "t0")))
+    faults.record(TINY, torch.device("cpu"), TOKENS, rows, "t0").save_json(path)
     table = faults_table([path], root)
     assert list(table["case"]) == [r["case"] for r in rows] and set(table["hardware"]) == {"cpu-test"}
     md = faults_md(table)
@@ -426,8 +438,13 @@ def test_the_suite_record_reaches_the_report_with_its_separation(fault_suite, tm
     wrong = root / layout.FAULTS.format(hardware="cpu-test", model="another--model")
     wrong.parent.mkdir(parents=True)
     wrong.write_text(path.read_text())
-    with pytest.raises(ResultError, match="another--model/faults.json: not the fault suite"):
+    with pytest.raises(ResultError, match="another--model/faults.json: holds the fault suite of synthetic:tiny, not "
+                                          "what its place"):
         faults_table([wrong], root)
+    truncated = root / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
+    truncated.write_text(path.read_text()[:200])
+    with pytest.raises(ResultError, match="faults.json: not valid JSON"):  # a typed record, read as the others
+        faults_table([truncated], root)
 
 
 def test_the_suite_stops_at_the_runs_deadline_and_says_what_it_did_not_run(tiny_checkpoint, tmp_path, monkeypatch):

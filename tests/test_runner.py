@@ -630,3 +630,28 @@ def test_clock_measure_appends_seconds():
     with clock.measure(sink):
         pass
     assert len(sink) == 2 and all(isinstance(x, float) and x >= 0 for x in sink)
+
+
+@pytest.mark.parametrize("probed_call_s,stops", [(1e-4, True), (1e4, False)])
+def test_a_variant_that_cannot_pay_off_here_stops_after_a_warm_up_slower_than_the_baseline(
+        tiny_checkpoint, tmp_path, monkeypatch, probed_call_s, stops):
+    """On a CPU without native bf16 (its features made so), bf16 whose warm-up call is slower than the run's probe
+    of the baseline is not timed further: too_slow, its warm-up kept, saying why; faster than it, it is timed."""
+    import json
+
+    from barkbench.protocol import BASELINE_CALL_ENV
+
+    monkeypatch.setattr(runner.provenance, "cpu_features", lambda: ["avx2"])
+    monkeypatch.setenv(BASELINE_CALL_ENV, json.dumps({TINY: [probed_call_s, 1]}))
+    result = runner.run(_request("sdpa+bf16", _protocol(min_iterations=2, max_iterations=2, do_sample=False)),
+                        tmp_path / "bf16.json")
+    if stops:
+        assert result.status == "too_slow" and result.timing.stopped_by == "too_slow"
+        assert result.reason.startswith("too slow here: bf16 needs avx512_bf16 or amx_bf16 to pay off on a CPU")
+        assert "the baseline's (the run's probe): not timed further" in result.reason
+        assert result.iterations is None and len(result.timing.warmup_s) == 1
+    else:
+        assert result.status == "ok" and len(result.iterations.latency_s) == 2
+    monkeypatch.setenv(BASELINE_CALL_ENV, json.dumps({"synthetic:bark": [probed_call_s, 1]}))  # another model's
+    assert runner.run(_request("sdpa+bf16", _protocol(min_iterations=1, max_iterations=1, do_sample=False)),
+                      tmp_path / "other.json").status == "ok"

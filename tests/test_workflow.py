@@ -199,6 +199,10 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert html.count("data:image/png;base64") >= 6
     runs = sorted(results.glob("*/synthetic--tiny/*/bs*/rep*.json")) + sorted(
         results.glob("*/synthetic--tiny/repro/*/*.json"))
+    # the probe's estimate, said at start and kept job by job beside the results
+    assert "barkbench: probe of" in out.stderr and "the run ends in about" in out.stderr
+    planned = _json(next(results.glob("*/estimate.json")))
+    assert {str(p.relative_to(work)) for p in runs} <= {j["path"] for j in planned["jobs"] if j["kind"] == "run"}
     ok_cells = {p.parent for p in runs if _json(p)["status"] == "ok" and "repro" not in p.parts}
     assert ok_cells and len(re.findall(r"<audio[^>]*src=\"data:audio", html)) == len(ok_cells)  # one per cell
     assert "not applicable on cpu" in html

@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--job-shell-pid", type=int, default=None, help=argparse.SUPPRESS)  # the workflow's job ($$)
     add_protocol_args(run)
 
+    probe = sub.add_parser("probe", help="time a job's start, a model load and one call here; print them as JSON "
+                                         "(the run's estimate, barkbench.estimate)")
+    probe.add_argument("--model", required=True)
+    probe.add_argument("--variant", default="eager")
+    probe.add_argument("--device", default="auto")
+    probe.add_argument("--offline-fallback", choices=["synthetic"], default=None)
+    probe.add_argument("--threads", type=_positive("threads"), default=None)
+    probe.add_argument("--config-hash", default=None, help=argparse.SUPPRESS)  # a run's arguments, as they are
+    add_protocol_args(probe)
+
     hw = sub.add_parser("hardware", help="print this machine's hardware id and device type as JSON")
     hw.add_argument("--device", default="auto")
 
@@ -155,6 +165,22 @@ def main(argv=None) -> int:
                                     retry_of=args.retry_of), args.out)
             detail = f"median {result.summary.latency_s.median:.3f} s" if result.summary else result.reason
             print(f"{args.variant} bs{protocol.batch_size}: {result.status} ({detail})", file=sys.stderr)
+            return 0
+        if args.command == "probe":
+            import json
+
+            import psutil
+            import torch
+
+            from .estimate import measure_probe
+            from .jobwrap import quiet_transformers
+            from .runner import RunRequest
+
+            quiet_transformers()
+            torch.set_num_threads(args.threads or psutil.cpu_count(logical=False) or os.cpu_count())
+            req = RunRequest(args.model, args.variant, protocol_from(args), device=args.device,
+                             offline_fallback=args.offline_fallback)
+            print(json.dumps(measure_probe(req)))
             return 0
         if args.command == "hardware":
             import json

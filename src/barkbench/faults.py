@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from . import attention, fidelity, models, references, variants
 from .jobwrap import job_time_limit, now
+from .records import FaultSuite
+
+FAULTS_SCHEMA_VERSION = 1
 
 
 def _quantized_linears(model):
@@ -207,8 +210,9 @@ def _distance(limits, report) -> float:
     return worst
 
 
-def judge(source, case: Case, device: torch.device, tokens: int = 8, base=None) -> dict:
-    """Load the case's variant as the check does, apply its fault, and judge it as `run_fidelity` does."""
+def judge(source, case: Case, device: torch.device, tokens: int = 8, base=None, kept: dict | None = None) -> dict:
+    """Load the case's variant as the check does, apply its fault, and judge it as `run_fidelity` does. `kept`: the
+    reference simulation of each number format, its limits and its side of the measures, from earlier cases."""
     variant = variants.parse(case.variant)
     base = base or fidelity._load(source, variants.parse("eager"), device)
     _baseline_weights.clear()
@@ -216,17 +220,19 @@ def judge(source, case: Case, device: torch.device, tokens: int = 8, base=None) 
     candidate = fidelity._load(source, variant, device)
     if case.perturb:
         case.perturb(candidate.model)
-    formats = variant.reference_formats
-    reference = references.simulate(base.model, formats)
-    layers = None
-    if formats:
-        logits = [fidelity.teacher_forced_logits(m, device) for m in (base.model, reference)]
-        cost = {k: fidelity.distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
-        limits = fidelity.stage_limits(variant.limit, cost, fidelity.codec_snr(base.model, reference))
-        layers = fidelity.layer_check(base.model, reference, candidate.model, device, variant.limit)
-    else:
+    formats = tuple(variant.reference_formats)
+    kept = {} if kept is None else kept
+    if (formats, variant.limit) not in kept:  # the reference and its limits do not depend on the candidate
+        reference = references.simulate(base.model, formats)
         limits = variants.FLOAT_ROUNDING
-    report = fidelity.compare(reference, candidate.model, base.processor, device, tokens, limits=limits)
+        if formats:
+            logits = [fidelity.teacher_forced_logits(m, device) for m in (base.model, reference)]
+            cost = {k: fidelity.distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+            limits = fidelity.stage_limits(variant.limit, cost, fidelity.codec_snr(base.model, reference))
+        kept[formats, variant.limit] = (reference, limits, {})
+    reference, limits, memo = kept[formats, variant.limit]
+    layers = fidelity.layer_check(base.model, reference, candidate.model, device, variant.limit) if formats else None
+    report = fidelity.compare(reference, candidate.model, base.processor, device, tokens, limits=limits, memo=memo)
     report["layers"] = layers
     violations = fidelity.check(limits, report)
     recorded = ({k: fidelity._tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
@@ -248,13 +254,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record(model, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> dict:
-    """The suite's result as a JSON-able record with its provenance; a decisive divergence (infinitely far
-    outside) is written as distance null with `diverged` true."""
+def record(model, device: torch.device, tokens: int, rows: list[dict], started_at: str) -> FaultSuite:
+    """The suite's result as a record with its provenance; a decisive divergence (infinitely far outside) is
+    written as distance null with `diverged` true."""
     from . import provenance
 
     source = model if isinstance(model, models.ModelSource) else models.resolve(model)
-    return {"kind": "fault-suite", "model": source.requested, "model_id": source.id, "weights": source.weights,
+    return FaultSuite.from_dict({"schema_version": FAULTS_SCHEMA_VERSION, "kind": "fault-suite", "model": source.requested, "model_id": source.id, "weights": source.weights,
             "device": device.type, "tokens": tokens,
             "inputs": "the check's own prompts and inputs (seed 0); limits calibrated on seed 1",
             "hardware": provenance.hardware(device), "versions": provenance.versions(),
@@ -266,7 +272,7 @@ def record(model, device: torch.device, tokens: int, rows: list[dict], started_a
                      if "not_run" not in r else
                      {"case": r["case"], "variant": r["variant"], "fault": r["fault"], "not_run": r["not_run"],
                       "caught": None, "named": None, "diverged": False, "distance": None, "first_violation": None}
-                     for r in rows]}
+                     for r in rows]})
 
 
 def main(argv=None) -> None:
@@ -281,7 +287,7 @@ def main(argv=None) -> None:
     job = job_time_limit(math.inf, time.time())  # the run's deadline, when the workflow set one
     source, device = models.resolve(args.model, args.offline_fallback), torch.device("cpu")
     base = fidelity._load(source, variants.parse("eager"), device)
-    rows, longest = [], 0.0
+    rows, longest, kept = [], 0.0, {}
     for case in tqdm(CASES, desc="cases"):
         if job.limit_s - job.elapsed() < longest:  # the next case would not end before the run's deadline: the rest are said, not run
             rows.append({"case": case.name, "variant": case.variant, "fault": case.fault,
@@ -289,17 +295,12 @@ def main(argv=None) -> None:
             continue
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        rows.append(judge(source, case, device, args.tokens, base))
+        rows.append(judge(source, case, device, args.tokens, base, kept))
         longest = max(longest, time.perf_counter() - t0)
     print(f"Fault suite on {args.model} (cpu, check inputs seed 0; limits calibrated on seed 1):\n")
     print(table([r for r in rows if "not_run" not in r]))
     if args.out:
-        import json
-
-        from .results import write_atomic
-
-        write_atomic(args.out, (json.dumps(record(source, device, args.tokens, rows, started), indent=1)
-                                + "\n").encode("utf-8"))
+        record(source, device, args.tokens, rows, started).save_json(args.out)  # validated, written atomically
 
 
 if __name__ == "__main__":

@@ -313,14 +313,26 @@ def codec_snr(baseline, candidate) -> float | None:
 
 @torch.inference_mode()
 def compare(baseline, candidate, processor, device: torch.device, tokens: int = 32, seed: int = 0,
-            limits: "variants.Tolerance | Mapping[str, variants.Tolerance]" = variants.FLOAT_ROUNDING) -> dict:
+            limits: "variants.Tolerance | Mapping[str, variants.Tolerance]" = variants.FLOAT_ROUNDING,
+            memo: dict | None = None) -> dict:
     """Fidelity measures of `candidate` against `baseline` (two loaded BarkModels; the baseline is the reference
     simulation of the candidate's formats where it has lossy ones). A free-running step is decisive where the
-    baseline's margin exceeds twice the logit error `limits` allow there (fixed before the candidate is seen)."""
+    baseline's margin exceeds twice the logit error `limits` allow there (fixed before the candidate is seen).
+    `memo`: the baseline's side kept across calls with the same baseline, inputs and tokens (the fault suite
+    judges several candidates against one reference)."""
+    memo = {} if memo is None else memo
+
+    def once(key, compute):  # the baseline's side of a measure: computed once per memo
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     from transformers.models.bark.generation_configuration_bark import (
         BarkCoarseGenerationConfig, BarkFineGenerationConfig, BarkSemanticGenerationConfig)
 
-    tf = teacher_forced(baseline, candidate, device, seed)
+    ref_tf = once(("teacher_forced", seed), lambda: teacher_forced_logits(baseline, device, seed))
+    cand_tf = teacher_forced_logits(candidate, device, seed)
+    tf = {name: distribution_stats(ref_tf[name], cand_tf[name]) for name in ref_tf}
     bound = {name: limit_for(limits, name).logits_max_rel * s["logit_scale"] for name, s in tf.items()}
 
     gc = baseline.generation_config
@@ -353,9 +365,9 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
         return out, rec.calls
 
     # free-running semantic, then coarse from the baseline's semantic tokens
-    ref_sem, ref_sem_steps = semantic(baseline, PROMPTS[:1], tokens)
+    ref_sem, ref_sem_steps = once(("semantic", tokens), lambda: semantic(baseline, PROMPTS[:1], tokens))
     cand_sem, cand_sem_steps = semantic(candidate, PROMPTS[:1], tokens)
-    ref_coarse, ref_coarse_calls = coarse(baseline, ref_sem)
+    ref_coarse, ref_coarse_calls = once(("coarse", tokens), lambda: coarse(baseline, ref_sem))
     cand_coarse, cand_coarse_calls = coarse(candidate, ref_sem)
     free = {"semantic": judge_path(ref_sem, cand_sem, ref_sem_steps[0], cand_sem_steps[0], bound["semantic"]),
             "coarse": judge_path(ref_coarse, cand_coarse,
@@ -364,11 +376,11 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
                                  bound["coarse"])}
 
     # end-to-end chain from the same (baseline) coarse tokens
-    ref_fine, ref_fine_calls = fine(baseline, ref_coarse)
+    ref_fine, ref_fine_calls = once(("fine", tokens), lambda: fine(baseline, ref_coarse))
     cand_fine, cand_fine_calls = fine(candidate, ref_coarse)
     n_coarse = coarse_cfg.n_coarse_codebooks
     same = (ref_fine == cand_fine)[0, n_coarse:].cpu()  # (codebooks, frames); the coarse codebooks are copied
-    ref_wave = decode(baseline, ref_fine)
+    ref_wave = once(("wave", tokens), lambda: decode(baseline, ref_fine))
     chain = {"codes_agreement": same.float().mean().item(),
              "codes_agreement_per_codebook": {f"fine[{n_coarse + i}]": row.float().mean().item()
                                               for i, row in enumerate(same)},
@@ -384,18 +396,18 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
     cand_batch, cand_batch_steps = semantic(candidate, PROMPTS, BATCH_TOKENS)
     rows = []
     for i, prompt in enumerate(PROMPTS):
-        ref_row, ref_row_steps = semantic(baseline, [prompt], BATCH_TOKENS)
+        ref_row, ref_row_steps = once(("row", i), lambda: semantic(baseline, [prompt], BATCH_TOKENS))
         rows.append(judge_path(ref_row, cand_batch[i], ref_row_steps[0], cand_batch_steps[i], bound["semantic"]))
     return {"teacher_forced": tf, "free_running": free, "chain": chain, "codec": codec,
             "batched": {"batch_size": len(PROMPTS), "tokens": BATCH_TOKENS, "rows": rows},
-            "padded_batch": padded_batch(baseline, candidate, processor, device)}
+            "padded_batch": padded_batch(baseline, candidate, processor, device, memo)}
 
 
 PADDED_BATCH = 8  # the 2023 study's batch size
 
 
 @torch.inference_mode()
-def padded_batch(baseline, candidate, processor, device: torch.device) -> dict:
+def padded_batch(baseline, candidate, processor, device: torch.device, memo: dict | None = None) -> dict:
     """The study's prompts as one batch of 8, left-padded to the longest as batched decoder-only generation pads:
     teacher-forced semantic logits with the tokenizer's attention mask, compared at the real positions of the
     padded rows, where an attention that ignores the mask (optimum's 2023 BetterTransformer for Bark) lets real
@@ -414,7 +426,10 @@ def padded_batch(baseline, candidate, processor, device: torch.device) -> dict:
     mask = enc["attention_mask"].to(device)
     padded_rows = (mask == 0).any(dim=1)
     real = mask.bool() & padded_rows[:, None]
-    logits = [m.semantic(input_ids=ids, attention_mask=mask).logits[real].cpu() for m in (baseline, candidate)]
+    memo = {} if memo is None else memo
+    if "padded_batch" not in memo:  # the baseline's side, once per memo
+        memo["padded_batch"] = baseline.semantic(input_ids=ids, attention_mask=mask).logits[real].cpu()
+    logits = [memo["padded_batch"], candidate.semantic(input_ids=ids, attention_mask=mask).logits[real].cpu()]
     return {"batch_size": len(prompts), "padded_rows": int(padded_rows.sum()), "padding": "left, to the longest prompt",
             **distribution_stats(*logits)}
 

@@ -5,6 +5,7 @@ config in one line (`PlanError`) naming where.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from . import confighash, jobs, layout, legacy, validation, variants
-from .protocol import DEADLINE_ENV, Protocol
+from . import confighash, estimate, jobs, layout, legacy, validation, variants
+from .protocol import BASELINE_CALL_ENV, DEADLINE_ENV, TIMED_BUDGET_ENV, Protocol
 from .records import FidelityResult, ResultError, RunResult
 
 HUB_TIMEOUT_S = 5.0
@@ -363,20 +364,46 @@ class Plan:
             return self.device == "cuda" or not any(o.needs_cuda for o in opts)
         return variants.parse(variant).not_applicable_reason(variants.torch.device(self.device)) is None
 
+    def pending_work(self, say=to_stderr) -> list[estimate.Work]:
+        """Jobs of this machine that a run would (re)make (missing, failed or unreadable result), each with what it
+        is: a process of a cell (`run`), a fidelity check, the fault suite, or `not_applicable` (its variant does
+        not run on this device: it records why and loads nothing)."""
+        config, hw = self.config, self.hardware
+        runs_here = {v: self._runs_here(v) for v in set(config["variants"] + config["reproducibility"]["variants"])}
+        work = []
+
+        def add(kind, measured, batch_size, pattern, priority=0, **wildcards):
+            path = f"{self.results}/" + pattern.format(hardware=hw, **wildcards)
+            if not os.path.exists(path) or retry_args(path, say):
+                work.append(estimate.Work(kind if not measured or runs_here[measured] else "not_applicable",
+                                          measured, batch_size, path, wildcards["model"], priority))
+
+        for m in self.models:  # each with the priority its rule gives it (workflow/rules/*.smk)
+            for v, bs, k in itertools.product(config["variants"], self.batch_sizes, range(1, self.rounds + 1)):
+                add("run", v, bs, layout.RUN, self.round_priority(m, v, bs, k), model=m, variant=v, bs=bs, k=k)
+            for bs, k in itertools.product(self.batch_sizes, range(1, self.rounds + 1)):
+                add("run", config["baseline"], bs, layout.CONTROL, self.round_priority(m, layout.CONTROL_DIR, bs, k),
+                    model=m, bs=bs, k=k)
+            for path in self.fidelity_jsons([hw]):
+                if path.startswith(f"{self.results}/{hw}/{m}/"):
+                    v = os.path.basename(path).removesuffix(".json")
+                    add("fidelity", v, 1, layout.FIDELITY, self.fidelity_priority, model=m, variant=v)
+            if self.faults_jsons([hw]):
+                add("faults", "", 1, layout.FAULTS, model=m)
+            r, o = config["reproducibility"], config["overhead"]
+            for v, k in itertools.product(r["variants"], range(1, r["repeats"] + 1)):
+                add("run", v, r["batch_size"], layout.REPRO, model=m, variant=v, k=k)
+            for v in o["variants"]:
+                add("run", v, o["batch_size"], layout.OVERHEAD, model=m, variant=v, bs=o["batch_size"])
+        return work
+
     def pending_jobs(self, say=to_stderr) -> list[str]:
-        """Jobs of this machine that a run would (re)make (missing, failed or unreadable result) and that load a
-        model (their variant runs on this device)."""
-        config = self.config
-        runs_here = [v for v in set(config["variants"] + config["reproducibility"]["variants"]) if self._runs_here(v)]
-        here = dict(config, variants=[v for v in config["variants"] if v in runs_here],
-                    reproducibility=dict(config["reproducibility"],
-                                         variants=[v for v in config["reproducibility"]["variants"] if v in runs_here]),
-                    overhead=dict(config["overhead"],
-                                  variants=[v for v in config["overhead"]["variants"] if v in runs_here]))
-        return [p for p in self.declared(here) if not os.path.exists(p) or retry_args(p, say)]
+        """The pending jobs that load a model (their variant runs on this device)."""
+        return [w.path for w in self.pending_work(say) if w.kind != "not_applicable"]
 
     def estimate(self, pending: list[str]) -> str | None:
-        """The line that says how long a run of the `pending` jobs takes at most (None: nothing to measure)."""
+        """The line that says how long a run of the `pending` jobs takes at most, before this machine is probed (a
+        dry run; None: nothing to measure)."""
         if not pending:
             return None
         p = self.protocol
@@ -387,14 +414,90 @@ class Plan:
                 f"each job stopped at {self.time_limit_s:g} s); the run ends within {bound:.0f} min, plus ~2 min for "
                 "tables, figures and report")
 
+    # -------------------------------------------------------- the probe, the estimate and the fitted budget
+
+    def probe_command(self, python: str, model: str) -> list[str]:
+        """`barkbench probe` of the baseline at the smallest batch size, with the jobs' own arguments."""
+        return [python, "-m", "barkbench", "probe", "--variant", self.config["baseline"],
+                *self.run_args(model, min(self.batch_sizes))]
+
+    def fit(self, work: list[estimate.Work], probes: dict, budget_s: float | None,
+            legacy_env_pending: bool = False) -> estimate.Estimate:
+        """The run's estimate from each model's probe, and the timed-call budget per process that fits `budget_s`
+        (the seconds left for jobs and report before the run budget ends; None: no budget)."""
+        from . import faults
+
+        return estimate.estimate(work, probes, self.protocol, budget_s, len(faults.CASES), legacy_env_pending)
+
 
 # ---------------------------------------------------------------- the run as a whole
 
-def start_run_budget(minutes, environ=os.environ) -> None:
-    """Every job inherits the deadline; one that would start after it is recorded as failed (and the next
-    run attempts it again), so the whole run ends within the budget whatever the machine's speed."""
+def start_run_budget(minutes, environ=os.environ, reserve_s: float = estimate.REPORT_S,
+                     started: float | None = None) -> float | None:
+    """Every job inherits the deadline: the run budget less the time the tables, figures and report take after the
+    last job. A job that would start after it is recorded as failed (and the next run attempts it again), so the
+    whole run ends within the budget whatever the machine's speed. Returns when the budget ends (None: none)."""
     if minutes and DEADLINE_ENV not in environ:
-        environ[DEADLINE_ENV] = str(time.time() + 60 * minutes)
+        ends = (started or time.time()) + 60 * minutes  # from the invocation's start
+        environ[DEADLINE_ENV] = str(ends - reserve_s)
+        return ends
+    return float(environ[DEADLINE_ENV]) + reserve_s if DEADLINE_ENV in environ else None
+
+
+def begin_run(the_plan: Plan, python: str, run_started: float, budget_ends: float | None, legacy_env_pending: bool,
+              say=to_stderr, environ=os.environ) -> estimate.Estimate | None:
+    """Before the first job: probe this machine (each model's baseline: a job's start, a load, one call), estimate
+    the pending jobs, and when they do not fit the run budget shorten the timed calls of every process
+    ($BARKBENCH_TIMED_BUDGET_S, inherited by the jobs). Says the estimate in one line and keeps it beside the
+    results (<results>/<hardware>/estimate.json). None (and the dry run's line stays the word) when nothing loads a
+    model, or the jobs run on another machine (a `hardware` target: a scheduler's nodes)."""
+    work = the_plan.pending_work(say)
+    if "hardware" in the_plan.config or not any(w.kind != "not_applicable" for w in work):
+        return None
+    started = time.time()
+    probes = {}
+    for model in sorted({w.model for w in work}):
+        try:
+            probes[model] = estimate.run_probe(the_plan.probe_command(python, model), the_plan.time_limit_s)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+            say(f"barkbench: probing this machine with {the_plan.models[model]} failed ({str(exc)[:200]}): "
+                "no estimate; the run budget still holds")
+            return None
+    left = None if budget_ends is None else budget_ends - time.time()
+    fitted = the_plan.fit(work, probes, left, legacy_env_pending)
+    if fitted.shortened:
+        environ[TIMED_BUDGET_ENV] = f"{fitted.timed_budget_s:g}"
+    # a variant that cannot pay off on this CPU stops after a warm-up call slower than the baseline's
+    environ[BASELINE_CALL_ENV] = json.dumps({the_plan.models[m]: [pr.call_s, pr.batch_size] for m, pr in probes.items()})
+    ends = time.time() + fitted.seconds
+    p = the_plan.protocol
+    loading = sum(w.kind != "not_applicable" for w in work)
+    probe_text = "; ".join(f"{the_plan.models[m]}: start {pr.startup_s:.1f} s, load {pr.load_s:.1f} s, one "
+                           f"{the_plan.config['baseline']} call at bs {pr.batch_size} {pr.call_s:.1f} s"
+                           for m, pr in probes.items())
+    if not fitted.shortened:
+        timed = f"{p['budget_s']:g} s of timed calls per process ({p['min_iterations']}-{p['max_iterations']} calls)"
+    elif fitted.fits:
+        timed = (f"timed calls shortened to {fitted.timed_budget_s:g} s per process (the protocol's {p['budget_s']:g} s) "
+                 f"to fit the {the_plan.run_budget_min}-min budget; at least {p['min_iterations']} calls each")
+    else:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(collections.Counter(
+            next(w.kind for w in work if w.path == path) for path in fitted.cut).items()))
+        timed = (f"{p['min_iterations']} timed calls per process, and still over the {the_plan.run_budget_min}-min "
+                 f"budget: the deadline leaves out about {len(fitted.cut)} jobs, lowest priority first ({kinds}; "
+                 "listed in estimate.json), each recorded as not run")
+        ends = min(ends, budget_ends)
+    say(f"barkbench: probe of {the_plan.hardware} ({probe_text}; {time.time() - started:.0f} s): {loading} jobs load a "
+        f"model, {len(work) - loading} record why they cannot run here; {timed}; the run ends in about "
+        f"{(ends - run_started) / 60:.0f} min, by {time.strftime('%H:%M', time.localtime(ends))}, tables, figures and "
+        "report included")
+    from .results import write_atomic
+
+    record = {**fitted.to_dict(), "run_started": run_started, "probed_at": started, "ends_by": ends,
+              "budget_ends": budget_ends}
+    write_atomic(f"{the_plan.results}/{the_plan.hardware}/estimate.json",
+                 (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+    return fitted
 
 
 def take_results_lock(results: str):

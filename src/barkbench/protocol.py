@@ -32,6 +32,12 @@ DEFAULT_PROMPTS = [
 # Environment variable holding the workflow's deadline for all its jobs (a Unix timestamp): a run's time
 # limit is the protocol's, or what is left before the deadline when that is sooner.
 DEADLINE_ENV = "BARKBENCH_DEADLINE"
+# Environment variable holding the run's timed-call budget per process when the workflow shortened it to fit its
+# run budget (`barkbench.estimate`): a job's timed calls stop at the sooner of `budget_s` and this.
+TIMED_BUDGET_ENV = "BARKBENCH_TIMED_BUDGET_S"
+# Environment variable holding the run's probe of the baseline (JSON: model as requested -> [seconds of one call,
+# its batch size]): a variant that cannot pay off on this CPU and whose warm-up call is slower than that stops there.
+BASELINE_CALL_ENV = "BARKBENCH_BASELINE_CALL_S"
 
 # Bark's semantic model generates at most 768 tokens per call (its generation config's max_new_tokens).
 MAX_SEMANTIC_TOKENS = 768

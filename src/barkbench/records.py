@@ -1,4 +1,5 @@
-"""Typed result records: a benchmark run (also its repro and overhead repetitions) and a fidelity check.
+"""Typed result records: a benchmark run (also its repro and overhead repetitions), a fidelity check and the fault
+suite.
 
 Each record is validated against its JSON Schema when written and when read. A file that is not JSON,
 truncated, of another schema version or of another kind gets one line naming the file and the problem.
@@ -25,6 +26,11 @@ class ResultError(ValueError):
 @lru_cache(maxsize=None)
 def _fidelity_schema() -> dict:
     return json.loads(resources.files("barkbench").joinpath("schemas/fidelity.schema.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def _faults_schema() -> dict:
+    return json.loads(resources.files("barkbench").joinpath("schemas/faults.schema.json").read_text())
 
 
 def _check(data, schema: dict, where: str) -> None:
@@ -174,6 +180,7 @@ class Timing(_Measure):
     compile_cache: str | None = OMITTED
     stopped_by: str
     timed_s: float
+    timed_budget_s: float | None = OMITTED  # the run's, when the workflow shortened the protocol's budget_s
     job_s: float
     time_limit_s: float
     time_limit_source: str
@@ -312,6 +319,30 @@ class FidelityResult(_Record):
     extra: dict | None = None
 
     SCHEMA = staticmethod(_fidelity_schema)
+
+
+@dataclass
+class FaultSuite(_Record):
+    """The fault suite of one model on one machine (see `barkbench.faults`): per case, how far outside its limits
+    a fault lies (caught) and how far inside a correct variant lies, or why the case was not run."""
+
+    schema_version: int
+    kind: str
+    model: str  # as requested
+    model_id: str  # as run (a synthetic twin of a hub model that could not be reached)
+    weights: str | None
+    device: str
+    tokens: int
+    inputs: str
+    hardware: dict
+    versions: dict
+    git_commit: str | None
+    started_at: str
+    finished_at: str
+    rows: list
+    extra: dict | None = None
+
+    SCHEMA = staticmethod(_faults_schema)
 
 
 def hardware_folder(path, results_dir) -> str:

@@ -8,6 +8,7 @@ SIGALRM: a job cut short before min_iterations is recorded as failed, with where
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from . import calibration, compile_counters, energy, models, provenance, results, variants
 from .jobwrap import Job, failure_reason, job_time_limit, now, quiet_transformers, run_job, secs
-from .protocol import Protocol
+from .protocol import BASELINE_CALL_ENV, TIMED_BUDGET_ENV, Protocol
 from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
 
@@ -172,6 +173,27 @@ def warm_up(loaded: Loaded, proto: Protocol, label: str, clock: Clock, job: Job)
     return warmup_s
 
 
+def timed_budget_s(proto: Protocol) -> float:
+    """The protocol's budget of timed calls, or the run's shorter one when the workflow fitted its run budget."""
+    fitted = os.environ.get(TIMED_BUDGET_ENV)
+    return min(proto.budget_s, float(fitted)) if fitted else proto.budget_s
+
+
+def cannot_pay_off_here(req: RunRequest, variant: variants.Variant, device: torch.device,
+                        warmup_call_s: float) -> str | None:
+    """Why a variant that cannot pay off on this CPU (`Optimization.pays_off_on`) is not timed further: its warm-up
+    call was slower than the run's probe of the baseline ($BARKBENCH_BASELINE_CALL_S). None: time it."""
+    probed = json.loads(os.environ.get(BASELINE_CALL_ENV) or "{}").get(req.model)
+    why = variant.pays_off_on(provenance.cpu_features()) if device.type == "cpu" else None
+    if not (probed and why):
+        return None
+    baseline = probed[0] * req.protocol.batch_size / probed[1]
+    if warmup_call_s <= baseline:
+        return None
+    return (f"too slow here: {why}; its warm-up call took {secs(warmup_call_s)} s, {warmup_call_s / baseline:.1f}x "
+            f"the baseline's (the run's probe): not timed further")
+
+
 def stop_reason(proto: Protocol, latencies: list[float], job: Job, warmup_guess: float | None = None) -> str | None:
     """Why no further timed call starts; None: one more. "too_slow": the calls so far (before the first, the
     warm-up call, `warmup_guess`) show that the minimum number of timed calls cannot end within the time limit."""
@@ -183,7 +205,7 @@ def stop_reason(proto: Protocol, latencies: list[float], job: Job, warmup_guess:
         if per_call is not None and job.elapsed() + (proto.min_iterations - n) * per_call > job.limit_s:
             return "too_slow"
         return None
-    if sum(latencies) >= proto.budget_s:
+    if sum(latencies) >= timed_budget_s(proto):
         return "budget"
     if job.elapsed() + float(np.median(latencies)) > job.limit_s:
         return "time_limit"
@@ -243,7 +265,8 @@ def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant,
                            # the first call of a compiled variant compiles: first call minus a steady-state call
                            compile_s=max(0.0, warmup_s[0] - median) if compiled else None,
                            compile_cache=COLD_CACHE if compiled else None,
-                           stopped_by=timed.stopped_by, timed_s=float(sum(latencies)), job_s=job_s,
+                           stopped_by=timed.stopped_by, timed_s=float(sum(latencies)),
+                           timed_budget_s=timed_budget_s(proto), job_s=job_s,
                            time_limit_s=job.limit_s, time_limit_source=job.limit_source,
                            stage_timer_overhead_s=stage_timer_cost(clock) if timed.stages else None)
     result.iterations = Iterations(latency_s=latencies, audio_s=timed.audio_s,
@@ -274,12 +297,15 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
             warmup_s = warm_up(loaded, req.protocol, label, clock, job)
         # the last warm-up call predicts a timed one, except a compiled variant's only one (it compiled)
         guess = None if compiled and len(warmup_s) < 2 else warmup_s[-1]
-        timed = timed_loop(req, loaded, label, device, clock, job, guess)
+        early = None if guess is None else cannot_pay_off_here(req, variant, device, guess)
+        timed = Timed([], [], None, None, "too_slow", None, None, None) if early else timed_loop(
+            req, loaded, label, device, clock, job, guess)
     if timed.stopped_by == "too_slow":
         n, need = len(timed.latency_s), req.protocol.min_iterations
         per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]
-        why = (f"too slow: {need} timed calls of ~{secs(per_call)} s cannot end within the {secs(job.limit_s)} s time "
-               f"limit; stopped after {n} timed call{'s' if n != 1 else ''}" + ("" if n else " (warm-up only)"))
+        why = early or (f"too slow: {need} timed calls of ~{secs(per_call)} s cannot end within the "
+                        f"{secs(job.limit_s)} s time limit; stopped after {n} timed call{'s' if n != 1 else ''}"
+                        + ("" if n else " (warm-up only)"))
         result.status, result.reason = "too_slow", why
         if not n:
             result.timing = Timing(load_s=loaded.load_s, warmup_s=warmup_s, first_call_s=warmup_s[0],

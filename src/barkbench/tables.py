@@ -14,7 +14,7 @@ from scipy import stats as _sps
 
 from . import calibration, layout, stats, variants
 from .legacy import PREFIX as LEGACY_PREFIX, baseline_for, stack_baseline, today_counterpart
-from .records import FidelityResult, ResultError, RunResult, hardware_folder
+from .records import FaultSuite, FidelityResult, ResultError, RunResult, hardware_folder
 
 STAGES = ("semantic", "coarse", "fine", "decode")
 MB = 1e6  # 1 MB = 10^6 bytes, as the 2023 study
@@ -75,17 +75,23 @@ def read_runs(paths, root, baseline: str | None = None) -> list[tuple[str, Path,
     return out
 
 
+def _in_its_place(path: Path, root, expected: tuple, holds: str) -> str:
+    """The hardware folder of a record that lies where the results layout puts what it holds (`expected`: its
+    path's parts after the hardware folder); else one line naming the file and what it holds."""
+    folder = hardware_folder(path, root)
+    if path.resolve().relative_to(Path(root).resolve()).parts[1:] != expected:
+        raise ResultError(f"{path}: holds {holds}, not what its place in the results layout says")
+    return folder
+
+
 def read_fidelity(paths, root) -> list[tuple[str, Path, FidelityResult]]:
     """Fidelity records, each holding what its place says: <hardware>/<model>/fidelity/<variant>.json."""
     out = []
     for p in map(Path, paths):
         rec = FidelityResult.from_json(p)
-        folder = hardware_folder(p, root)
-        rel = p.resolve().relative_to(Path(root).resolve()).parts
-        if rel[1:] != (layout.slug(rec.model["requested"]), layout.FIDELITY_DIR, f"{rec.variant}.json"):
-            raise ResultError(f"{p}: holds the fidelity of {rec.variant} ({rec.model['requested']}), not what its "
-                              "place in the results layout says")
-        out.append((folder, p, rec))
+        expected = (layout.slug(rec.model["requested"]), layout.FIDELITY_DIR, f"{rec.variant}.json")
+        out.append((_in_its_place(p, root, expected, f"the fidelity of {rec.variant} ({rec.model['requested']})"),
+                    p, rec))
     return out
 
 
@@ -94,15 +100,13 @@ def faults_table(paths, root) -> pd.DataFrame:
     suite of its model: <hardware>/<model>/faults.json."""
     rows = []
     for p in map(Path, paths):
-        rec = json.loads(p.read_text(encoding="utf-8"))
-        folder = hardware_folder(p, root)
-        rel = p.resolve().relative_to(Path(root).resolve()).parts
-        if rec.get("kind") != "fault-suite" or rel[1:] != (layout.slug(rec["model"]), Path(layout.FAULTS).name):
-            raise ResultError(f"{p}: not the fault suite of the model its place in the results layout names")
-        for r in rec["rows"]:
-            rows.append({"hardware": folder, "model": rec["model"], "model_id": rec["model_id"], "weights": rec["weights"],
-                         "device": rec["device"], "tokens": rec["tokens"],
-                         "inputs": rec["inputs"], "git_commit": rec["git_commit"], **r})
+        rec = FaultSuite.from_json(p)
+        folder = _in_its_place(p, root, (layout.slug(rec.model), Path(layout.FAULTS).name),
+                               f"the fault suite of {rec.model}")
+        for r in rec.rows:
+            rows.append({"hardware": folder, "model": rec.model, "model_id": rec.model_id, "weights": rec.weights,
+                         "device": rec.device, "tokens": rec.tokens,
+                         "inputs": rec.inputs, "git_commit": rec.git_commit, **r})
     return pd.DataFrame(rows)
 
 

@@ -120,6 +120,12 @@ class Optimization:
     # torch.compile (inductor) compiles the model at its first call: the run counts compilations and CUDA graph
     # replays, and its last warm-up call does not predict a timed one.
     compiles: bool = False
+    # The run's estimate (`barkbench.estimate`): a call with it relative to one without (on a CPU where it pays
+    # off), and, in calls of the baseline, what its first call and its fidelity check cost beyond the baseline's
+    # (compilation, a slow reference simulation). Priors fitted on one machine's default run (bark-small, bs 1).
+    call_factor: float = 1.0
+    first_call_extra: float = 0.0
+    fidelity_extra: float = 0.0
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
         if self.needs_stack and (reason := self.needs_stack()):
@@ -250,7 +256,7 @@ FA2_PER_SUBMODEL = {"semantic_config": "flash_attention_2", "coarse_acoustics_co
 register(Optimization("eager", "transformers' eager attention, fp32: the baseline", group="attention"))
 register(Optimization(
     "sdpa", "Bark attention through torch scaled_dot_product_attention, mask-correct "
-    "(successor of BetterTransformer)", group="attention", order=30, apply=_apply_sdpa))
+    "(successor of BetterTransformer)", group="attention", order=30, apply=_apply_sdpa, call_factor=0.73))
 register(Optimization(
     "fa2", "attn_implementation='flash_attention_2'", group="attention", needs_cuda=True,
     needs_packages=("flash_attn",), load_kwargs=lambda d: {"attn_implementation": FA2_PER_SUBMODEL},
@@ -262,7 +268,7 @@ register(Optimization(
 register(Optimization(
     "bf16", "bfloat16 weights and activations", group="dtype",
     load_kwargs=lambda d: {"dtype": torch.bfloat16}, reference="bf16", limit=HALF_PRECISION,
-    pays_off_with=("avx512_bf16", "amx_bf16"),
+    pays_off_with=("avx512_bf16", "amx_bf16"), call_factor=0.53,
     pays_off_why="without native bf16 dot products oneDNN converts to fp32 around every matmul: several times "
                  "slower than fp32"))
 register(Optimization(
@@ -274,6 +280,7 @@ register(Optimization(
     order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload", "compile"),
     cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
     reference="int8-dynamic", limit=INT8_WEIGHTS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
+    call_factor=0.6, fidelity_extra=4.0,  # its check: the int8 reference simulation and the per-layer check
     pays_off_why="fbgemm/oneDNN int8 GEMMs need at least AVX2; VNNI or AMX make them pay in compute-bound stages"))
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
@@ -290,7 +297,8 @@ register(Optimization(
     "static", "semantic and coarse models decode against a pre-allocated KV cache (fixed shapes per step; "
     "with compile: the decode step compiled, CUDA graphs on a GPU)", group="cache", order=40,
     apply=_apply_static, requires=("sdpa",), conflicts=("offload",),
-    requires_why="the causal mask from the cache position is built in the project's SDPA attention"))
+    requires_why="the causal mask from the cache position is built in the project's SDPA attention",
+    first_call_extra=1.0, fidelity_extra=19.0))  # with compile, the fidelity check compiles each decode length
 register(Optimization(
     "devloop", "semantic and coarse models decode in a device-side loop: static KV cache, Bark's logits processing "
     "and sampling on the device, no host sync per step, the step replayed as one CUDA graph on a GPU",
@@ -301,18 +309,18 @@ register(Optimization(
     group="stack", order=0, needs_packages=("optimum",), needs_stack=legacy.stack_reason))
 register(Optimization(
     "bt", "optimum's BetterTransformer (the 2023 study): Bark attention through SDPA with attn_mask=None",
-    group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt))
+    group="attention", order=30, needs_packages=("optimum",), apply=_apply_bt, call_factor=0.7))
 register(Optimization(
     "finewin", "fine model on the real frames rounded up to a multiple of 64 instead of a padded 1024-frame "
     "window (approximate: the non-causal fine model no longer sees the padding)", group="fine_window", order=60,
     apply=_apply_fine_window, conflicts=("offload",),
     # its reference is the baseline with the same window: the implementation is judged exactly, and what the
     # shorter window costs is measured on the chain (fine codes and audio from the same coarse tokens)
-    reference="fine-window"))
+    reference="fine-window", call_factor=0.47, fidelity_extra=6.5))  # its check also measures what the shorter window costs
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem,
-    compiles=True))
+    compiles=True, first_call_extra=5.0, fidelity_extra=4.0))
 
 # OpenVINO: the CPU runtime a user would pick instead of PyTorch (OpenVINO's CPU plugin needs SSE4.2 at least;
 # AVX2 / AVX-512 set its kernel speed, VNNI / AMX its int8 speed).

@@ -104,7 +104,10 @@ onstart:
     # One measuring invocation per results folder, taken when execution starts (not in a dry run): Snakemake's
     # own lock check can race when two start at the same instant.
     _held.append(planned(plan.take_results_lock, RESULTS))
-    plan.start_run_budget(PLAN.run_budget_min)
+    _budget_ends = plan.start_run_budget(PLAN.run_budget_min, started=RUN_STARTED)
+    # This machine probed, the pending jobs estimated, their timed calls shortened to fit the budget when needed.
+    _legacy_pending = any(map(bb_legacy.is_legacy_variant, config["variants"])) and not LEGACY_ENV.exists()
+    plan.begin_run(PLAN, JOB_PYTHON, RUN_STARTED, _budget_ends, _legacy_pending)
 
 
 # Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine. Under a

@@ -2,6 +2,9 @@
 # smoke profile), then any --configfile and --config of the command line, which win. Composed here rather than
 # by a profile's `configfile:`, which a --configfile on the command line would silently replace.
 import sys
+import time
+
+RUN_STARTED = time.time()  # the invocation's start: the run budget and the printed estimate count from here
 
 from barkbench import plan
 
