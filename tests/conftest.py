@@ -273,3 +273,19 @@ class MaskIgnoredInBatches(attention.BarkSdpaAttention):
 
     def _attn(self, query, key, value, attention_mask=None, query_positions=None):
         return super()._attn(query, key, value, None if query.shape[0] > 1 else attention_mask, query_positions)
+
+
+BAD_CONFIGS = [  # refused by barkbench.plan in one line, naming where (test_plan); three through the workflow (test_workflow)
+    ("variants: [eager, fp16+bf16]\n", "fp16"),
+    ("variants: [eager, sdpa+turbo]\n", "config: variants: unknown optimization 'turbo' in variant 'sdpa+turbo'"),
+    ("batch_sizes: {cpu: [1, -8]}\n", "-8"),
+    ("protocol: {cpu: {min_iterations: 0}}\n", "protocol.cpu.min_iterations"),
+    ("protocol: {cuda: {length_mode: whatever}}\n", "protocol.cuda.length_mode"),
+    ("protocol: {cpu: {iterations: 3}}\n", "protocol.cpu"),
+    ("protocol: {sampling: {fine_temperature: 0}}\n", "protocol.sampling.fine_temperature"),
+    ("baseline: bf16\n", "baseline"),
+    ("batch_sizes: {cpu: [1.0]}\n", "config: batch_sizes.cpu: [1.0]"),
+    ("variants: [eager, sdpa+bf16, bf16+sdpa]\n", "'sdpa+bf16' and 'bf16+sdpa' are the same optimizations"),
+    ("colour: blue\n", "config: top level: Additional properties are not allowed ('colour' was unexpected)"),
+    ("models: [suno/bark-huge]\n", "config: models.0: 'suno/bark-huge' does not match"),
+]

@@ -336,3 +336,16 @@ def test_a_too_slow_cell_is_shown_with_its_estimate(tmp_path):
     assert "≈ 6.9× slower (1 timed call; stopped early" in text
     unavailable = (tmp_path / "tables" / "fragments" / "unavailable.md").read_text()
     assert "sdpa+bf16" in unavailable and "too\\_slow" in unavailable
+
+
+def test_timed_calls_shortened_by_the_runs_estimate_are_said_in_the_protocol(results_tree, tmp_path):
+    results, paths = results_tree
+    protocol_md = lambda out: out["fragment:protocol"].read_text()  # noqa: E731
+    assert "shortened the timed calls" not in protocol_md(aggregate(results, tmp_path / "t1", "eager", paths))
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if data["timing"]:
+            data["timing"]["timed_budget_s"] = 12.5  # the protocol's budget_s is 20
+            Path(path).write_text(json.dumps(data))
+    text = protocol_md(aggregate(results, tmp_path / "t2", "eager", paths))
+    assert "the run's estimate shortened the timed calls to 12.5 s per process" in text

@@ -16,7 +16,7 @@ import pytest
 from barkbench import layout, plan, variants
 from barkbench.protocol import DEADLINE_ENV
 
-from conftest import make_run_json
+from conftest import BAD_CONFIGS, make_run_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -43,6 +43,14 @@ def _checked(config: dict, say=lambda line: None) -> dict:
     plan.validate(config, SCHEMA)
     plan.spell_variants(config, say=say)
     return config
+
+
+@pytest.mark.parametrize("bad,message", BAD_CONFIGS)
+def test_a_bad_config_is_refused_in_one_line_naming_where(bad, message):
+    """What the workflow says before any job runs (three of these go through Snakemake in test_workflow)."""
+    import yaml
+
+    assert message in _refusal(_layered(_config(), yaml.safe_load(bad)))
 
 
 @pytest.fixture

@@ -368,6 +368,15 @@ def protocol_md(runs: pd.DataFrame, records: list, baseline: str, config_text: s
                "and the baseline once more as its own cell, the A/A control. "
                if "processes_declared" in runs and runs["processes_declared"].notna().any() else "")
             + "Protocol of each hardware folder:\n\n" + to_pipe_table(pd.DataFrame(rows)))
+    shortened = {}  # the run's estimate shortened the timed calls to fit its run budget (barkbench.estimate)
+    for folder, rec in records:
+        timed_budget = rec.timing.timed_budget_s if rec.timing is not None else None
+        if timed_budget is not None and timed_budget < rec.protocol["budget_s"]:
+            shortened.setdefault(folder, set()).add(timed_budget)
+    for folder, budgets in shortened.items():
+        text += (f"\nOn {md_escape(folder)} the run's estimate shortened the timed calls to "
+                 f"{' / '.join(f'{b:g}' for b in sorted(budgets))} s per process (budget s above) to fit the run "
+                 "budget; each process still made at least min iterations.\n")
     prompts = []
     for _, rec in records:
         for q in rec.protocol.get("prompts") or []:
