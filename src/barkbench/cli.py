@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--offline-fallback", choices=["synthetic"], default=None)
     probe.add_argument("--threads", type=_positive("threads"), default=None)
     probe.add_argument("--config-hash", default=None, help=argparse.SUPPRESS)  # a run's arguments, as they are
+    probe.add_argument("--start-only", action="store_true", help="a job's start only (imports, CPU calibration)")
     add_protocol_args(probe)
 
     hw = sub.add_parser("hardware", help="print this machine's hardware id and device type as JSON")
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads or psutil.cpu_count(logical=False) or os.cpu_count())
             req = RunRequest(args.model, args.variant, protocol_from(args), device=args.device,
                              offline_fallback=args.offline_fallback)
-            print(json.dumps(measure_probe(req)))
+            print(json.dumps(measure_probe(req, start_only=args.start_only)))
             return 0
         if args.command == "hardware":
             import json

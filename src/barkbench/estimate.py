@@ -26,31 +26,33 @@ from . import variants
 FIDELITY_CALLS = 6.0  # the check of a variant: teacher-forced, free-running, batched and chained paths
 FAULT_CASE_CALLS = 2.4  # one case of the fault suite at its 8 tokens (its reference and limits kept per format)
 SLOW_WITHOUT_PAYOFF = 4.0  # a call of a variant that cannot pay off on this CPU (bf16 emulated: 3-7x, AVX2)
-# Seconds: per job beyond the probe's own start (the scheduler's bookkeeping), the tables, figures and report,
-# and building the 2023 stack's environment when it is not cached.
-JOB_BOOKKEEPING_S = 1.0
+# Seconds: per job beyond the probe's start (the scheduler's bookkeeping: within the probe's spread), the tables,
+# figures and report, and building the 2023 stack's environment when it is not cached.
+JOB_BOOKKEEPING_S = 0.0
 REPORT_S = 30.0
 LEGACY_ENV_S = 90.0
-# The estimate is the cost model's sum times this: on the machine the priors were fitted on, the sum fell 4 %
-# short of the run it predicted, and processes of one variant minutes apart differ by a few per cent there.
-MARGIN = 1.08
+# The estimate is the cost model's sum times this: on the machine the priors were fitted on, the sum came within
+# 2 % of the run it predicted, and processes of one variant minutes apart differ by a few per cent there.
+MARGIN = 1.05
 
 
 @dataclass(frozen=True)
 class Probe:
     """This machine, measured once before a run: a job's start, a model load, one baseline call."""
 
-    startup_s: float  # from spawning the interpreter to ready to load (imports, CPU calibration)
+    startup_s: float  # a job's start: spawning the interpreter, its imports and the CPU calibration (timed in a
+    # second process: the first one reads cold files)
     load_s: float  # the baseline's model load (the second one: the first may build or read a cold checkpoint)
-    call_s: float  # one baseline call at `batch_size`
+    call_s: float  # a baseline call at `batch_size` (the second of the process: a timed call's)
     batch_size: int
+    first_call_s: float = 0.0  # the first call of the process (a warm-up call's); 0: as call_s
     cpu_features: tuple[str, ...] = ()
     wall_s: float = 0.0  # the probe's own cost
     calibration_s: float = 0.0  # of startup_s: the CPU calibration a measuring job runs first (a job that
     # records why its variant cannot run here skips it)
 
-    def call_at(self, batch_size: int) -> float:
-        return self.call_s * batch_size / self.batch_size
+    def call_at(self, batch_size: int, first: bool = False) -> float:
+        return (self.first_call_s if first and self.first_call_s else self.call_s) * batch_size / self.batch_size
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cpu_features": list(self.cpu_features)}
@@ -60,9 +62,9 @@ class Probe:
         return cls(**{**data, "cpu_features": tuple(data.get("cpu_features", ()))})
 
 
-def measure_probe(req) -> dict:
+def measure_probe(req, start_only: bool = False) -> dict:
     """The child's side of the probe (`barkbench probe`): the CPU calibration a job runs first, two loads of the
-    baseline and one call, each timed. `req`: a `runner.RunRequest`."""
+    baseline and two calls, each timed (`start_only`: the calibration only). `req`: a `runner.RunRequest`."""
     import torch
 
     from . import calibration, provenance, runner
@@ -73,34 +75,45 @@ def measure_probe(req) -> dict:
     if device.type == "cpu":
         calibration.measure()
     calibrated = time.perf_counter() - ready
+    if start_only:
+        return {"calibration_s": calibrated}
     job = runner.job_time_limit(req.protocol.time_limit_s, time.time())
     result = runner.base_result(req, device, variant)
     first = runner.load_model(req, result, variant, device, job)  # may build or read a cold checkpoint
     first_load_s = first.load_s
     del first
     loaded = runner.load_model(req, result, variant, device, job)
-    start = time.perf_counter()
-    loaded.call()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"calibration_s": calibrated, "first_load_s": first_load_s, "load_s": loaded.load_s, "call_s": time.perf_counter() - start,
-            "batch_size": req.protocol.batch_size, "cpu_features": provenance.cpu_features()}
+    calls = []
+    for _ in range(2):  # a warm-up call's time, then a timed call's
+        start = time.perf_counter()
+        loaded.call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        calls.append(time.perf_counter() - start)
+    return {"calibration_s": calibrated, "first_load_s": first_load_s, "load_s": loaded.load_s,
+            "first_call_s": calls[0], "call_s": calls[1], "batch_size": req.protocol.batch_size,
+            "cpu_features": provenance.cpu_features()}
 
 
-def run_probe(command: list[str], timeout_s: float) -> Probe:
-    """Run `command` (`python -m barkbench probe ...`, printing `measure_probe`'s JSON on its last line) and time
-    it: what it did not measure inside is a job's start. Raises RuntimeError with its last stderr line."""
+def _timed_run(command: list[str], timeout_s: float) -> tuple[float, dict]:
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise RuntimeError((out.stderr.strip().splitlines() or ["probe failed"])[-1])
-    inside = json.loads(out.stdout.strip().splitlines()[-1])
-    # the wall time less the loads and the call: interpreter, imports and calibration (kept: every job runs it)
-    startup = max(0.0, wall - inside["first_load_s"] - inside["load_s"] - inside["call_s"])
-    return Probe(startup_s=startup, load_s=inside["load_s"], call_s=inside["call_s"],
-                 batch_size=inside["batch_size"], cpu_features=tuple(inside["cpu_features"]), wall_s=wall,
-                 calibration_s=inside["calibration_s"])
+    return wall, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_probe(command: list[str], timeout_s: float) -> Probe:
+    """Run `command` (`python -m barkbench probe ...`, printing `measure_probe`'s JSON on its last line), then the
+    same with --start-only, timed from outside: a job's start, with the files its first process read now warm.
+    Raises RuntimeError with the last stderr line of a probe that failed."""
+    wall, inside = _timed_run(command, timeout_s)
+    start_s, started = _timed_run([*command, "--start-only"], timeout_s)
+    return Probe(startup_s=start_s, load_s=inside["load_s"], call_s=inside["call_s"],
+                 first_call_s=inside["first_call_s"], batch_size=inside["batch_size"],
+                 cpu_features=tuple(inside["cpu_features"]), wall_s=wall + start_s,
+                 calibration_s=started["calibration_s"])
 
 
 # ---------------------------------------------------------------- the cost model
@@ -133,8 +146,10 @@ def call_factor(variant: str, probe: Probe) -> float:
 def run_seconds(variant: str, batch_size: int, probe: Probe, protocol: dict, timed_budget_s: float) -> float:
     """One process of a cell: start, load, warm-up (its first call compiles), timed calls until the budget (the
     last one crosses it: half a call over, on average), each stop of the runner's as it decides it."""
-    call = probe.call_at(batch_size) * call_factor(variant, probe)
-    warmup = protocol["warmup"] * call + _extra(variant, "first_call_extra") * probe.call_at(1)  # compiles once
+    factor = call_factor(variant, probe)
+    call = probe.call_at(batch_size) * factor
+    warmup = (probe.call_at(batch_size, first=True) * factor + (protocol["warmup"] - 1) * call
+              + _extra(variant, "first_call_extra") * probe.call_at(1))  # a compiled variant compiles once
     limit = protocol["time_limit_s"]
     parsed = variants.parse(variant)
     # the runner's early verdicts: a variant that cannot pay off on this CPU and is slower than the baseline, or
