@@ -46,7 +46,7 @@ def gemm_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
-def measure(budget_s: float = 0.3) -> dict:
+def measure(budget_s: float = 0.1) -> dict:
     """Read bandwidth (a sum over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
     throughput (1024^3) in fp32, bf16 and dynamic int8 Linear, on torch's current threads. ~4 x budget_s."""
     start = time.perf_counter()

@@ -374,8 +374,9 @@ def protocol_md(runs: pd.DataFrame, records: list, baseline: str, config_text: s
         if timed_budget is not None and timed_budget < rec.protocol["budget_s"]:
             shortened.setdefault(folder, set()).add(timed_budget)
     for folder, budgets in shortened.items():
-        text += (f"\nOn {md_escape(folder)} the run's estimate shortened the timed calls to "
-                 f"{' / '.join(f'{b:g}' for b in sorted(budgets))} s per process (budget s above) to fit the run "
+        to = ("min iterations per process" if budgets == {0.0} else
+              f"{' / '.join(f'{b:g}' for b in sorted(budgets))} s per process (budget s above)")
+        text += (f"\nOn {md_escape(folder)} the run's estimate shortened the timed calls to {to} to fit the run "
                  "budget; each process still made at least min iterations.\n")
     prompts = []
     for _, rec in records:

@@ -105,9 +105,11 @@ onstart:
     # own lock check can race when two start at the same instant.
     _held.append(planned(plan.take_results_lock, RESULTS))
     _budget_ends = plan.start_run_budget(PLAN.run_budget_min, started=RUN_STARTED)
-    # This machine probed, the pending jobs estimated, their timed calls shortened to fit the budget when needed.
-    _legacy_pending = any(map(bb_legacy.is_legacy_variant, config["variants"])) and not LEGACY_ENV.exists()
-    plan.begin_run(PLAN, JOB_PYTHON, RUN_STARTED, _budget_ends, _legacy_pending)
+    # A whole run (the report, or the default target): this machine probed, the pending jobs estimated, their timed
+    # calls shortened to fit the budget when needed. A run of chosen result files is not estimated.
+    if not workflow.dag_settings.targets or set(workflow.dag_settings.targets) & {"all", "report"}:
+        _legacy_pending = any(map(bb_legacy.is_legacy_variant, config["variants"])) and not LEGACY_ENV.exists()
+        plan.begin_run(PLAN, JOB_PYTHON, RUN_STARTED, _budget_ends, _legacy_pending)
 
 
 # Benchmark jobs use every core: no two of them (nor a fidelity job) ever run at once on one machine. Under a
