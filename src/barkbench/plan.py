@@ -407,12 +407,12 @@ class Plan:
         if not pending:
             return None
         p = self.protocol
-        bound = min(len(pending) * self.time_limit_s / 60, self.run_budget_min or float("inf"))
+        bound = min(len(pending) * self.time_limit_s / 60 + estimate.REPORT_S / 60, self.run_budget_min or float("inf"))
         return (f"barkbench: {len(pending)} jobs load a model on {self.hardware} ({self.device} protocol: "
                 f"{p['max_new_tokens']} tokens, warm-up {p['warmup']}, {p['min_iterations']}-"
                 f"{p['max_iterations']} timed calls, {p['budget_s']:g} s of timed calls per job, "
-                f"each job stopped at {self.time_limit_s:g} s); the run ends within {bound:.0f} min, plus ~2 min for "
-                "tables, figures and report")
+                f"each job stopped at {self.time_limit_s:g} s); the run ends within {bound:.0f} min, tables, figures "
+                "and report included (a run probes this machine first and says its estimate)")
 
     # -------------------------------------------------------- the probe, the estimate and the fitted budget
 
