@@ -97,7 +97,7 @@ def test_a_variant_that_cannot_pay_off_costs_its_warm_up_only_as_the_runner_stop
 def test_what_cannot_fit_is_cut_lowest_priority_first():
     work = [Work("run", "eager", 1, f"round{k}/{i}", "m", priority=100 * (3 - k) + i) for k in (1, 2) for i in range(5)]
     work += [Work("faults", "", 1, "faults", "m", priority=0)]
-    one = estimate.run_seconds("eager", 1, PROBE, PROTOCOL, 0.0) + estimate.JOB_BOOKKEEPING_S
+    one = estimate.run_seconds("eager", 1, PROBE, PROTOCOL, 0.0)
     budget = estimate.MARGIN * (estimate.REPORT_S + 6.5 * one)  # six processes and a half fit at min_iterations
     fitted = estimate.estimate(work, {"m": PROBE}, PROTOCOL, budget, fault_cases=12)
     assert not fitted.fits

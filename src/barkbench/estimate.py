@@ -26,9 +26,7 @@ from . import variants
 FIDELITY_CALLS = 6.0  # the check of a variant: teacher-forced, free-running, batched and chained paths
 FAULT_CASE_CALLS = 2.4  # one case of the fault suite at its 8 tokens (its reference and limits kept per format)
 SLOW_WITHOUT_PAYOFF = 4.0  # a call of a variant that cannot pay off on this CPU (bf16 emulated: 3-7x, AVX2)
-# Seconds: per job beyond the probe's start (the scheduler's bookkeeping: within the probe's spread), the tables,
-# figures and report, and building the 2023 stack's environment when it is not cached.
-JOB_BOOKKEEPING_S = 0.0
+# Seconds: the tables, figures and report, and building the 2023 stack's environment when it is not cached.
 REPORT_S = 30.0
 LEGACY_ENV_S = 90.0
 # The estimate is the cost model's sum times this: on the machine the priors were fitted on, the sum came within
@@ -56,10 +54,6 @@ class Probe:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cpu_features": list(self.cpu_features)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Probe":
-        return cls(**{**data, "cpu_features": tuple(data.get("cpu_features", ()))})
 
 
 def measure_probe(req, start_only: bool = False) -> dict:
@@ -175,14 +169,12 @@ def faults_seconds(cases: int, probe: Probe) -> float:
 
 def job_seconds(work: Work, probe: Probe, protocol: dict, timed_budget_s: float, fault_cases: int) -> float:
     if work.kind == "not_applicable":
-        return probe.startup_s - probe.calibration_s + JOB_BOOKKEEPING_S
+        return probe.startup_s - probe.calibration_s
     if work.kind == "fidelity":
-        seconds = fidelity_seconds(work.variant, probe, protocol)
-    elif work.kind == "faults":
-        seconds = faults_seconds(fault_cases, probe)
-    else:
-        seconds = run_seconds(work.variant, work.batch_size, probe, protocol, timed_budget_s)
-    return seconds + JOB_BOOKKEEPING_S
+        return fidelity_seconds(work.variant, probe, protocol)
+    if work.kind == "faults":
+        return faults_seconds(fault_cases, probe)
+    return run_seconds(work.variant, work.batch_size, probe, protocol, timed_budget_s)
 
 
 @dataclass(frozen=True)

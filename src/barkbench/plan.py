@@ -275,41 +275,43 @@ class Plan:
     def _paths(self, pattern: str, folders, **wildcards) -> list[str]:
         return _expand(f"{self.results}/{pattern}", hardware=folders or self.hardware_folders, **wildcards)
 
-    def run_jsons(self, folders=None, cfg=None) -> list[str]:
+    def run_jsons(self, folders=None) -> list[str]:
         """Every process of every cell, and of the A/A control cell (the baseline again, scheduled as its own cell)."""
-        cfg = cfg or self.config
-        reps = range(1, cfg["replicates"] + 1)
-        return (self._paths(layout.RUN, folders, model=self.models, variant=cfg["variants"], bs=self.batch_sizes,
-                            k=reps)
+        reps = range(1, self.config["replicates"] + 1)
+        return (self._paths(layout.RUN, folders, model=self.models, variant=self.config["variants"],
+                            bs=self.batch_sizes, k=reps)
                 + self._paths(layout.CONTROL, folders, model=self.models, bs=self.batch_sizes, k=reps))
 
-    def fidelity_jsons(self, folders=None, cfg=None) -> list[str]:
-        cfg = cfg or self.config
-        if not cfg["fidelity"]["enabled"]:
+    def fidelity_variants(self) -> list[str]:
+        """The variants whose fidelity is checked: all but the baseline (on either stack)."""
+        config = self.config
+        if not config["fidelity"]["enabled"]:
             return []
-        baselines = {cfg["baseline"], legacy.baseline_for(legacy.PREFIX, cfg["baseline"])}
-        others = [v for v in cfg["variants"] if v not in baselines]
-        return self._paths(layout.FIDELITY, folders, model=self.models, variant=others)
+        baselines = {config["baseline"], legacy.baseline_for(legacy.PREFIX, config["baseline"])}
+        return [v for v in config["variants"] if v not in baselines]
 
-    def faults_jsons(self, folders=None, cfg=None) -> list[str]:
+    def fidelity_jsons(self, folders=None) -> list[str]:
+        return self._paths(layout.FIDELITY, folders, model=self.models, variant=self.fidelity_variants())
+
+    def faults_jsons(self, folders=None) -> list[str]:
         """The fault suite of each model, beside its fidelity checks."""
-        f = (cfg or self.config)["fidelity"]
+        f = self.config["fidelity"]
         return self._paths(layout.FAULTS, folders, model=self.models) if f["enabled"] and f["faults"] else []
 
-    def repro_jsons(self, folders=None, cfg=None) -> list[str]:
-        r = (cfg or self.config)["reproducibility"]
+    def repro_jsons(self, folders=None) -> list[str]:
+        r = self.config["reproducibility"]
         return self._paths(layout.REPRO, folders, model=self.models, variant=r["variants"],
                            k=range(1, r["repeats"] + 1))
 
-    def overhead_jsons(self, folders=None, cfg=None) -> list[str]:
-        o = (cfg or self.config)["overhead"]
+    def overhead_jsons(self, folders=None) -> list[str]:
+        o = self.config["overhead"]
         return self._paths(layout.OVERHEAD, folders, model=self.models, variant=o["variants"], bs=o["batch_size"])
 
-    def declared(self, cfg=None) -> list[str]:
-        """The result files of this machine that `cfg` (default: the plan's config) declares."""
+    def declared(self) -> list[str]:
+        """The result files of this machine that the plan's config declares."""
         return [p for f in (self.run_jsons, self.fidelity_jsons, self.faults_jsons, self.repro_jsons,
                             self.overhead_jsons)
-                for p in f([self.hardware], cfg)]
+                for p in f([self.hardware])]
 
     def missing_results(self) -> list[str]:
         """Declared results whose file is not there (yet, or any more)."""
@@ -384,10 +386,8 @@ class Plan:
             for bs, k in itertools.product(self.batch_sizes, range(1, self.rounds + 1)):
                 add("run", config["baseline"], bs, layout.CONTROL, self.round_priority(m, layout.CONTROL_DIR, bs, k),
                     model=m, bs=bs, k=k)
-            for path in self.fidelity_jsons([hw]):
-                if path.startswith(f"{self.results}/{hw}/{m}/"):
-                    v = os.path.basename(path).removesuffix(".json")
-                    add("fidelity", v, 1, layout.FIDELITY, self.fidelity_priority, model=m, variant=v)
+            for v in self.fidelity_variants():
+                add("fidelity", v, 1, layout.FIDELITY, self.fidelity_priority, model=m, variant=v)
             if self.faults_jsons([hw]):
                 add("faults", "", 1, layout.FAULTS, model=m)
             r, o = config["reproducibility"], config["overhead"]
