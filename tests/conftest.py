@@ -85,7 +85,10 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
             "latency_s": lat,
             "audio_s": [2.0] * n,
             "semantic_tokens": sem,
-            "stages": {st: {"seconds": [x * f for x in lat], "tokens": [100] * n} for st, f in stage_share.items()},
+            # semantic and coarse: three quarters of the stage in 90 decode steps, the rest the prefill
+            "stages": {st: {"seconds": [x * f for x in lat], "tokens": [100] * n,
+                            **({"decode_seconds": [0.75 * x * f for x in lat], "decode_steps": [90] * n}
+                               if st in ("semantic", "coarse") else {})} for st, f in stage_share.items()},
         } if ok else None,
         "summary": {"latency_s": summarize(lat)} if ok else None,
         "memory": {"peak_rss_bytes": int(peak_rss_mb * 1e6), "rss_after_load_bytes": int(peak_rss_mb * 0.8e6),

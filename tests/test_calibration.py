@@ -102,10 +102,12 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     path.write_text(json.dumps(data))
     runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
     row = runs.iloc[0]
-    # make_run_json: the semantic stage takes 40 % of each 10 s call and counts 100 tokens
-    assert row["stage_semantic_floor_s"] == pytest.approx(3e8 * 100 / 1e10)
-    assert row["stage_semantic_x_floor"] == pytest.approx(4.0 / 3.0)
+    # make_run_json: the semantic stage takes 40 % of each 10 s call, three quarters of it in 90 decode steps:
+    # the floor is of those steps, against their time (not the prefill's)
+    assert row["stage_semantic_decode_s"] == pytest.approx(3.0) and row["stage_semantic_decode_steps"] == 90
+    assert row["stage_semantic_floor_s"] == pytest.approx(3e8 * 90 / 1e10)
+    assert row["stage_semantic_x_floor"] == pytest.approx(3.0 / 2.7)
     assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
     assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
     text = fragments.stages_md(runs, tables.calibration_table(runs))
-    assert "semantic floor s (× floor)" in text and "(×1.3)" in text and "read bandwidth 10 GB/s" in text
+    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "read bandwidth 10 GB/s" in text

@@ -143,6 +143,17 @@ def test_stage_seconds_are_positive_and_within_the_latency(sdpa_run):
     assert it.stages["decode"].tokens[0] == round(it.audio_s[0] * 24_000)
 
 
+def test_decode_steps_are_timed_apart_from_the_prefills(sdpa_run):
+    """Semantic: one generate loop; coarse: one per sliding window of 60 tokens. Each loop's decode steps are its
+    tokens after the prefill's, less the last (no next step ends it)."""
+    result, _, proto = sdpa_run
+    it = result.iterations
+    for stage, record in ((s, it.stages[s]) for s in ("semantic", "coarse")):
+        loops = -(-record.tokens[0] // 60) if stage == "coarse" else 1
+        assert record.decode_steps == [record.tokens[0] - 2 * loops] * proto.max_iterations, stage
+        assert all(0 < d < s for d, s in zip(record.decode_seconds, record.seconds)), stage
+
+
 def test_no_temporary_files_left(sdpa_run):
     _, out, _ = sdpa_run
     assert sorted(p.name for p in out.parent.iterdir()) == ["bs1.json", "bs1.wav"]
@@ -580,17 +591,24 @@ def test_a_run_record_refuses_an_invalid_document(tmp_path, sdpa_run):
 # --- stage tracker ---------------------------------------------------------------------------------
 
 class _Stage:
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, out, loops=()):
+        self.out, self.loops = out, loops
 
     def generate(self, *args, **kwargs):
+        for steps in self.loops:  # transformers' loop: a prefill, then decode steps, each prepared first
+            for i in range(steps):
+                self.prepare_inputs_for_generation(None, is_first_iteration=True) if i == 0 else \
+                    self.prepare_inputs_for_generation(None, next_sequence_length=1)
         return self.out
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {}
 
 
 class _FakeBark:
     def __init__(self):
-        self.semantic = _Stage(torch.zeros(2, 8))
-        self.coarse_acoustics = _Stage((torch.zeros(2, 24), torch.tensor([24, 20])))
+        self.semantic = _Stage(torch.zeros(2, 8), loops=(8,))
+        self.coarse_acoustics = _Stage((torch.zeros(2, 24), torch.tensor([24, 20])), loops=(16, 8))  # two windows
         self.fine_acoustics = _Stage(torch.zeros(2, 8, 12))  # (batch, codebooks, frames)
 
     def codec_decode(self, codes, lengths=None):
@@ -614,10 +632,16 @@ def test_stage_tracker_counts_and_unwraps():
     assert {s: r["tokens"] for s, r in record.items()} == {
         "semantic": [8, 8], "coarse": [24, 24], "fine": [96, 96], "decode": [7040, 7040]}
     assert all(len(r["seconds"]) == 2 and all(x >= 0 for x in r["seconds"]) for r in record.values())
+    # decode steps: each loop's steps after its prefill, but its last (no next start ends it)
+    assert record["semantic"]["decode_steps"] == [6, 6] and record["coarse"]["decode_steps"] == [20, 20]
+    for stage in ("semantic", "coarse"):
+        assert all(0 <= d <= s for d, s in zip(record[stage]["decode_seconds"], record[stage]["seconds"]))
+    assert "decode_steps" not in record["fine"]
     # back to the class methods: nothing timed any more
     for owner, name in ((model.semantic, "generate"), (model.coarse_acoustics, "generate"),
                         (model.fine_acoustics, "generate"), (model, "codec_decode")):
         assert name not in owner.__dict__
+    assert "prepare_inputs_for_generation" not in model.semantic.__dict__
     model.generate()
     assert tracker.as_dict()["semantic"]["tokens"] == [8, 8]
 

@@ -2,9 +2,11 @@
 throughput) measured in every CPU run on the job's threads, the work of each stage described from the loaded
 model, and the floor they give.
 
-- semantic and coarse decode are memory-bound at batch size 1: every step reads the sub-model's weights once
-  (embedding tables excepted: one row per token). Floor = bytes read per step x steps / read bandwidth.
-  The KV cache read per step (a few MB at the default lengths) is left out.
+- semantic and coarse decode are memory-bound at batch size 1: every decode step reads the sub-model's weights
+  once (embedding tables excepted: one row per token). Floor = bytes read per step x decode steps / read
+  bandwidth, against the time of the decode steps alone (`trackers.DecodeSteps`); the prefills (a 257-token
+  prompt per semantic call and per coarse window) are the rest of the stage. The KV cache read per step
+  (~20 MB in fp32 at the default lengths) is left out: the floor is a lower bound.
 - the fine model is compute-bound: FLOPs of its passes over the window / GEMM throughput of its number format
   (fp32, bf16, or int8 as the int8 variants run it: torch.ao dynamic quantized Linear).
 - the EnCodec decode has no floor here (convolutions and an LSTM, well under 1 % of the time).
@@ -21,6 +23,7 @@ import time
 import torch
 
 from .fine_window import WINDOW_MULTIPLE, window_frames
+from .int8_compile import CompilableDynamicLinear, is_dynamic_int8 as _is_dynamic_int8
 
 BANDWIDTH_BYTES = 256 * 2**20  # well beyond any last-level cache
 GEMM_SIZE = 1024  # M = N = K
@@ -83,12 +86,9 @@ def measure(budget_s: float = 0.1) -> dict:
 # ---------------------------------------------------------------- what each stage does
 
 
-def _is_dynamic_int8(module) -> bool:
-    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
-
-
 def _linear_weight(module):
-    """The weight tensor of a Linear or a torch.ao dynamic int8 Linear; None for other modules."""
+    """The weight tensor of a Linear or a torch.ao dynamic int8 Linear; None for other modules (a compilable
+    wrapper's weight is its `linear`'s)."""
     if isinstance(module, torch.nn.Linear):
         return module.weight
     if _is_dynamic_int8(module) and hasattr(module, "weight"):
@@ -136,6 +136,7 @@ def fine_work(fine, passes_per_window: int, fine_window: bool) -> dict:
             continue
         linear_params += weight.numel()
     head = fine.lm_heads[0]
+    head = head.linear if isinstance(head, CompilableDynamicLinear) else head
     head_weight = _linear_weight(head)
     linear_params += head_weight.numel() if head_weight is not None else 0
     return {"linear_flops_per_frame": 2 * linear_params,
@@ -174,20 +175,20 @@ def fine_flops(work: dict, frames: int, batch_size: int) -> float:
     return float(batch_size * work["passes_per_window"] * per_pass)
 
 
-def stage_floors(work: dict | None, calibration: dict | None, stage_tokens: dict, batch_size: int) -> dict:
+def stage_floors(work: dict | None, calibration: dict | None, stage_steps: dict, batch_size: int) -> dict:
     """Floor seconds per stage ({semantic, coarse, fine}; None where it cannot be given) from a run's
-    recorded stage work and calibration and the median tokens of each stage (as the stage timers count them:
-    semantic tokens, coarse tokens, fine codes = frames x codebooks)."""
+    recorded stage work and calibration and what each stage counts (medians): semantic and coarse, their
+    decode steps; fine, its codes (frames x codebooks)."""
     floors = {"semantic": None, "coarse": None, "fine": None}
     if not work or not calibration:
         return floors
     bandwidth = calibration["read_bandwidth_bytes_per_s"]
     for stage in ("semantic", "coarse"):
-        steps = stage_tokens.get(stage)
+        steps = stage_steps.get(stage)
         if steps and steps == steps:  # not NaN
             floors[stage] = decode_floor_s(work[stage]["bytes_per_step"], steps, bandwidth)
     fine = work["fine"]
-    codes = stage_tokens.get("fine")
+    codes = stage_steps.get("fine")
     throughput = calibration["gemm_flops_per_s"].get(fine["gemm_dtype"])
     if codes and codes == codes and throughput:
         frames = int(round(codes / fine["codebooks"]))

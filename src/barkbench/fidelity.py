@@ -518,6 +518,7 @@ def layer_check(baseline, reference, candidate, device: torch.device, limit: var
     of the same name received (teacher-forced, first call): the candidate's output against the reference layer's
     and the baseline layer's. Limit: the fp32 floor of the output's scale plus `layer_share` times the layer's own
     quantization error on that input. None where the reference simulates no layer (casts only, or exact)."""
+    from .int8_compile import CompilableDynamicLinear
     from .references import FakeQuantLinear
 
     names = [name for name, m in reference.named_modules() if isinstance(m, FakeQuantLinear)]
@@ -529,7 +530,10 @@ def layer_check(baseline, reference, candidate, device: torch.device, limit: var
         def hook(module, args, output, name=name):
             if name not in seen:
                 seen[name] = (args[0].detach().clone(), output.detach().clone())  # later ops may reuse the buffers
-        hooks.append(candidate.get_submodule(name).register_forward_hook(hook))
+        layer = candidate.get_submodule(name)
+        # int8 under compile: the layer that computes is called inside an opaque operator, with its hooks
+        layer = layer.linear if isinstance(layer, CompilableDynamicLinear) else layer
+        hooks.append(layer.register_forward_hook(hook))
     try:
         teacher_forced_logits(candidate, device, seed)
     finally:

@@ -425,11 +425,14 @@ def stages_md(runs: pd.DataFrame, calibration: pd.DataFrame | None = None,
             sec, tok = g[f"stage_{st}_s"].astype(float), g[f"stage_{st}_tokens"].astype(float)
             cells[f"{st} s (tokens/s)"] = [f"{fmt_num(s)} ({fmt_num(t / s, 1)})" if isnum(s) and s > 0 and isnum(t)
                                            else fmt_num(s) for s, t in zip(sec, tok)]
-        for st in ("semantic", "coarse", "fine"):
+        for st in ("semantic", "coarse"):  # the decode steps against their floor; the prefills are the rest
             if f"stage_{st}_floor_s" in g and g[f"stage_{st}_floor_s"].notna().any():
-                cells[f"{st} floor s (× floor)"] = [
-                    f"{fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) else "–"
-                    for f, x in zip(g[f"stage_{st}_floor_s"], g[f"stage_{st}_x_floor"])]
+                cells[f"{st} decode s / floor s (× floor)"] = [
+                    f"{fmt_num(d)} / {fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) and isnum(d) else "–"
+                    for d, f, x in zip(g[f"stage_{st}_decode_s"], g[f"stage_{st}_floor_s"], g[f"stage_{st}_x_floor"])]
+        if "stage_fine_floor_s" in g and g["stage_fine_floor_s"].notna().any():
+            cells["fine floor s (× floor)"] = [f"{fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) else "–"
+                                               for f, x in zip(g["stage_fine_floor_s"], g["stage_fine_x_floor"])]
         parts.append(f"**{md_escape(hw)} · {md_escape(model)}** (medians over the timed calls of each process, "
                      f"then over the processes)\n\n" + to_pipe_table(pd.DataFrame(cells)) + _fine_padding(g))
         parts.append(_calibration_md(calibration, hw) + _guidance_md(guidance, hw, model))
@@ -446,8 +449,11 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
         return (f"{fmt_num(r[col + '_median'], 0)} {unit} ({fmt_num(r[col + '_min'], 0)}–"
                 f"{fmt_num(r[col + '_max'], 0)})")
 
-    return (f"Floors: semantic and coarse, weights read per decode step (embedding tables excepted, KV cache and "
-            f"prefill left out) × steps ÷ read bandwidth; fine, FLOPs of its passes over the window it runs ÷ GEMM "
+    return (f"Floors: semantic and coarse, weights read per decode step (embedding tables excepted, KV cache left "
+            f"out) × decode steps ÷ read bandwidth, against the decode steps' own time (each step from its start to "
+            f"the next one's: forward, logits processing, sampling; the rest of the stage is its prefills, a 257-token "
+            f"prompt per semantic call and per coarse window; a loop that marks no steps, as the device-side one, "
+            f"has none); fine, FLOPs of its passes over the window it runs ÷ GEMM "
             f"throughput of its number format; each run's own calibration, measured on the job's threads before "
             f"loading (median and range over the {int(r['runs'])} runs): read bandwidth "
             f"{fig('read_bandwidth_gb_s', 'GB/s')}, GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "

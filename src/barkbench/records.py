@@ -147,10 +147,13 @@ class Summary(_Measure):
 
 @dataclass(kw_only=True)
 class Stage(_Measure):
-    """One generation stage over the timed calls: seconds and tokens per call."""
+    """One generation stage over the timed calls: seconds and tokens per call; semantic and coarse, also the
+    seconds and number of their decode steps per call (`trackers.DecodeSteps`; a None: no steps marked)."""
 
     seconds: list[float]
     tokens: list[int]
+    decode_seconds: list[float | None] | None = OMITTED
+    decode_steps: list[int] | None = OMITTED
 
 
 @dataclass(kw_only=True)

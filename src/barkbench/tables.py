@@ -12,11 +12,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-from . import calibration, layout, stats, variants
+from . import calibration, layout, stats, trackers, variants
+from .markdown import isnum
 from .legacy import PREFIX as LEGACY_PREFIX, baseline_for, stack_baseline, today_counterpart
 from .records import FaultSuite, FidelityResult, ResultError, RunResult, hardware_folder
 
 STAGES = ("semantic", "coarse", "fine", "decode")
+DECODING_STAGES = trackers.DECODING_STAGES
+FLOOR_STAGES = ("semantic", "coarse", "fine")  # EnCodec's decode has no floor (barkbench.calibration)
 MB = 1e6  # 1 MB = 10^6 bytes, as the 2023 study
 REPRO_TOLERANCE = 0.05  # largest relative spread of per-repetition medians called reproducible
 # What two runs must share for a relative change between them to mean anything (besides hardware,
@@ -220,13 +223,17 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     for st in STAGES:
         row[f"stage_{st}_s"] = _median(_attr(stages.get(st), "seconds", None))
         row[f"stage_{st}_tokens"] = _median(_attr(stages.get(st), "tokens", None))
-    # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration)
+    for st in DECODING_STAGES:  # their decode steps apart from the prefill (trackers.DecodeSteps)
+        row[f"stage_{st}_decode_s"] = _median(_attr(stages.get(st), "decode_seconds", None))
+        steps = [n for n in (_attr(stages.get(st), "decode_steps", None) or []) if n]
+        row[f"stage_{st}_decode_steps"] = float(np.median(steps)) if steps else np.nan
+    # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration):
+    # semantic and coarse, of their decode steps
     cal = rec.hardware.get("calibration")
-    floors = calibration.stage_floors(rec.model.get("stage_work"), cal,
-                                      {st: row[f"stage_{st}_tokens"] for st in STAGES}, row["batch_size"])
+    floors = calibration.stage_floors(rec.model.get("stage_work"), cal, _floor_steps(row), row["batch_size"])
     for st, floor in floors.items():
         row[f"stage_{st}_floor_s"] = floor if floor is not None else np.nan
-        row[f"stage_{st}_x_floor"] = row[f"stage_{st}_s"] / floor if floor else np.nan
+    _multiples_of_floors(row)
     row["cpu_features"] = " ".join(rec.hardware.get("cpu_features") or [])
     row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan
     for fmt in ("fp32", "bf16", "int8"):
@@ -322,14 +329,25 @@ def _cell_row(g: pd.DataFrame) -> dict:
     for col in ("peak_memory_mb", "samples_per_s", "audio_s_per_s", "rtf", "load_s", "timed_s",
                 "joules_per_sample", "joules_per_audio_s",
                 *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES],
-                *[f"stage_{st}_floor_s" for st in ("semantic", "coarse", "fine")]):
+                *[f"stage_{st}_{x}" for st in DECODING_STAGES for x in ("decode_s", "decode_steps")],
+                *[f"stage_{st}_floor_s" for st in FLOOR_STAGES]):
         if col in ok:
             row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan
-    for st in ("semantic", "coarse", "fine"):  # the cell's multiple of its floor, from the cell's own medians
-        if f"stage_{st}_floor_s" in row:
-            floor = row[f"stage_{st}_floor_s"]
-            row[f"stage_{st}_x_floor"] = row[f"stage_{st}_s"] / floor if floor and floor > 0 else np.nan
+    _multiples_of_floors(row)  # the cell's multiple of its floor, from the cell's own medians
     return row
+
+
+def _floor_steps(row) -> dict:
+    """What each floor counts: semantic and coarse, their decode steps; fine, its codes."""
+    return {**{st: row[f"stage_{st}_decode_steps"] for st in DECODING_STAGES}, "fine": row["stage_fine_tokens"]}
+
+
+def _multiples_of_floors(row) -> None:
+    """Measured time ÷ floor: semantic and coarse, of their decode steps; fine, of the stage."""
+    for st in FLOOR_STAGES:
+        floor = row.get(f"stage_{st}_floor_s")
+        measured = row.get(f"stage_{st}_decode_s" if st in DECODING_STAGES else f"stage_{st}_s")
+        row[f"stage_{st}_x_floor"] = measured / floor if isnum(floor) and floor > 0 and isnum(measured) else np.nan
 
 
 def within_of(row) -> stats.Within:

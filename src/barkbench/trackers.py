@@ -2,6 +2,7 @@
 the trackers: CUDA events (after a synchronize) on a GPU, perf_counter on the CPU."""
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -48,15 +49,60 @@ STAGES = {
 }
 
 
+# The autoregressive stages: their decode steps are timed apart from the prefill (DecodeSteps).
+DECODING_STAGES = ("semantic", "coarse")
+
+
+def starts_loop(kwargs: dict) -> bool:
+    """Whether this step of a generate loop is its prefill: transformers 5 says so (`is_first_iteration` in the
+    prefill, `next_sequence_length` in every step); older ones (the 2023 stack) pass a cache still empty."""
+    if "is_first_iteration" in kwargs or "next_sequence_length" in kwargs:
+        return bool(kwargs.get("is_first_iteration"))
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return True
+    return past.get_seq_length() == 0 if hasattr(past, "get_seq_length") else len(past) == 0
+
+
+class DecodeSteps:
+    """Marks the start of every forward step of a sub-model's generate loops: transformers calls
+    `prepare_inputs_for_generation` once per step, the first of each generate call its prefill (`starts_loop`;
+    the coarse stage runs one generate call per window). A decode step's time is the interval from its start to the
+    next step's start in the same loop: the whole step (forward, logits processing, sampling, stopping
+    criteria). The last step of each loop has no next start and is not counted. A loop that does not call
+    `prepare_inputs_for_generation` per step (the device-side loop) gives no decode steps."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.loops: list[list] = []
+
+    def mark(self, first: bool):
+        if first or not self.loops:
+            self.loops.append([])
+        self.loops[-1].append(self.clock.mark())
+
+    def take(self) -> tuple[float | None, int]:
+        """Seconds and number of the decode steps marked since the last take (None, 0 without any)."""
+        steps = [(a, b) for loop in self.loops for a, b in zip(loop[1:], loop[2:])]
+        self.loops.clear()
+        if not steps:
+            return None, 0
+        return float(sum(self.clock.seconds(a, b) for a, b in steps)), len(steps)
+
+
 class StageTracker:
     """Times each Bark stage of one generate call by wrapping the sub-model methods on the instance
     (no profiler, no change to the model). Tokens: semantic tokens, coarse tokens (both codebooks
-    interleaved), fine codes (frames x codebooks), decoded audio samples."""
+    interleaved), fine codes (frames x codebooks), decoded audio samples. Semantic and coarse: also the
+    seconds and number of their decode steps (`DecodeSteps`); the rest of the stage is its prefills."""
 
     def __init__(self, model, clock: Clock):
         self.model, self.clock = model, clock
         self.seconds: dict[str, list] = {s: [] for s in STAGES}
         self.tokens: dict[str, list] = {s: [] for s in STAGES}
+        self.decode: dict[str, DecodeSteps] = {s: DecodeSteps(clock) for s in DECODING_STAGES}
+        self.decode_seconds: dict[str, list] = {s: [] for s in DECODING_STAGES}
+        self.decode_steps: dict[str, list] = {s: [] for s in DECODING_STAGES}
 
     def _wrap(self, stage, owner, name, count):
         original = getattr(owner, name)
@@ -65,26 +111,51 @@ class StageTracker:
             with self.clock.measure(self.seconds[stage]):
                 out = original(*args, **kwargs)
             self.tokens[stage].append(int(count(out)))
+            if stage in self.decode:
+                seconds, steps = self.decode[stage].take()
+                self.decode_seconds[stage].append(seconds)
+                self.decode_steps[stage].append(steps)
             return out
 
         setattr(owner, name, timed)
 
-    def __enter__(self):
+    def _mark_steps(self, owner, steps: DecodeSteps):
+        original = getattr(owner, "prepare_inputs_for_generation", None)
+        if original is None:  # not a transformers generate loop: no decode steps
+            return
+
+        @functools.wraps(original)  # generate reads its signature (which inputs the model accepts)
+        def marked(*args, **kwargs):
+            steps.mark(starts_loop(kwargs))
+            return original(*args, **kwargs)
+
+        owner.prepare_inputs_for_generation = marked
+
+    def _owners(self):
         for stage, ((attr, name), count) in STAGES.items():
-            owner = getattr(self.model, attr) if attr else self.model
+            yield stage, (getattr(self.model, attr) if attr else self.model), name, count
+
+    def __enter__(self):
+        for stage, owner, name, count in self._owners():
             self._wrap(stage, owner, name, count)
+            if stage in self.decode:
+                self._mark_steps(owner, self.decode[stage])
         return self
 
     def __exit__(self, *exc):
-        for (attr, name), _ in STAGES.values():
-            owner = getattr(self.model, attr) if attr else self.model
+        for stage, owner, name, _ in self._owners():
             owner.__dict__.pop(name, None)  # back to the class method
+            owner.__dict__.pop("prepare_inputs_for_generation", None)
         return False
 
     def as_dict(self, calls: int | None = None) -> dict:
         """Per stage, seconds and tokens of the first `calls` calls (all by default: a call cut short
-        by the time limit may have timed some stages)."""
-        return {s: {"seconds": self.seconds[s][:calls], "tokens": self.tokens[s][:calls]} for s in STAGES}
+        by the time limit may have timed some stages); semantic and coarse, their decode steps' seconds
+        (None for a call whose loop marks no steps) and number."""
+        out = {s: {"seconds": self.seconds[s][:calls], "tokens": self.tokens[s][:calls]} for s in STAGES}
+        for s in DECODING_STAGES:
+            out[s].update(decode_seconds=self.decode_seconds[s][:calls], decode_steps=self.decode_steps[s][:calls])
+        return out
 
 
 def anon_rss_bytes() -> int | None:
@@ -147,6 +218,9 @@ def stage_timer_cost(clock: Clock, calls: int = 2000) -> float:
     class Stage:  # methods on the class, as on the real sub-models (the tracker patches instances)
         def generate(self, *args, **kwargs):
             return out
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return {}
 
     class StandIn:
         def __init__(self):

@@ -224,6 +224,10 @@ def _apply_compile(model, ctx):
     # Default inductor mode on every device: max-autotune benchmarks kernel configurations per shape (minutes of
     # compilation per batch size on a GPU, against the job's time limit), and the fine model's per-codebook
     # calls are few and large, so CUDA graphs would buy little.
+    from .int8_compile import make_compilable
+
+    if wrapped := make_compilable(model):  # int8: torch.ao's dynamic Linear, one opaque operator in the graph
+        ctx.notes.append(f"{wrapped} dynamic int8 Linear layers compiled as opaque operators (the same kernel)")
     model.fine_acoustics.forward = torch.compile(model.fine_acoustics.forward)
     ctx.notes.append("torch.compile (mode=default) of the fine model's forward")
     # With a static cache (static), every decode step has the same shapes: compiled once.
@@ -277,7 +281,7 @@ register(Optimization(
     places_model=True, order=10, apply=_apply_offload))
 register(Optimization(
     "int8", "dynamic int8 quantization of the transformers' Linear layers (torch.ao)", group="quantization",
-    order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload", "compile"),
+    order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload"),
     cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
     reference="int8-dynamic", limit=INT8_WEIGHTS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
     call_factor=0.6, fidelity_extra=4.0,  # its check: the int8 reference simulation and the per-layer check
