@@ -72,6 +72,8 @@ def test_parse_accepts_compatible(text):
 @pytest.mark.parametrize("text,spelled", [
     ("bf16+sdpa", "sdpa+bf16"), ("compile+bf16+sdpa", "sdpa+bf16+compile"), ("fp16+sdpa+offload", "offload+sdpa+fp16"),
     ("compile+bf16+int8wo+sdpa", "sdpa+int8wo+bf16+compile"), ("sdpa+bf16", "sdpa+bf16"),
+    ("finewin+static+int8+sdpa+compile", "sdpa+int8+static+finewin+compile"),
+    ("sdpa+int8+static+finewin+compile", "sdpa+int8+static+finewin+compile"),
 ])
 def test_one_spelling_per_set_of_optimizations(text, spelled):
     assert variants.parse(text).name == variants.canonical(text) == spelled

@@ -430,8 +430,9 @@ def parse(variant: str) -> Variant:
 SPELLING_ORDER = ("stack", "placement", "attention", "quantization", "dtype", None, "compile")
 
 
-def _spelling_rank(opt: Optimization) -> int:
-    return SPELLING_ORDER.index(opt.group if opt.group in SPELLING_ORDER else None)
+def _spelling_rank(opt: Optimization) -> tuple[int, int]:
+    # within "anything else" (the decode cache, the fine window), the order they are applied in
+    return SPELLING_ORDER.index(opt.group if opt.group in SPELLING_ORDER else None), opt.order
 
 
 def canonical(variant: str) -> str:
