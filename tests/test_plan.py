@@ -393,6 +393,6 @@ def test_the_run_budget_is_a_deadline_every_job_inherits():
     assert environ == {}
     plan.start_run_budget(10, environ)
     first = float(environ[DEADLINE_ENV])
-    assert first > time.time() + 9 * 60  # ten minutes from now
+    assert time.time() + 8 * 60 < first < time.time() + 10 * 60  # ten minutes from now, less the report's reserve
     plan.start_run_budget(20, environ)  # a deadline already set (an outer invocation's) is kept
     assert float(environ[DEADLINE_ENV]) == first
