@@ -24,6 +24,8 @@ CPU = torch.device("cpu")
 # The environments' root: the user's barkbench cache (read at collection, before the session fixture
 # points BARKBENCH_CACHE at a temporary folder), so the environment is built once and reused across runs.
 ENV_ROOT = cache.cache_dir()
+# one xdist worker builds the environment and runs every test that uses it (`pytest -n auto --dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("legacy")
 
 
 def test_pins_hash_follows_the_pins_not_the_comments(tmp_path):

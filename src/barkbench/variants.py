@@ -253,6 +253,18 @@ def _apply_openvino(model, ctx):
         ctx.notes.append("OpenVINO runs the semantic and coarse decode step (static cache)")
 
 
+def _apply_ort(model, ctx):
+    from . import ort_runtime
+
+    files = ort_runtime.use_ort(model, torch.get_num_threads())
+    import onnxruntime
+
+    ctx.notes.append(f"ONNX Runtime {onnxruntime.__version__} (CPU execution provider, fp32, "
+                     f"{torch.get_num_threads()} intra-op threads) runs the semantic, coarse and fine models' forward, "
+                     f"exported with torch.onnx (dynamo, opset {ort_runtime.EXPORT_OPSET}): "
+                     + ", ".join(f"{k} {p.parent.name}" for k, p in files.items()))
+
+
 # Per sub-config: a plain "flash_attention_2" reaches codec_config too, and EncodecModel refuses it at load.
 FA2_PER_SUBMODEL = {"semantic_config": "flash_attention_2", "coarse_acoustics_config": "flash_attention_2",
                     "fine_acoustics_config": "flash_attention_2", "codec_config": "eager"}
@@ -336,6 +348,16 @@ register(Optimization(
     needs_stack=lambda: __import__("barkbench.openvino_runtime").openvino_runtime.unavailable_reason(),
     pays_off_with=("avx2", "avx512f"),
     pays_off_why="OpenVINO's CPU kernels need AVX2 at least to beat oneDNN's fp32"))
+# ONNX Runtime: the other CPU runtime a user would pick; installable wherever PyTorch is (a PyPI wheel).
+register(Optimization(
+    "ort", "ONNX Runtime (CPU execution provider, fp32) runs the three transformers' forward, exported to ONNX; "
+    "Bark's generate loops stay in PyTorch", group="compile", order=90, apply=_apply_ort,
+    conflicts=("offload", "legacy", "sdpa", "bt", "int8", "bf16", "static", "devloop"),
+    cuda_reason="runs on ONNX Runtime's CPU execution provider (the model would leave the GPU)",
+    needs_stack=lambda: __import__("barkbench.ort_runtime").ort_runtime.unavailable_reason(),
+    # priors: finewin+ort 7.3 s against eager 19.5 s and sdpa+finewin 6.4 (bark-small, 2 cores); the export (~100 s
+    # for bark-small's three sub-models) happens in the first process of a run only, then comes from the cache
+    call_factor=0.8, first_call_extra=3.0))
 
 
 @dataclass(frozen=True)
