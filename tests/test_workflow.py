@@ -27,6 +27,24 @@ def _workflow_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _runs_of(target: Path, work: Path) -> list:
+    """The `barkbench run` processes (not their shells) writing `target` in this workflow copy only: another
+    test on another pytest-xdist worker may be measuring the same relative target in its own copy."""
+    import psutil
+
+    pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
+                          text=True).stdout.split()
+    runs = []
+    for pid in map(int, pids):
+        try:
+            p = psutil.Process(pid)
+            if p.name() != "bash" and p.cwd() == str(work.resolve()):
+                runs.append(p)
+        except psutil.NoSuchProcess:  # pgrep itself, or a run that ended meanwhile
+            pass
+    return runs
+
+
 def _snakemake(cwd: Path, *args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -325,11 +343,10 @@ def test_a_run_killed_mid_loop_leaves_nothing_and_is_measured_again(tmp_path, mo
     deadline = time.time() + 120
     while not (log.exists() and "eager bs1:" in log.read_text()) and time.time() < deadline:
         time.sleep(0.5)  # until the timed loop has started
-    pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
-                          text=True).stdout.split()
-    assert pids, "the run was not found"
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+    runs = _runs_of(target, work)
+    assert runs, "the run was not found"
+    for run in runs:
+        run.send_signal(signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert not target.exists() and not list(target.parent.glob(".rep1.json.*"))  # no result, no partial file
@@ -363,9 +380,7 @@ def test_a_job_whose_shell_is_killed_dies_with_it_and_writes_nothing(tmp_path, m
         deadline = time.time() + 120
         while not (log.exists() and "eager bs1:" in log.read_text()) and time.time() < deadline:
             time.sleep(0.5)  # until the timed loop has started
-        pids = subprocess.run(["pgrep", "-f", f"barkbench run .*{target.relative_to(work)}"], capture_output=True,
-                              text=True).stdout.split()
-        job = [p for p in map(psutil.Process, map(int, pids)) if p.name() != "bash"]  # not its shell
+        job = _runs_of(target, work)
         assert len(job) == 1, "the run was not found"
         shell = job[0].parent()
         assert shell.name() == "bash"
