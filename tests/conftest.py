@@ -292,3 +292,8 @@ BAD_CONFIGS = [  # refused by barkbench.plan in one line, naming where (test_pla
     ("colour: blue\n", "config: top level: Additional properties are not allowed ('colour' was unexpected)"),
     ("models: [suno/bark-huge]\n", "config: models.0: 'suno/bark-huge' does not match"),
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow (end-to-end) tests first, so that pytest-xdist's workers do not wait on one of them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

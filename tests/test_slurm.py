@@ -1,6 +1,6 @@
 """The workflow on a SLURM cluster through Snakemake's executor plugin: every job submitted with sbatch, the
 hardware folder named by the submitter, the hardware measured on the node. Needs a cluster on this machine:
-tests/slurm/cluster-up brings up a single-node one (as root); run with `pytest -m slurm`."""
+tests/slurm/cluster-up brings up a single-node one (as root); README's test command then runs it with the rest."""
 from __future__ import annotations
 
 import json
@@ -18,21 +18,21 @@ from test_workflow import _json, _snakemake, _workflow_copy  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_UP = ROOT / "tests" / "slurm" / "cluster-up"
 TARGET = "slurm-test"  # the hardware folder the submitter names
 
 
 @pytest.fixture(scope="module")
 def partition():
-    """The partition of the test cluster: brought up by cluster-up (as root), or one already running."""
-    if os.geteuid() == 0:
-        up = subprocess.run([str(CLUSTER_UP)], capture_output=True, text=True, timeout=900)
-        assert up.returncode == 0, up.stderr[-3000:]
-        return up.stdout.split()[-1]
-    if shutil.which("sinfo") is None or subprocess.run(["sinfo", "-h", "-p", "barkbench"], capture_output=True,
-                                                        text=True).stdout.strip() == "":
-        pytest.skip("no SLURM test cluster: run tests/slurm/cluster-up as root")
+    """The partition of the test cluster, brought up beforehand by tests/slurm/cluster-up (as root: the test
+    installs nothing). Without it the test is skipped, unless BARKBENCH_REQUIRE_SLURM=1 (CI) makes that a failure."""
+    up = shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h", "-p", "barkbench", "-t", "idle,mixed,allocated"], capture_output=True,
+        text=True).stdout.strip() != ""
+    if not up:
+        message = "no SLURM test cluster: run tests/slurm/cluster-up as root first"
+        if os.environ.get("BARKBENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(message + " (BARKBENCH_REQUIRE_SLURM=1)")
+        pytest.skip(message)
     return "barkbench"
 
 
