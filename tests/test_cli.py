@@ -209,3 +209,25 @@ def test_aggregate_names_a_missing_or_corrupt_file(tmp_path, capsys, content, me
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and str(path) in err and message in err
     assert not (tmp_path / "tables").exists()
+
+
+def test_each_records_the_variants_that_cannot_run_here_in_one_process(tmp_path, capsys):
+    """`barkbench each`: the workflow's one job for the variants that cannot run on this device (fp16 on a CPU), a
+    cell's process and a fidelity check, each written as it would be by its own command."""
+    from barkbench import cli
+    from barkbench.records import FidelityResult
+
+    run_out, check_out = tmp_path / "fp16" / "bs1" / "rep1.json", tmp_path / "fidelity" / "fp16.json"
+    commands = [["run", *_with(GOOD, variant="fp16"), "--out", str(run_out)],
+                ["fidelity", "--model", TINY, "--variant", "fp16", "--device", "cpu", "--out", str(check_out)]]
+    assert cli.main(["each", json.dumps(commands)]) == 0
+    capsys.readouterr()
+    run = RunResult.from_json(run_out)
+    assert run.status == "not_applicable" and "fp16" in run.reason and run.variant["name"] == "fp16"
+    check = FidelityResult.from_json(check_out)
+    assert check.status == "not_applicable" and check.variant == "fp16"
+    for bad, message in [("not json", "Expecting value"), ('[["aggregate"]]', "each starting with one of"),
+                         ('[["run", 1]]', "each starting with one of"), ('{"run": []}', "a JSON list")]:
+        assert cli.main(["each", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("barkbench: error:") and message in err and "\n" not in err

@@ -51,6 +51,15 @@ def _work(n_cells=20):
                     Work("not_applicable", "fp16", 1, "fp16", "m")]
 
 
+def test_the_records_of_variants_that_cannot_run_here_cost_one_job_start():
+    def seconds(n_records, kind="not_applicable"):
+        work = _work()[:-1] + [Work(kind, "fp16", 1, f"fp16/{k}", "m") for k in range(n_records)]
+        return estimate.estimate(work, {"m": PROBE}, PROTOCOL, None, fault_cases=12).seconds
+
+    assert seconds(0) < seconds(1) == pytest.approx(seconds(30))  # one job writes them all
+    assert seconds(30, "not_applicable_job") > seconds(1, "not_applicable_job") > seconds(0)  # one job each
+
+
 def test_a_run_that_fits_keeps_the_protocols_timed_calls():
     unbounded = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, None, fault_cases=12)
     fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, unbounded.seconds + 1, fault_cases=12)

@@ -349,6 +349,23 @@ def test_the_estimate_counts_the_jobs_that_load_a_model_here(smoke, tmp_path):
     assert p.estimate([]) is None
 
 
+def test_the_variants_that_cannot_run_here_are_recorded_by_one_job(smoke, tmp_path):
+    smoke["results"] = str(tmp_path / "results")
+    smoke["variants"] = [*smoke["variants"], "legacy+bt+fp16"]  # the 2023 stack's: recorded by its own interpreter
+    p = plan.Plan(smoke, HARDWARE, "cpu")
+    together = p.not_applicable_jobs()
+    assert sorted(together) == sorted(j for j in p.declared() if "/fp16" in j)  # fp16's processes and its check
+    for path, argv in together.items():
+        assert argv[0] in ("run", "fidelity") and argv[argv.index("--variant") + 1] == "fp16"
+        assert argv[-2:] == ["--out", path]
+        assert argv[1:-2] == ["--variant", "fp16", *(p.run_args("synthetic--tiny", 1) if argv[0] == "run"
+                                                      else p.fidelity_args("synthetic--tiny", "fp16"))]
+    kinds = {w.path: w.kind for w in p.pending_work()}
+    assert {kinds[j] for j in together} == {"not_applicable"}
+    assert {k for j, k in kinds.items() if "legacy+bt+fp16" in j} == {"not_applicable_job"}
+    assert "run" in kinds.values() and not set(together) & set(p.pending_jobs())
+
+
 def test_a_failed_or_unreadable_result_gets_a_retry_token(tmp_path):
     said = []
     assert plan.retry_args(str(tmp_path / "absent.json"), said.append) == []

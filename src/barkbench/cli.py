@@ -15,6 +15,9 @@ class UsageError(Exception):
     pass
 
 
+EACH_COMMANDS = ("run", "fidelity")  # what `barkbench each` runs in one process
+
+
 def _positive(name):
     def parse(text):
         try:
@@ -138,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                           '{"int8-dynamic": {"kl_mean": 0.01, "same_top1": 0.9, "source": "..."}} (judged on hub weights only)')
     fid.add_argument("--job-shell-pid", type=int, default=None, help=argparse.SUPPRESS)
 
+    each = sub.add_parser("each", help="run several `run` / `fidelity` commands in this one process (the workflow "
+                                       "records the variants that cannot run on this device in one job)")
+    each.add_argument("commands", help='JSON list of argument lists: [["run", "--variant", ...], ["fidelity", ...]]')
+    each.add_argument("--job-shell-pid", type=int, default=None, help=argparse.SUPPRESS)
+
     rep = sub.add_parser("render", help="render the report from the tables' fragments and the figures")
     rep.add_argument("--qmd", required=True)
     rep.add_argument("--tables", required=True, help="folder written by `aggregate`")
@@ -230,6 +238,15 @@ def main(argv=None) -> int:
                          baseline=args.baseline, retry_of=args.retry_of, cost_targets=targets,
                          time_limit_s=args.time_limit_s)
             return 0
+        if args.command == "each":
+            import json
+
+            commands = json.loads(args.commands)
+            if not (isinstance(commands, list) and all(
+                    isinstance(c, list) and c and c[0] in EACH_COMMANDS and all(isinstance(a, str) for a in c)
+                    for c in commands)):
+                raise UsageError(f"each: give a JSON list of argument lists, each starting with one of {EACH_COMMANDS}")
+            return max((main(command) for command in commands), default=0)  # each one writes its own record
         if args.command == "render":
             from .render import render_report
 

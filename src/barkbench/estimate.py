@@ -116,7 +116,8 @@ def run_probe(command: list[str], timeout_s: float) -> Probe:
 @dataclass(frozen=True)
 class Work:
     """One pending job of a run: `kind` run (a cell's process, the A/A control's, a repro or overhead process),
-    fidelity, faults, or not_applicable (it records why and loads nothing)."""
+    fidelity, faults, or a record of why its variant cannot run here (it loads nothing): not_applicable (written with
+    the others in one job) or not_applicable_job (a job of its own)."""
 
     kind: str
     variant: str
@@ -169,7 +170,9 @@ def faults_seconds(cases: int, probe: Probe) -> float:
 
 
 def job_seconds(work: Work, probe: Probe, protocol: dict, timed_budget_s: float, fault_cases: int) -> float:
-    if work.kind == "not_applicable":
+    if work.kind == "not_applicable":  # one record of the job that writes them all (its start: `estimate`)
+        return 0.0
+    if work.kind == "not_applicable_job":
         return probe.startup_s - probe.calibration_s
     if work.kind == "fidelity":
         return fidelity_seconds(work.variant, probe, protocol)
@@ -202,6 +205,8 @@ def estimate(work: list[Work], probes: dict, protocol: dict, budget_s: float | N
     budget; when that exceeds `budget_s` (None: no budget), the largest timed-call budget per process that fits
     it, not below min_iterations' calls (then `fits` is False)."""
     fixed = REPORT_S + (LEGACY_ENV_S if legacy_env_pending else 0.0)
+    fixed += sum(probes[m].startup_s - probes[m].calibration_s  # the job that records why (one per model)
+                 for m in {w.model for w in work if w.kind == "not_applicable"})
 
     def seconds(w: Work, timed_budget: float) -> float:
         return job_seconds(w, probes[w.model], protocol, timed_budget, fault_cases)

@@ -290,6 +290,30 @@ class Plan:
         baselines = {config["baseline"], legacy.baseline_for(legacy.PREFIX, config["baseline"])}
         return [v for v in config["variants"] if v not in baselines]
 
+    def fidelity_args(self, model: str, variant: str) -> list[str]:
+        """Arguments of `barkbench fidelity` for one check (`model`: its folder name), as a list to quote one by one."""
+        config = self.config
+        return (["--model", self.models[model], "--device", config["device"], "--baseline",
+                 legacy.baseline_for(variant, config["baseline"]), "--tokens", str(config["fidelity"]["tokens"]),
+                 "--time-limit-s", str(self.time_limit_s)]
+                + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]))
+
+    def not_applicable_jobs(self) -> dict[str, list[str]]:
+        """This machine's cell processes and fidelity checks whose variant cannot run on its device, each with the
+        `barkbench` arguments that record why: one job writes them all (`barkbench each`: one interpreter start, not
+        one per record). The 2023 stack's variants record theirs in their own jobs, with that stack's interpreter."""
+        config, hw, jobs = self.config, self.hardware, {}
+        for m, v in itertools.product(self.models, config["variants"]):
+            if legacy.is_legacy_variant(v) or self._runs_here(v):
+                continue
+            for bs, k in itertools.product(self.batch_sizes, range(1, self.rounds + 1)):
+                path = f"{self.results}/" + layout.RUN.format(hardware=hw, model=m, variant=v, bs=bs, k=k)
+                jobs[path] = ["run", "--variant", v, *self.run_args(m, bs), "--out", path]
+            if v in self.fidelity_variants():
+                path = f"{self.results}/" + layout.FIDELITY.format(hardware=hw, model=m, variant=v)
+                jobs[path] = ["fidelity", "--variant", v, *self.fidelity_args(m, v), "--out", path]
+        return jobs
+
     def fidelity_jsons(self, folders=None) -> list[str]:
         return self._paths(layout.FIDELITY, folders, model=self.models, variant=self.fidelity_variants())
 
@@ -368,17 +392,20 @@ class Plan:
 
     def pending_work(self, say=to_stderr) -> list[estimate.Work]:
         """Jobs of this machine that a run would (re)make (missing, failed or unreadable result), each with what it
-        is: a process of a cell (`run`), a fidelity check, the fault suite, or `not_applicable` (its variant does
-        not run on this device: it records why and loads nothing)."""
+        is: a process of a cell (`run`), a fidelity check, the fault suite, or a record of why its variant does not
+        run on this device (it loads nothing): `not_applicable`, written with the others in one job
+        (`not_applicable_jobs`), or `not_applicable_job`, in a job of its own."""
         config, hw = self.config, self.hardware
         runs_here = {v: self._runs_here(v) for v in set(config["variants"] + config["reproducibility"]["variants"])}
+        recorded_together = self.not_applicable_jobs()
         work = []
 
         def add(kind, measured, batch_size, pattern, priority=0, **wildcards):
             path = f"{self.results}/" + pattern.format(hardware=hw, **wildcards)
+            if measured and not runs_here[measured]:
+                kind = "not_applicable" if path in recorded_together else "not_applicable_job"
             if not os.path.exists(path) or retry_args(path, say):
-                work.append(estimate.Work(kind if not measured or runs_here[measured] else "not_applicable",
-                                          measured, batch_size, path, wildcards["model"], priority))
+                work.append(estimate.Work(kind, measured, batch_size, path, wildcards["model"], priority))
 
         for m in self.models:  # each with the priority its rule gives it (workflow/rules/*.smk)
             for v, bs, k in itertools.product(config["variants"], self.batch_sizes, range(1, self.rounds + 1)):
@@ -399,7 +426,7 @@ class Plan:
 
     def pending_jobs(self, say=to_stderr) -> list[str]:
         """The pending jobs that load a model (their variant runs on this device)."""
-        return [w.path for w in self.pending_work(say) if w.kind != "not_applicable"]
+        return [w.path for w in self.pending_work(say) if not w.kind.startswith("not_applicable")]
 
     def estimate(self, pending: list[str]) -> str | None:
         """The line that says how long a run of the `pending` jobs takes at most, before this machine is probed (a
@@ -452,7 +479,7 @@ def begin_run(the_plan: Plan, python: str, run_started: float, budget_ends: floa
     results (<results>/<hardware>/estimate.json). None (and the dry run's line stays the word) when nothing loads a
     model, or the jobs run on another machine (a `hardware` target: a scheduler's nodes)."""
     work = the_plan.pending_work(say)
-    if "hardware" in the_plan.config or not any(w.kind != "not_applicable" for w in work):
+    if "hardware" in the_plan.config or not any(not w.kind.startswith("not_applicable") for w in work):
         return None
     started = time.time()
     probes = {}
@@ -471,7 +498,7 @@ def begin_run(the_plan: Plan, python: str, run_started: float, budget_ends: floa
     environ[BASELINE_CALL_ENV] = json.dumps({the_plan.models[m]: [pr.call_s, pr.batch_size] for m, pr in probes.items()})
     ends = time.time() + fitted.seconds
     p = the_plan.protocol
-    loading = sum(w.kind != "not_applicable" for w in work)
+    loading = sum(not w.kind.startswith("not_applicable") for w in work)
     probe_text = "; ".join(f"{the_plan.models[m]}: start {pr.startup_s:.1f} s, load {pr.load_s:.1f} s, one "
                            f"{the_plan.config['baseline']} call at bs {pr.batch_size} {pr.call_s:.1f} s"
                            for m, pr in probes.items())

@@ -54,3 +54,29 @@ use rule benchmark as control with:
         python=interpreter,
     log:
         log_of(layout.CONTROL),
+
+
+# The processes and fidelity checks of variants that cannot run on this device (e.g. fp16 on a CPU): one job records
+# why for them all, instead of an interpreter start each (the 2023 stack's variants: in their own jobs).
+NOT_APPLICABLE = PLAN.not_applicable_jobs()
+if NOT_APPLICABLE:
+
+    rule not_applicable:
+        output:
+            list(NOT_APPLICABLE),
+        params:
+            commands=json.dumps(list(NOT_APPLICABLE.values())),
+            python=JOB_PYTHON,
+        priority: 10**6  # seconds: before the cells' rounds
+        resources:
+            mem_mb=mem_mb,
+            runtime=RUNTIME_MIN,
+        conda:
+            "../../envs/barkbench.yaml"
+        log:
+            f"{RESULTS}/logs/{HARDWARE}/not-applicable.log",
+        shell:
+            "{params.python:q} -m barkbench each {params.commands:q} --job-shell-pid $$ 2> {log:q}"
+
+    ruleorder: not_applicable > benchmark
+    ruleorder: not_applicable > fidelity

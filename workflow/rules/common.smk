@@ -1,4 +1,5 @@
 # The rules' constants, input functions and params, from the decisions of barkbench.plan.
+import json
 import os
 
 import yaml

@@ -8,10 +8,7 @@ rule fidelity:
     output:
         this_machine(layout.FIDELITY),
     params:
-        args=lambda wc: ["--model", MODELS[wc.model], "--device", config["device"], "--baseline",
-                         bb_legacy.baseline_for(wc.variant, config["baseline"]),
-                         "--tokens", str(config["fidelity"]["tokens"]), "--time-limit-s", str(TIME_LIMIT_S)]
-        + ([] if config["offline_fallback"] == "none" else ["--offline-fallback", config["offline_fallback"]]),
+        args=lambda wc: PLAN.fidelity_args(wc.model, wc.variant),
         retry=retry_of(layout.FIDELITY),
         python=interpreter,
     priority: FIDELITY_PRIORITY
