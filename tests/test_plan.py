@@ -413,3 +413,24 @@ def test_the_run_budget_is_a_deadline_every_job_inherits():
     assert time.time() + 8 * 60 < first < time.time() + 10 * 60  # ten minutes from now, less the report's reserve
     plan.start_run_budget(20, environ)  # a deadline already set (an outer invocation's) is kept
     assert float(environ[DEADLINE_ENV]) == first
+
+
+@pytest.mark.parametrize("budget_min,cuts", [(60, False), (2, True)])
+def test_a_run_the_budget_cuts_leaves_room_to_record_what_it_cuts(smoke, tmp_path, monkeypatch, budget_min, cuts):
+    """Each job the deadline cuts still starts, to record that it did not run: the jobs' deadline moves earlier for
+    them, so that the run ends within its budget; a run that fits keeps its deadline."""
+    from barkbench import estimate
+
+    smoke["results"] = str(tmp_path / "results")
+    p = plan.Plan(smoke, HARDWARE, "cpu")
+    probe = estimate.Probe(startup_s=8.0, load_s=1.0, call_s=5.0, batch_size=1, calibration_s=1.0)
+    monkeypatch.setattr(estimate, "run_probe", lambda command, timeout_s: probe)
+    environ, said = {}, []
+    started = time.time()
+    budget_ends = plan.start_run_budget(budget_min, environ, started=started)
+    deadline = float(environ[DEADLINE_ENV])
+    fitted = plan.begin_run(p, sys.executable, started, budget_ends, False, said.append, environ)
+    assert bool(fitted.cut) == cuts and ("the deadline leaves out about" in said[-1]) == cuts
+    moved = deadline - float(environ[DEADLINE_ENV])
+    assert (moved >= len(fitted.cut) * (probe.startup_s - probe.calibration_s) > 0) if cuts else moved == 0
+    assert json.loads((tmp_path / "results" / HARDWARE / "estimate.json").read_text())["cut"] == list(fitted.cut)

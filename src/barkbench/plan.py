@@ -514,6 +514,11 @@ def begin_run(the_plan: Plan, python: str, run_started: float, budget_ends: floa
                  f"budget: the deadline leaves out about {len(fitted.cut)} jobs, lowest priority first ({kinds}; "
                  "listed in estimate.json), each recorded as not run")
         ends = min(ends, budget_ends)
+        if DEADLINE_ENV in environ:  # each job it cuts still starts, to record that it did not run: room for those
+            kind_of = {w.path: w for w in work}
+            records_s = sum(probes[kind_of[path].model].startup_s - probes[kind_of[path].model].calibration_s
+                            for path in fitted.cut)
+            environ[DEADLINE_ENV] = str(float(environ[DEADLINE_ENV]) - records_s)
     say(f"barkbench: probe of {the_plan.hardware} ({probe_text}; {time.time() - started:.0f} s): {loading} jobs load a "
         f"model, {len(work) - loading} record why they cannot run here; {timed}; the run ends in about "
         f"{(ends - run_started) / 60:.0f} min, by {time.strftime('%H:%M', time.localtime(ends))}, tables, figures and "
