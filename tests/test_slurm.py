@@ -18,6 +18,11 @@ from test_workflow import _json, _snakemake, _workflow_copy  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TARGET = "slurm-test"  # the hardware folder the submitter names
+# The smoke profile, smaller: a variant that runs, one recorded as not applicable here (by the job that records them
+# all), the baseline; no fault suite. The SLURM run and the local run it is compared with both take it.
+SMALL = "slurm-smoke.yaml"
+SMALL_CONFIG = {"variants": ["eager", "sdpa", "fp16"],
+                "fidelity": {"enabled": True, "tokens": 16, "faults": False, "fault_tokens": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def _node_cores():
 def _slurm(work, partition, *args):
     cores = _node_cores()
     return _snakemake(
-        work, "--profile", "workflow/profiles/slurm", *args, "--configfile", "config/smoke.yaml",
+        work, "--profile", "workflow/profiles/slurm", *args, "--configfile", "config/smoke.yaml", SMALL,
         "--default-resources", f"slurm_partition={partition}", "mem_mb=2000", "runtime=30",
         "--set-threads", *(f"{rule}={cores}" for rule in ("benchmark", "reproducibility", "overhead", "fidelity")),
         # no accounting database on the test cluster: job states from squeue (finished jobs stay MinJobAge)
@@ -64,6 +69,7 @@ def _shape(html: str, hardware: str) -> dict:
 def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, partition):
     monkeypatch.setenv("BARKBENCH_CACHE", os.environ.get("BARKBENCH_CACHE", str(tmp_path / "cache")))
     work = _workflow_copy(tmp_path)
+    (work / SMALL).write_text(json.dumps(SMALL_CONFIG))  # JSON is YAML
 
     # A node without the declared device refuses the job (no result): the submitter only names the target.
     no_gpu = "results/smoke/slurm-gpu/synthetic--tiny/eager/bs1/rep1.json"
@@ -79,9 +85,10 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     local_work = tmp_path / "local"
     local_work.mkdir()
     _workflow_copy(local_work)
+    (local_work / SMALL).write_text(json.dumps(SMALL_CONFIG))
     with ThreadPoolExecutor(1) as pool:
         local_run = pool.submit(_snakemake, local_work, "--profile", "workflow/profiles/smoke", "--cores", "1",
-                                "report", timeout=3600)
+                                "--configfile", "config/smoke.yaml", SMALL, "report", timeout=3600)
         out = _slurm(work, partition, "report", "--config", f"hardware={TARGET}", "device=cpu")
         local = local_run.result()
     assert out.returncode == 0, out.stderr[-3000:]
@@ -99,7 +106,7 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     results = work / "results" / "smoke"
     folder = results / TARGET
     records = sorted(folder.rglob("*.json"))
-    assert len(records) == 10 + 3 + 1 + 1  # processes, fidelity, overhead, fault suite: as in a local run
+    assert len(records) == 8 + 2 + 1  # processes (3 cells and the control, 2 each), fidelity, overhead
     node = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%n"], capture_output=True, text=True,
                           check=True).stdout.split()[0]
     measured = set()
