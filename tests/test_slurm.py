@@ -87,8 +87,8 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     _workflow_copy(local_work)
     (local_work / SMALL).write_text(json.dumps(SMALL_CONFIG))
     with ThreadPoolExecutor(1) as pool:
-        local_run = pool.submit(_snakemake, local_work, "--profile", "workflow/profiles/smoke", "--cores", "1",
-                                "--configfile", "config/smoke.yaml", SMALL, "report", timeout=3600)
+        local_run = pool.submit(_snakemake, local_work, "--profile", "workflow/profiles/smoke", "--cores", "1", "report",
+                                "--configfile", "config/smoke.yaml", SMALL, timeout=3600)
         out = _slurm(work, partition, "report", "--config", f"hardware={TARGET}", "device=cpu")
         local = local_run.result()
     assert out.returncode == 0, out.stderr[-3000:]

@@ -221,10 +221,13 @@ def test_smoke_profile_end_to_end(tmp_path, monkeypatch):
     assert "not applicable on cpu" in html
     assert "A/A control" in html and "Noise check" in html  # the control cell and the check of the noise model
     assert "every fault caught, every correct variant within" in html  # the fault suite's job, in the report
-    # interleaved rounds: every cell's process 1 finished before any process 2 started
+    # interleaved rounds: every cell's process 1 finished before any process 2 started (fp16's records, written
+    # together by the job that records what cannot run here, measure nothing)
     rounds = {k: [_json(p) for p in runs if p.name == f"rep{k}.json" and "repro" not in p.parts] for k in (1, 2)}
     assert len(rounds[1]) == len(rounds[2]) == 5  # 4 variants + control, batch size 1
-    assert max(r["finished_at"] for r in rounds[1]) <= min(r["started_at"] for r in rounds[2])
+    measured = {k: [r for r in rounds[k] if r["status"] != "not_applicable"] for k in (1, 2)}
+    assert len(measured[1]) == len(measured[2]) == 4
+    assert max(r["finished_at"] for r in measured[1]) <= min(r["started_at"] for r in measured[2])
 
     # Exclusive timing: with --cores 2, no two model-loading jobs ran at once (their own start/finish times).
     loading = runs + sorted(results.glob("*/synthetic--tiny/overhead/*/*.json")) + sorted(

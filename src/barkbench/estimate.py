@@ -30,9 +30,10 @@ SLOW_WITHOUT_PAYOFF = 4.0  # a call of a variant that cannot pay off on this CPU
 # building the 2023 stack's environment when it is not cached.
 REPORT_S = 60.0
 LEGACY_ENV_S = 90.0
-# The estimate is the cost model's sum times this: on the machine the priors were fitted on, the sum came within
-# 2 % of the run it predicted, and processes of one variant minutes apart differ by a few per cent there.
-MARGIN = 1.05
+# The estimate is the cost model's sum times this. On the machine the priors were fitted on, the sum came within 2 %
+# of one run, and 7 % under the fidelity checks of another (05b8010: 1483 s against 1381 s predicted), where the VM
+# drifted: an eager call of 20.2 s at the probe, 18-24 s during the run.
+MARGIN = 1.10
 
 
 @dataclass(frozen=True)
