@@ -431,6 +431,7 @@ def test_a_run_the_budget_cuts_leaves_room_to_record_what_it_cuts(smoke, tmp_pat
     deadline = float(environ[DEADLINE_ENV])
     fitted = plan.begin_run(p, sys.executable, started, budget_ends, False, said.append, environ)
     assert bool(fitted.cut) == cuts and ("the deadline leaves out about" in said[-1]) == cuts
+    assert p.not_applicable_jobs() and not set(p.not_applicable_jobs()) & set(fitted.cut)  # recorded first
     moved = deadline - float(environ[DEADLINE_ENV])
     assert (moved >= len(fitted.cut) * (probe.startup_s - probe.calibration_s) > 0) if cuts else moved == 0
     assert json.loads((tmp_path / "results" / HARDWARE / "estimate.json").read_text())["cut"] == list(fitted.cut)

@@ -28,6 +28,10 @@ PER_RUN = ("batch_size", "prompts")  # set by the workflow per job
 LOCK_FILE = ".barkbench.lock"
 
 
+# The job that records the variants that cannot run here (`Plan.not_applicable_jobs`) runs first: seconds, no model.
+NOT_APPLICABLE_PRIORITY = 10**6
+
+
 class PlanError(ValueError):
     """A config the workflow cannot run, said in one line that names where."""
 
@@ -404,6 +408,7 @@ class Plan:
             path = f"{self.results}/" + pattern.format(hardware=hw, **wildcards)
             if measured and not runs_here[measured]:
                 kind = "not_applicable" if path in recorded_together else "not_applicable_job"
+                priority = NOT_APPLICABLE_PRIORITY if path in recorded_together else priority
             if not os.path.exists(path) or retry_args(path, say):
                 work.append(estimate.Work(kind, measured, batch_size, path, wildcards["model"], priority))
 

@@ -67,7 +67,7 @@ if NOT_APPLICABLE:
         params:
             commands=json.dumps(list(NOT_APPLICABLE.values())),
             python=JOB_PYTHON,
-        priority: 10**6  # seconds: before the cells' rounds
+        priority: plan.NOT_APPLICABLE_PRIORITY  # seconds: before the cells' rounds
         threads: EXCLUSIVE  # its imports would disturb a measuring job beside it
         resources:
             mem_mb=mem_mb,
