@@ -520,8 +520,8 @@ def begin_run(the_plan: Plan, python: str, run_started: float, budget_ends: floa
                  "listed in estimate.json), each recorded as not run")
         ends = min(ends, budget_ends)
         if DEADLINE_ENV in environ:  # each job it cuts still starts, to record that it did not run: room for those
-            kind_of = {w.path: w for w in work}
-            records_s = sum(probes[kind_of[path].model].startup_s - probes[kind_of[path].model].calibration_s
+            work_at = {w.path: w for w in work}
+            records_s = sum(probes[work_at[path].model].startup_s - probes[work_at[path].model].calibration_s
                             for path in fitted.cut)
             environ[DEADLINE_ENV] = str(float(environ[DEADLINE_ENV]) - records_s)
     say(f"barkbench: probe of {the_plan.hardware} ({probe_text}; {time.time() - started:.0f} s): {loading} jobs load a "
