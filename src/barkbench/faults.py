@@ -224,15 +224,20 @@ def judge(source, case: Case, device: torch.device, tokens: int = 8, base=None, 
     kept = {} if kept is None else kept
     if (formats, variant.limit) not in kept:  # the reference and its limits do not depend on the candidate
         reference = references.simulate(base.model, formats)
-        limits = variants.FLOAT_ROUNDING
+        limits, memo = variants.FLOAT_ROUNDING, {}
         if formats:
-            logits = [fidelity.teacher_forced_logits(m, device) for m in (base.model, reference)]
-            cost = {k: fidelity.distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+            base_tf, ref_tf = (fidelity.teacher_forced_logits(m, device) for m in (base.model, reference))
+            cost = {k: fidelity.distribution_stats(base_tf[k], ref_tf[k]) for k in base_tf}
             limits = fidelity.stage_limits(variant.limit, cost, fidelity.codec_snr(base.model, reference))
-        kept[formats, variant.limit] = (reference, limits, {})
+            memo[("teacher_forced", 0)] = ref_tf
+        kept[formats, variant.limit] = (reference, limits, memo)
     reference, limits, memo = kept[formats, variant.limit]
-    layers = fidelity.layer_check(base.model, reference, candidate.model, device, variant.limit) if formats else None
-    report = fidelity.compare(reference, candidate.model, base.processor, device, tokens, limits=limits, memo=memo)
+    cand_tf, layers = None, None
+    if formats:  # one teacher-forced pass of the candidate for its stats and its layers
+        cand_tf, layers = fidelity.teacher_forced_with_layers(base.model, reference, candidate.model, device,
+                                                              variant.limit)
+    report = fidelity.compare(reference, candidate.model, base.processor, device, tokens, limits=limits, memo=memo,
+                              candidate_tf=cand_tf)
     report["layers"] = layers
     violations = fidelity.check(limits, report)
     recorded = ({k: fidelity._tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)

@@ -311,64 +311,107 @@ def codec_snr(baseline, candidate) -> float | None:
     return snr_db(decode(baseline, codes.to(baseline.device)), decode(candidate, codes.to(candidate.device)))
 
 
+def _generation_configs(gc):
+    from transformers.models.bark.generation_configuration_bark import (
+        BarkCoarseGenerationConfig, BarkFineGenerationConfig, BarkSemanticGenerationConfig)
+
+    return (BarkSemanticGenerationConfig(**gc.semantic_config),
+            BarkCoarseGenerationConfig(**gc.coarse_acoustics_config),
+            BarkFineGenerationConfig(**gc.fine_acoustics_config))
+
+
+def _semantic(m, gc, processor, device, prompts, n):
+    """Greedy semantic tokens of `prompts` and the (batch, T, vocab) logits each step chose from."""
+    sem_cfg, _, _ = _generation_configs(gc)
+    inputs = {k: v.to(device) for k, v in processor(list(prompts), return_tensors="pt").items()}
+    with StepRecorder(m.semantic) as rec:
+        out = m.semantic.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                  semantic_generation_config=sem_cfg, do_sample=False,
+                                  max_new_tokens=n, min_new_tokens=n)
+    return out, _semantic_steps(rec.calls, sem_cfg.semantic_vocab_size)
+
+
+def _coarse(m, gc, sem):
+    sem_cfg, coarse_cfg, _ = _generation_configs(gc)
+    with StepRecorder(m.coarse_acoustics) as rec:
+        out = m.coarse_acoustics.generate(sem, semantic_generation_config=sem_cfg, coarse_generation_config=coarse_cfg,
+                                          codebook_size=gc.codebook_size, do_sample=False)
+    return out, rec.calls
+
+
+def _fine(m, gc, coarse_tokens):
+    sem_cfg, coarse_cfg, fine_cfg = _generation_configs(gc)
+    with StepRecorder(m.fine_acoustics, keep_inputs=True) as rec:
+        out = m.fine_acoustics.generate(coarse_tokens, semantic_generation_config=sem_cfg,
+                                        coarse_generation_config=coarse_cfg, fine_generation_config=fine_cfg,
+                                        codebook_size=gc.codebook_size, temperature=None)
+    return out, rec.calls
+
+
+def _once(memo: dict, key, compute):
+    """The baseline's side of a measure: computed once per memo."""
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def logit_bounds(limits, stats: dict) -> dict:
+    """The logit error each stage's limit allows, in logits: its share of the baseline's largest |logit|."""
+    return {name: limit_for(limits, name).logits_max_rel * s["logit_scale"] for name, s in stats.items()}
+
+
+@torch.inference_mode()
+def chain(baseline, candidate, processor, device: torch.device, tokens: int, bound: dict,
+          memo: dict | None = None) -> dict:
+    """The end-to-end chain: the candidate's fine codes from the baseline's coarse tokens (greedy semantic of the
+    first prompt, then coarse) and the candidate's codec on them, against the baseline's chain. `bound`: the
+    allowed logit error per stage (`logit_bounds`); `memo`: the baseline's side, as in `compare`."""
+    memo = {} if memo is None else memo
+    gc = baseline.generation_config
+    _, coarse_cfg, fine_cfg = _generation_configs(gc)
+    ref_sem, _ = _once(memo, ("semantic", tokens),
+                       lambda: _semantic(baseline, gc, processor, device, PROMPTS[:1], tokens))
+    ref_coarse, _ = _once(memo, ("coarse", tokens), lambda: _coarse(baseline, gc, ref_sem))
+    ref_fine, ref_fine_calls = _once(memo, ("fine", tokens), lambda: _fine(baseline, gc, ref_coarse))
+    cand_fine, cand_fine_calls = _fine(candidate, gc, ref_coarse)
+    n_coarse = coarse_cfg.n_coarse_codebooks
+    same = (ref_fine == cand_fine)[0, n_coarse:].cpu()  # (codebooks, frames); the coarse codebooks are copied
+    ref_wave = _once(memo, ("wave", tokens), lambda: decode(baseline, ref_fine))
+    return {"codes_agreement": same.float().mean().item(),
+            "codes_agreement_per_codebook": {f"fine[{n_coarse + i}]": row.float().mean().item()
+                                             for i, row in enumerate(same)},
+            "fine_decisions": _judge_fine_calls(
+                ref_fine_calls, cand_fine_calls, ref_fine.shape[-1], gc.codebook_size, bound,
+                fine_windows(ref_fine.shape[-1], fine_cfg.max_fine_input_length, fine_cfg.max_fine_history_length)),
+            "waveform_snr_db": snr_db(ref_wave, decode(candidate, cand_fine))}
+
+
 @torch.inference_mode()
 def compare(baseline, candidate, processor, device: torch.device, tokens: int = 32, seed: int = 0,
             limits: "variants.Tolerance | Mapping[str, variants.Tolerance]" = variants.FLOAT_ROUNDING,
-            memo: dict | None = None) -> dict:
+            memo: dict | None = None, candidate_tf: dict | None = None) -> dict:
     """Fidelity measures of `candidate` against `baseline` (two loaded BarkModels; the baseline is the reference
     simulation of the candidate's formats where it has lossy ones). A free-running step is decisive where the
     baseline's margin exceeds twice the logit error `limits` allow there (fixed before the candidate is seen).
     `memo`: the baseline's side kept across calls with the same baseline, inputs and tokens (the fault suite
-    judges several candidates against one reference)."""
+    judges several candidates against one reference; its teacher-forced logits may be put there beforehand).
+    `candidate_tf`: the candidate's `teacher_forced_logits` at `seed`, when already computed."""
     memo = {} if memo is None else memo
-
-    def once(key, compute):  # the baseline's side of a measure: computed once per memo
-        if key not in memo:
-            memo[key] = compute()
-        return memo[key]
-
-    from transformers.models.bark.generation_configuration_bark import (
-        BarkCoarseGenerationConfig, BarkFineGenerationConfig, BarkSemanticGenerationConfig)
-
-    ref_tf = once(("teacher_forced", seed), lambda: teacher_forced_logits(baseline, device, seed))
-    cand_tf = teacher_forced_logits(candidate, device, seed)
+    ref_tf = _once(memo, ("teacher_forced", seed), lambda: teacher_forced_logits(baseline, device, seed))
+    cand_tf = candidate_tf if candidate_tf is not None else teacher_forced_logits(candidate, device, seed)
     tf = {name: distribution_stats(ref_tf[name], cand_tf[name]) for name in ref_tf}
-    bound = {name: limit_for(limits, name).logits_max_rel * s["logit_scale"] for name, s in tf.items()}
+    bound = logit_bounds(limits, tf)
 
     gc = baseline.generation_config
-    sem_cfg = BarkSemanticGenerationConfig(**gc.semantic_config)
-    coarse_cfg = BarkCoarseGenerationConfig(**gc.coarse_acoustics_config)
-    fine_cfg = BarkFineGenerationConfig(**gc.fine_acoustics_config)
+    sem_cfg, coarse_cfg, _ = _generation_configs(gc)
     vocab = sem_cfg.semantic_vocab_size
 
-    def semantic(m, prompts, n):
-        inputs = {k: v.to(device) for k, v in processor(list(prompts), return_tensors="pt").items()}
-        with StepRecorder(m.semantic) as rec:
-            out = m.semantic.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                      semantic_generation_config=sem_cfg, do_sample=False,
-                                      max_new_tokens=n, min_new_tokens=n)
-        return out, _semantic_steps(rec.calls, vocab)
-
-    def coarse(m, sem):
-        with StepRecorder(m.coarse_acoustics) as rec:
-            out = m.coarse_acoustics.generate(sem, semantic_generation_config=sem_cfg,
-                                              coarse_generation_config=coarse_cfg,
-                                              codebook_size=gc.codebook_size, do_sample=False)
-        return out, rec.calls
-
-    def fine(m, coarse_tokens):
-        with StepRecorder(m.fine_acoustics, keep_inputs=True) as rec:
-            out = m.fine_acoustics.generate(coarse_tokens, semantic_generation_config=sem_cfg,
-                                            coarse_generation_config=coarse_cfg,
-                                            fine_generation_config=fine_cfg, codebook_size=gc.codebook_size,
-                                            temperature=None)
-        return out, rec.calls
-
     # free-running semantic, then coarse from the baseline's semantic tokens
-    ref_sem, ref_sem_steps = once(("semantic", tokens), lambda: semantic(baseline, PROMPTS[:1], tokens))
-    cand_sem, cand_sem_steps = semantic(candidate, PROMPTS[:1], tokens)
-    ref_coarse, ref_coarse_calls = once(("coarse", tokens), lambda: coarse(baseline, ref_sem))
-    cand_coarse, cand_coarse_calls = coarse(candidate, ref_sem)
+    ref_sem, ref_sem_steps = _once(memo, ("semantic", tokens),
+                                   lambda: _semantic(baseline, gc, processor, device, PROMPTS[:1], tokens))
+    cand_sem, cand_sem_steps = _semantic(candidate, gc, processor, device, PROMPTS[:1], tokens)
+    ref_coarse, ref_coarse_calls = _once(memo, ("coarse", tokens), lambda: _coarse(baseline, gc, ref_sem))
+    cand_coarse, cand_coarse_calls = _coarse(candidate, gc, ref_sem)
     free = {"semantic": judge_path(ref_sem, cand_sem, ref_sem_steps[0], cand_sem_steps[0], bound["semantic"]),
             "coarse": judge_path(ref_coarse, cand_coarse,
                                  _coarse_steps(ref_coarse_calls, vocab, gc.codebook_size, coarse_cfg.n_coarse_codebooks),
@@ -376,29 +419,19 @@ def compare(baseline, candidate, processor, device: torch.device, tokens: int = 
                                  bound["coarse"])}
 
     # end-to-end chain from the same (baseline) coarse tokens
-    ref_fine, ref_fine_calls = once(("fine", tokens), lambda: fine(baseline, ref_coarse))
-    cand_fine, cand_fine_calls = fine(candidate, ref_coarse)
-    n_coarse = coarse_cfg.n_coarse_codebooks
-    same = (ref_fine == cand_fine)[0, n_coarse:].cpu()  # (codebooks, frames); the coarse codebooks are copied
-    ref_wave = once(("wave", tokens), lambda: decode(baseline, ref_fine))
-    chain = {"codes_agreement": same.float().mean().item(),
-             "codes_agreement_per_codebook": {f"fine[{n_coarse + i}]": row.float().mean().item()
-                                              for i, row in enumerate(same)},
-             "fine_decisions": _judge_fine_calls(
-                 ref_fine_calls, cand_fine_calls, ref_fine.shape[-1], gc.codebook_size, bound,
-                 fine_windows(ref_fine.shape[-1], fine_cfg.max_fine_input_length, fine_cfg.max_fine_history_length)),
-             "waveform_snr_db": snr_db(ref_wave, decode(candidate, cand_fine))}
+    chained = chain(baseline, candidate, processor, device, tokens, bound, memo)
     untouched = codec_untouched(baseline, candidate)
-    codec = {"untouched": untouched,
-             "snr_db": None if untouched else snr_db(ref_wave, decode(candidate, ref_fine))}
+    ref_fine, ref_wave = memo[("fine", tokens)][0], memo[("wave", tokens)]
+    codec = {"untouched": untouched, "snr_db": None if untouched else snr_db(ref_wave, decode(candidate, ref_fine))}
 
     # batched: a padded batch through the candidate's generate, row by row against the baseline at bs 1
-    cand_batch, cand_batch_steps = semantic(candidate, PROMPTS, BATCH_TOKENS)
+    cand_batch, cand_batch_steps = _semantic(candidate, gc, processor, device, PROMPTS, BATCH_TOKENS)
     rows = []
     for i, prompt in enumerate(PROMPTS):
-        ref_row, ref_row_steps = once(("row", i), lambda: semantic(baseline, [prompt], BATCH_TOKENS))
+        ref_row, ref_row_steps = _once(memo, ("row", i), lambda: _semantic(baseline, gc, processor, device, [prompt],
+                                                                            BATCH_TOKENS))
         rows.append(judge_path(ref_row, cand_batch[i], ref_row_steps[0], cand_batch_steps[i], bound["semantic"]))
-    return {"teacher_forced": tf, "free_running": free, "chain": chain, "codec": codec,
+    return {"teacher_forced": tf, "free_running": free, "chain": chained, "codec": codec,
             "batched": {"batch_size": len(PROMPTS), "tokens": BATCH_TOKENS, "rows": rows},
             "padded_batch": padded_batch(baseline, candidate, processor, device, memo)}
 
@@ -511,34 +544,43 @@ def check(limits: "variants.Tolerance | Mapping[str, variants.Tolerance]", repor
     return violations
 
 
-@torch.inference_mode()
-def layer_check(baseline, reference, candidate, device: torch.device, limit: variants.ImplementationLimit,
-                seed: int = 0, floor: variants.Tolerance = variants.FLOAT_ROUNDING) -> dict | None:
-    """Each layer the reference simulates (`references.FakeQuantLinear`), on the very input the candidate's layer
-    of the same name received (teacher-forced, first call): the candidate's output against the reference layer's
-    and the baseline layer's. Limit: the fp32 floor of the output's scale plus `layer_share` times the layer's own
-    quantization error on that input. None where the reference simulates no layer (casts only, or exact)."""
-    from .int8_compile import CompilableDynamicLinear
-    from .references import FakeQuantLinear
+class LayerInputs:
+    """While the candidate runs, the first input and output of each of its layers that the reference simulates
+    (`references.FakeQuantLinear`), by name: `layers` judges them, so one teacher-forced pass of the candidate
+    serves both its distribution stats and its per-layer check."""
 
-    names = [name for name, m in reference.named_modules() if isinstance(m, FakeQuantLinear)]
-    if not names:
-        return None
-    seen: dict[str, tuple] = {}
-    hooks = []
-    for name in names:
-        def hook(module, args, output, name=name):
-            if name not in seen:
-                seen[name] = (args[0].detach().clone(), output.detach().clone())  # later ops may reuse the buffers
-        layer = candidate.get_submodule(name)
-        # int8 under compile: the layer that computes is called inside an opaque operator, with its hooks
-        layer = layer.linear if isinstance(layer, CompilableDynamicLinear) else layer
-        hooks.append(layer.register_forward_hook(hook))
-    try:
-        teacher_forced_logits(candidate, device, seed)
-    finally:
-        for h in hooks:
+    def __init__(self, reference, candidate):
+        from .int8_compile import CompilableDynamicLinear
+        from .references import FakeQuantLinear
+
+        self.candidate, self.seen, self._hooks = candidate, {}, []
+        self.names = [name for name, m in reference.named_modules() if isinstance(m, FakeQuantLinear)]
+        self._layers = []
+        for name in self.names:
+            layer = candidate.get_submodule(name)
+            # int8 under compile: the layer that computes is called inside an opaque operator, with its hooks
+            self._layers.append((name, layer.linear if isinstance(layer, CompilableDynamicLinear) else layer))
+
+    def __enter__(self):
+        for name, layer in self._layers:
+            def hook(module, args, output, name=name):
+                if name not in self.seen:  # later ops may reuse the buffers
+                    self.seen[name] = (args[0].detach().clone(), output.detach().clone())
+            self._hooks.append(layer.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
             h.remove()
+        self._hooks.clear()
+
+
+@torch.inference_mode()
+def judge_layers(baseline, reference, seen: dict, limit: variants.ImplementationLimit,
+                 floor: variants.Tolerance = variants.FLOAT_ROUNDING) -> dict | None:
+    """Each simulated layer on the very input the candidate's layer of the same name received (`LayerInputs.seen`):
+    the candidate's output against the reference layer's and the baseline layer's. Limit: the fp32 floor of the
+    output's scale plus `layer_share` times the layer's own quantization error on that input."""
     rows = []
     for name, (x, out) in seen.items():
         ref_out = reference.get_submodule(name)(x).float()
@@ -551,6 +593,23 @@ def layer_check(baseline, reference, candidate, device: torch.device, limit: var
     rows.sort(key=lambda r: -r["ratio"])
     return {"layers": len(rows), "layer_share": limit.layer_share, "max_ratio": rows[0]["ratio"] if rows else 0.0,
             "worst": rows[:5], "outside": [r for r in rows if r["ratio"] > 1.0][:10]}
+
+
+def teacher_forced_with_layers(baseline, reference, candidate, device: torch.device,
+                               limit: variants.ImplementationLimit, seed: int = 0) -> tuple[dict, dict | None]:
+    """The candidate's teacher-forced logits and, from the same pass, its per-layer check (None where the reference
+    simulates no layer: casts only, or exact)."""
+    with LayerInputs(reference, candidate) as captured:
+        logits = teacher_forced_logits(candidate, device, seed)
+    return logits, (judge_layers(baseline, reference, captured.seen, limit) if captured.names else None)
+
+
+def layer_check(baseline, reference, candidate, device: torch.device, limit: variants.ImplementationLimit,
+                seed: int = 0) -> dict | None:
+    """The per-layer check alone (`teacher_forced_with_layers`)."""
+    if not LayerInputs(reference, candidate).names:
+        return None
+    return teacher_forced_with_layers(baseline, reference, candidate, device, limit, seed)[1]
 
 
 def stage_limits(limit: variants.ImplementationLimit, cost: dict, codec_cost_snr: float | None,
@@ -683,13 +742,17 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
             from .references import simulate
 
             reference = simulate(base.model, formats)
+            memo, cand_tf = {}, None  # the reference's side and the candidate's teacher-forced logits, computed once
             if formats:
-                logits = [teacher_forced_logits(m, device) for m in (base.model, reference, candidate.model)]
-                cost = {k: distribution_stats(logits[0][k], logits[1][k]) for k in logits[0]}
+                base_tf, ref_tf = (teacher_forced_logits(m, device) for m in (base.model, reference))
+                cand_tf, report["layers"] = teacher_forced_with_layers(base.model, reference, candidate.model, device,
+                                                                       limit)
+                memo[("teacher_forced", 0)] = ref_tf
+                cost = {k: distribution_stats(base_tf[k], ref_tf[k]) for k in base_tf}
                 ref_snr, cand_snr = codec_snr(base.model, reference), codec_snr(base.model, candidate.model)
-                report["format_cost"] = format_cost(*logits, ref_snr, cand_snr, source.weights, formats, cost_targets)
+                report["format_cost"] = format_cost(base_tf, ref_tf, cand_tf, ref_snr, cand_snr, source.weights,
+                                                    formats, cost_targets)
                 limits = stage_limits(limit, cost, ref_snr)
-                report["layers"] = layer_check(base.model, reference, candidate.model, device, limit)
             else:
                 limits = variants.FLOAT_ROUNDING
             report["limits"] = ({k: _tolerance_dict(t) for k, t in limits.items()} if isinstance(limits, dict)
@@ -699,10 +762,11 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
             # new graph for a compiled decode step (fullgraph, so the default limit of 8 would fail the check; on
             # bark-small over several coarse windows 64 did too, hence the limits of one frame and of all frames).
             with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-                report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits))
+                report.update(compare(reference, candidate.model, base.processor, device, tokens, limits=limits,
+                                      memo=memo, candidate_tf=cand_tf))
                 if any(f in CHAIN_ONLY_FORMATS for f in formats):  # teacher-forced measures cannot see their cost
-                    report["format_cost"]["chain"] = compare(base.model, reference, base.processor, device, tokens,
-                                                             limits=limits)["chain"]
+                    report["format_cost"]["chain"] = chain(base.model, reference, base.processor, device, tokens,
+                                                           logit_bounds(limits, cost))
             report["violations"] = check(limits, report)
             report["within_tolerance"] = not report["violations"]
 
