@@ -219,7 +219,8 @@ def test_each_records_the_variants_that_cannot_run_here_in_one_process(tmp_path,
 
     run_out, check_out = tmp_path / "fp16" / "bs1" / "rep1.json", tmp_path / "fidelity" / "fp16.json"
     commands = [["run", *_with(GOOD, variant="fp16"), "--out", str(run_out)],
-                ["fidelity", "--model", TINY, "--variant", "fp16", "--device", "cpu", "--out", str(check_out)]]
+                ["fidelity", "--model", TINY, "--variant", "fp16", "--device", "cpu", "--threads", str(TORCH_THREADS),
+                 "--out", str(check_out)]]
     assert cli.main(["each", json.dumps(commands)]) == 0
     capsys.readouterr()
     run = RunResult.from_json(run_out)

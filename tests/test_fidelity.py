@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from barkbench import attention, fidelity, models, variants
-from conftest import TINY, MaskIgnoredInBatches, swap_attention
+from conftest import TINY, TORCH_THREADS, MaskIgnoredInBatches, swap_attention
 
 SR = 24_000
 TOKENS = 8
@@ -455,7 +455,7 @@ def test_the_suite_stops_at_the_runs_deadline_and_says_what_it_did_not_run(tiny_
 
     monkeypatch.setenv(DEADLINE_ENV, str(__import__("time").time() - 1.0))  # the run's budget already spent
     out = tmp_path / "results" / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
-    faults.main([TINY, "--tokens", str(TOKENS), "--out", str(out)])
+    faults.main([TINY, "--tokens", str(TOKENS), "--threads", str(TORCH_THREADS), "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == [c.name for c in faults.CASES]
     assert all(r["not_run"] == "run budget exhausted" and r["caught"] is None for r in rows)
@@ -467,9 +467,28 @@ def test_the_suite_stops_at_the_runs_deadline_and_says_what_it_did_not_run(tiny_
 
 def _run(variant, tmp_path):
     out = tmp_path / f"{variant}.json"
-    report = fidelity.run_fidelity(TINY, variant, str(out), device_name="cpu", tokens=TOKENS)
+    report = fidelity.run_fidelity(TINY, variant, str(out), device_name="cpu", tokens=TOKENS, threads=TORCH_THREADS)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     return report
+
+
+def test_a_check_takes_the_cores_a_run_takes_whatever_omp_num_threads_says(tiny_checkpoint, tmp_path):
+    """Snakemake exports OMP_NUM_THREADS=1 to a job under --cores 1, and torch starts with one thread: a fidelity
+    check, as a run, takes every physical core unless told otherwise (its baseline side is not timed, but a run's
+    budget is)."""
+    import os
+
+    import psutil
+
+    try:
+        torch.set_num_threads(1)
+        # fp16 on a CPU is not applicable: the check loads nothing and still records its threads
+        default = fidelity.run_fidelity(TINY, "fp16", str(tmp_path / "a.json"), device_name="cpu")
+        assert default["hardware"]["torch_threads"] == (psutil.cpu_count(logical=False) or os.cpu_count())
+        three = fidelity.run_fidelity(TINY, "fp16", str(tmp_path / "b.json"), device_name="cpu", threads=3)
+        assert three["hardware"]["torch_threads"] == 3
+    finally:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 def test_sdpa_is_within_tolerance(tiny_checkpoint, tmp_path):
@@ -618,6 +637,6 @@ def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint
 
     monkeypatch.setattr(fidelity, "_load", slow_load)
     out = tmp_path / "fidelity" / "sdpa.json"
-    report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05)
+    report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05, threads=TORCH_THREADS)
     assert report["status"] == "failed" and report["reason"] == "time limit 0 s reached"
     assert FidelityResult.from_json(out).status == "failed"

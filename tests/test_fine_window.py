@@ -9,7 +9,7 @@ from transformers.models.bark.generation_configuration_bark import (
 
 from barkbench import fine_window, models, variants
 from barkbench.trackers import Clock, StageTracker
-from conftest import TINY, load_variant
+from conftest import TINY, TORCH_THREADS, load_variant
 
 CPU = torch.device("cpu")
 
@@ -116,7 +116,8 @@ def test_fine_window_is_judged_against_a_reference_with_the_same_window():
 def test_fidelity_records_the_fine_windows_cost_on_the_chain(tmp_path):
     from barkbench.fidelity import run_fidelity
 
-    report = run_fidelity("synthetic:tiny", "sdpa+finewin", str(tmp_path / "f.json"), "cpu", tokens=16)
+    report = run_fidelity("synthetic:tiny", "sdpa+finewin", str(tmp_path / "f.json"), "cpu", tokens=16,
+                          threads=TORCH_THREADS)
     assert report["status"] == "ok" and report["within_tolerance"], report["violations"]
     chain_cost = report["format_cost"]["chain"]
     assert chain_cost["codes_agreement"] < 1.0  # the window changes the fine codes: a cost, shown as measured

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from barkbench import calibration, fidelity, int8_compile
-from conftest import PROMPTS, TINY, load_short_window, stage_tokens
+from conftest import PROMPTS, TINY, TORCH_THREADS, load_short_window, stage_tokens
 
 PAIR = ("sdpa+int8+static", "sdpa+int8+static+compile")
 
@@ -65,7 +65,8 @@ def test_the_per_layer_check_sees_the_layers_of_uncompiled_int8(loaded):
 def test_the_whole_fidelity_check_passes(tiny_checkpoint, tmp_path):
     torch._dynamo.reset()
     out = tmp_path / "check.json"
-    report = fidelity.run_fidelity(TINY, "sdpa+int8+static+compile", str(out), device_name="cpu", tokens=8)
+    report = fidelity.run_fidelity(TINY, "sdpa+int8+static+compile", str(out), device_name="cpu", tokens=8,
+                                    threads=TORCH_THREADS)
     assert json.loads(out.read_text())["status"] == "ok", report["reason"]
     assert report["layers"]["layers"] > 0 and report["within_tolerance"] is True, report["violations"]
 

@@ -18,7 +18,7 @@ def _run(out):
 
 
 def _fidelity(out):
-    return fidelity.run_fidelity(TINY, "sdpa", str(out), device_name="cpu", tokens=4)
+    return fidelity.run_fidelity(TINY, "sdpa", str(out), device_name="cpu", tokens=4, threads=TORCH_THREADS)
 
 
 JOBS = {"run": (_run, RunResult), "fidelity": (_fidelity, FidelityResult)}

@@ -123,4 +123,11 @@ def test_smoke_workflow_through_slurm_measures_the_nodes(tmp_path, monkeypatch, 
     local_results = local_work / "results" / "smoke"
     local_hw = next(p.name for p in local_results.iterdir() if p.name.startswith("cpu-"))
     local_html = (local_results / "report.html").read_text()
+    # --cores 1 exports OMP_NUM_THREADS=1 to every job: the fidelity check still takes the cores a run takes
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count()
+    check = next((local_results / local_hw).rglob("fidelity/sdpa.json"))
+    run = next((local_results / local_hw).rglob("sdpa/bs1/rep1.json"))
+    assert _json(check)["hardware"]["torch_threads"] == _json(run)["hardware"]["torch_threads"] == cores
     assert _shape(html, TARGET) == _shape(local_html, local_hw)

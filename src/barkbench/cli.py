@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--offline-fallback", choices=["synthetic"], default=None)
     fid.add_argument("--tokens", type=_positive("tokens"), default=32, help="greedy semantic tokens compared")
     fid.add_argument("--time-limit-s", type=float, default=None, help="stop the check there (recorded as failed)")
+    fid.add_argument("--threads", type=_positive("threads"), default=None,
+                     help="torch intra-op threads (default: all physical cores, whatever OMP_NUM_THREADS says)")
     fid.add_argument("--retry-of", default=None, help=argparse.SUPPRESS)
     fid.add_argument("--cost-targets", default=None, metavar="JSON",
                      help="targets of each number format's cost, written before the run: "
@@ -178,15 +180,12 @@ def main(argv=None) -> int:
         if args.command == "probe":
             import json
 
-            import psutil
-            import torch
-
             from .estimate import measure_probe
-            from .jobwrap import quiet_transformers
+            from .jobwrap import quiet_transformers, use_threads
             from .runner import RunRequest
 
             quiet_transformers()
-            torch.set_num_threads(args.threads or psutil.cpu_count(logical=False) or os.cpu_count())
+            use_threads(args.threads)
             req = RunRequest(args.model, args.variant, protocol_from(args), device=args.device,
                              offline_fallback=args.offline_fallback)
             print(json.dumps(measure_probe(req, start_only=args.start_only)))
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
             targets = parse_cost_targets(args.cost_targets) if args.cost_targets else None
             run_fidelity(args.model, args.variant, args.out, args.device, args.offline_fallback, args.tokens,
                          baseline=args.baseline, retry_of=args.retry_of, cost_targets=targets,
-                         time_limit_s=args.time_limit_s)
+                         time_limit_s=args.time_limit_s, threads=args.threads)
             return 0
         if args.command == "each":
             import json

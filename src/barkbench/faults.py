@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attention, fidelity, models, references, variants
-from .jobwrap import job_time_limit, now
+from .jobwrap import job_time_limit, now, use_threads
 from .records import FaultSuite
 
 FAULTS_SCHEMA_VERSION = 1
@@ -287,7 +287,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="write the suite's record (JSON) here, atomically")
     parser.add_argument("--offline-fallback", choices=["synthetic"], default=None,
                         help="a hub model that cannot be reached runs as its synthetic twin")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: all physical cores, whatever OMP_NUM_THREADS says)")
     args = parser.parse_args(argv)
+    use_threads(args.threads)
     started = now()
     job = job_time_limit(math.inf, time.time())  # the run's deadline, when the workflow set one
     source, device = models.resolve(args.model, args.offline_fallback), torch.device("cpu")

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models, provenance, variants
-from .jobwrap import failure_reason, job_time_limit, now, quiet_transformers, run_job
+from .jobwrap import failure_reason, job_time_limit, now, quiet_transformers, run_job, use_threads
 from .records import FidelityResult
 from .trackers import TimeLimit, TimeLimitExceeded
 
@@ -709,12 +709,14 @@ CHAIN_ONLY_FORMATS = ("fine-window",)
 def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = "auto",
                  offline_fallback: str | None = None, tokens: int = 32, baseline: str = "eager",
                  retry_of: str | None = None, cost_targets: dict | None = None,
-                 time_limit_s: float | None = None) -> dict:
+                 time_limit_s: float | None = None, threads: int | None = None) -> dict:
     """Write the fidelity record of one variant: against the reference simulation of its number formats (the
     baseline itself when it has none: is the implementation right?) and, for lossy formats, the format's cost
     against the baseline. Not applicable and failures are recorded, not raised. `time_limit_s` (and the
-    workflow's run deadline): the check is stopped there and recorded as failed, naming the limit."""
+    workflow's run deadline): the check is stopped there and recorded as failed, naming the limit. `threads`: torch's
+    (default: all physical cores, as a run has)."""
     quiet_transformers()
+    use_threads(threads)
     variant, base_variant = variants.parse(variant_name), variants.parse(baseline)
     device = provenance.resolve_device(device_name)
     limit, formats = variant.limit, variant.reference_formats

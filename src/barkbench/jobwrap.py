@@ -30,6 +30,18 @@ def quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def use_threads(threads: int | None = None) -> int:
+    """torch's intra-op threads for a job that measures or judges: all physical cores unless `threads` says
+    otherwise, whatever OMP_NUM_THREADS says (Snakemake exports the rule's threads there, 1 under --cores 1, and
+    schedulers often export 1)."""
+    import psutil
+    import torch
+
+    n = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
 def secs(seconds: float) -> str:
     return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from tqdm import tqdm
 
 from . import calibration, compile_counters, energy, models, provenance, results, variants
-from .jobwrap import Job, failure_reason, job_time_limit, now, quiet_transformers, run_job, secs
+from .jobwrap import Job, failure_reason, job_time_limit, now, quiet_transformers, run_job, secs, use_threads
 from .protocol import BASELINE_CALL_ENV, TIMED_BUDGET_ENV, Protocol
 from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
@@ -324,7 +323,7 @@ def run(req: RunRequest, out_json: str | Path) -> RunResult:
     quiet_transformers()
     variant = variants.parse(req.variant)
     device = provenance.resolve_device(req.device)
-    torch.set_num_threads(req.threads or psutil.cpu_count(logical=False) or os.cpu_count())
+    use_threads(req.threads)
     out_json = Path(out_json)
     result = base_result(req, device, variant)
     wav = None

@@ -296,7 +296,7 @@ register(Optimization(
     order=20, apply=_apply_int8_dynamic, conflicts=("fp16", "bf16", "offload"),
     cuda_reason="has no CUDA kernel (torch.ao's quantized::linear_dynamic runs on CPU only; int8wo is the CUDA path)",
     reference="int8-dynamic", limit=INT8_WEIGHTS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
-    call_factor=0.6, fidelity_extra=4.0,  # its check: the int8 reference simulation and the per-layer check
+    call_factor=0.6, fidelity_extra=0.9,  # its check: the int8 reference simulation and the per-layer check
     pays_off_why="fbgemm/oneDNN int8 GEMMs need at least AVX2; VNNI or AMX make them pay in compute-bound stages"))
 register(Optimization(
     "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
@@ -332,7 +332,7 @@ register(Optimization(
     apply=_apply_fine_window, conflicts=("offload",),
     # its reference is the baseline with the same window: the implementation is judged exactly, and what the
     # shorter window costs is measured on the chain (fine codes and audio from the same coarse tokens)
-    reference="fine-window", call_factor=0.47, fidelity_extra=6.5))  # its check also measures what the shorter window costs
+    reference="fine-window", call_factor=0.47, fidelity_extra=1.5))  # its check also measures what the shorter window costs
 register(Optimization(
     "compile", "torch.compile of the sub-models (compilation timed separately)", group="compile",
     order=90, apply=_apply_compile, conflicts=("offload",), needs_on_device=availability.compile_toolchain_problem,
@@ -358,7 +358,7 @@ register(Optimization(
     # priors: finewin+ort 7.3 s against eager 19.5 s and sdpa+finewin 6.4 (bark-small, 2 cores); the export (~100 s
     # for bark-small's three sub-models) happens in the first process of a run only, then comes from the cache; its
     # fidelity check took 302 s against eager's 20.2 s call (05b8010), 3.5 calls over the check's priors
-    call_factor=0.8, first_call_extra=3.0, fidelity_extra=3.5))
+    call_factor=0.8, first_call_extra=3.0, fidelity_extra=3.4))
 
 
 @dataclass(frozen=True)
