@@ -21,6 +21,10 @@ from barkbench.stats import summarize  # noqa: E402
 # No network in tests: set before huggingface_hub / transformers are imported (they read it at import).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The test workers share the cores with the jobs the workflow tests start (each on every physical core): OpenMP
+# threads that spin while they wait stall a neighbour's parallel regions (a tiny job's call took 1.5 s beside one
+# busy core instead of 0.85 s with passive waiting). The tests time nothing; the benchmark's own runs keep the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from barkbench import attention  # noqa: E402  (imports transformers: after the lines above)
 
