@@ -8,8 +8,8 @@ start (`startup_s`: interpreter, imports, the CPU calibration), its model loads,
 `SLOW_WITHOUT_PAYOFF` instead), its first call adds their `first_call_extra` (compilation), a fidelity check costs
 `FIDELITY_CALLS` plus their `fidelity_extra`, a fault-suite case `FAULT_CASE_CALLS`. These priors are in baseline
 calls of the machine that runs, so they carry over to a slower or faster one as far as its variants keep their
-ratios; they were fitted on the default run of one machine (2-core Sapphire Rapids, synthetic bark-small, bs 1,
-32 tokens). Each run keeps its estimate, job by job, beside its results (<results>/<hardware>/estimate.json), so
+ratios; they were fitted on one machine (2-core Sapphire Rapids, synthetic bark-small, bs 1, 32 tokens): the calls
+on its default run, the fidelity checks and the fault suite job by job. Each run keeps its estimate, job by job, beside its results (<results>/<hardware>/estimate.json), so
 its error on another machine can be read off the records' times.
 """
 from __future__ import annotations
