@@ -32,13 +32,15 @@ def test_a_variant_cannot_pay_off_when_one_of_its_optimizations_cannot():
     assert variants.parse("sdpa+bf16+finewin").pays_off_on(AMX) is None
 
 
-def _guidance(tmp_path, features, fidelity_within):
+def _guidance(tmp_path, features, fidelity_within, ceiling=None):
     paths = [make_run_json(tmp_path, v, 1, lat) for v, lat in
              (("eager", [10.0, 10.2, 9.9, 10.1]), ("sdpa+bf16", [2.0, 2.1, 2.0, 2.2]),
               ("sdpa+int8", [3.0, 3.1, 3.0, 3.2]))]
     for p in paths:  # the machine the runs were measured on
         data = json.loads(p.read_text())
         data["hardware"]["cpu_features"] = features
+        if ceiling:  # barkbench.isa: an AMX machine run with AVX2 kernels
+            data["hardware"].update(cpu_isa_ceiling=ceiling, cpu_features_native=AMX)
         p.write_text(json.dumps(data))
     runs = tables.cells_table(tables.runs_table(tables.read_runs(paths, tmp_path / "results"), "eager"), "eager")
     rel = tables.relative_table(runs, "eager")
@@ -67,3 +69,14 @@ def test_guidance_skips_variants_outside_limits_and_lists_those_that_cannot_pay_
 def test_unchecked_variants_are_not_named(tmp_path):
     g = _guidance(tmp_path, AMX, {})
     assert g.iloc[0]["fastest_within_limits"] == "eager"
+
+
+def test_guidance_under_an_instruction_set_ceiling_says_so(tmp_path):
+    """A capped run's guidance is for the capped features, and says the cores and memory are this machine's."""
+    g = _guidance(tmp_path, AVX2, {"sdpa+bf16": True, "sdpa+int8": True}, ceiling="avx2")
+    assert list(json.loads(g.iloc[0]["cannot_pay_off"])) == ["sdpa+bf16"]
+    text = fragments._guidance_md(g, "cpu-test-xeon", "suno/bark-small")
+    assert text.startswith("Guidance for this CPU (avx2; this machine under the avx2 instruction-set ceiling: "
+                           "avx2 kernels, this machine's cores and memory):")
+    plain = fragments._guidance_md(_guidance(tmp_path / "native", AMX, {}), "cpu-test-xeon", "suno/bark-small")
+    assert "ceiling" not in plain

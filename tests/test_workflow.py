@@ -185,6 +185,22 @@ def test_a_named_target_is_planned_for_its_declared_device_not_for_this_machine(
     assert "config: hardware 'gpu-partition' names a target: declare its device too" in alone.stderr
 
 
+def test_a_cpu_isa_ceiling_plans_every_job_in_the_capped_machines_folder(tmp_path):
+    """`cpu_isa: avx2` measures this CPU as an AVX2-only one: every job goes to its own hardware folder (the
+    native folder keeps its results); a ceiling that does not exist is refused before any job runs."""
+    work = _workflow_copy(tmp_path)
+    native = _hardware_id()
+    out = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "-p", "report", "--config", "cpu_isa=avx2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert f"results/smoke/{native}-avx2/synthetic--tiny/eager/bs1/rep1.json" in text
+    assert f"results/smoke/{native}/" not in text
+    bad = _snakemake(work, "--profile", "workflow/profiles/smoke", "-n", "report", "--config", "cpu_isa=avx3")
+    said = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "config: cpu_isa: 'avx3' is not one of ['native', 'avx2', 'avx512']" in said
+    assert "Traceback" not in said
+
+
 def _json(path):
     import json
 

@@ -402,7 +402,9 @@ def provenance_md(records: list) -> str:
         hw_rows[folder] = {
             "hardware folder": md_escape(folder), "machine id (measured)": md_escape(h.get("id")),
             "node": md_escape(h.get("node")), "CPU": md_escape(h.get("cpu_model")), "cores": h.get("cpu_cores"),
-            "CPU features": md_escape(", ".join(_cpu_features(h))),
+            "CPU features": md_escape(", ".join(_cpu_features(h))) + (
+                f" (the {md_escape(h['cpu_isa_ceiling'])} ceiling of a CPU with "
+                f"{md_escape(', '.join(h.get('cpu_features_native') or []))})" if h.get("cpu_isa_ceiling") else ""),
             "RAM GiB": fmt_num(ram / 2**30, 1) if ram else "", "GPU": md_escape(h.get("gpu_name") or "none"),
             "driver": md_escape(h.get("gpu_driver")), "torch threads": h.get("torch_threads"),
             "device": md_escape(r.device.get("name"))}
@@ -466,7 +468,10 @@ def _guidance_md(guidance: pd.DataFrame | None, hw: str, model: str) -> str:
         guidance) else None
     if g is None or g.empty:
         return ""
-    lines = [f"Guidance for this CPU ({md_escape(g.iloc[0]['cpu_features']) or 'no listed features'}):"]
+    ceiling = g.iloc[0].get("cpu_isa_ceiling")
+    lines = [f"Guidance for this CPU ({md_escape(g.iloc[0]['cpu_features']) or 'no listed features'}"
+             + (f"; this machine under the {md_escape(ceiling)} instruction-set ceiling: {ceiling} kernels, this "
+                "machine's cores and memory" if isinstance(ceiling, str) and ceiling else "") + "):"]
     for r in g.itertuples():
         best = (f"fastest within its fidelity limits **{md_escape(r.fastest_within_limits)}** "
                 f"({fmt_num(r.latency_median)} s" + (f", {fmt_num(r.speedup)}× the baseline)" if isnum(r.speedup)

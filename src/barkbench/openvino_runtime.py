@@ -30,6 +30,10 @@ BACKEND = "openvino"
 def unavailable_reason() -> str | None:
     """Why OpenVINO cannot run here (None: it can): the package, its torch.compile backend and its CPU plugin
     are checked by compiling and running one op."""
+    from .isa import uncappable_reason
+
+    if reason := uncappable_reason("OpenVINO's CPU plugin"):
+        return reason
     try:
         import numpy as np
         import openvino as ov

@@ -40,6 +40,10 @@ AUTO = torch.export.Dim.AUTO
 @functools.cache
 def unavailable_reason() -> str | None:
     """Why ONNX Runtime cannot run here (None: it can): the runtime, the exporter's packages and the CPU provider."""
+    from .isa import uncappable_reason
+
+    if reason := uncappable_reason("ONNX Runtime (MLAS)"):
+        return reason
     try:
         import numpy as np
         import onnx  # noqa: F401  (the exporter needs it, and onnxscript)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from . import confighash, estimate, jobs, layout, legacy, validation, variants
+from . import confighash, estimate, isa, jobs, layout, legacy, validation, variants
 from .protocol import BASELINE_CALL_ENV, DEADLINE_ENV, TIMED_BUDGET_ENV, Protocol
 from .records import FidelityResult, ResultError, RunResult
 
@@ -158,20 +158,30 @@ def spell_variants(config: dict, say=to_stderr) -> None:
 
 # ---------------------------------------------------------------- the machine and the hub
 
-def machine(config: dict, python: str = sys.executable) -> dict:
+def machine(config: dict, python: str = sys.executable, environ=os.environ) -> dict:
     """Hardware folder and device type of the benchmark jobs. A folder named in the config (`hardware`) is a
     target, e.g. a cluster partition: its device type is declared too, and each job measures the node it runs
-    on (records its hardware; refuses when the node lacks the device). Otherwise this machine, detected."""
+    on (records its hardware; refuses when the node lacks the device). Otherwise this machine, detected.
+    First, the config's instruction-set ceiling (`cpu_isa`, barkbench.isa) is set for this process and every job it
+    starts (`environ`): a capped CPU is measured as another machine, in its own folder."""
+    ceiling = config.get("cpu_isa", isa.NATIVE)
+    isa.set_for_jobs(ceiling, environ)
     if "hardware" in config:
         if config["device"] == "auto":
             raise PlanError(f"config: hardware {config['hardware']!r} names a target: declare its device too "
                             "(device: cpu or device: cuda); the machine that submits is not measured")
-        return {"id": config["hardware"], "device": "cuda" if config["device"].startswith("cuda") else "cpu"}
-    out = subprocess.run([python, "-m", "barkbench", "hardware", "--device", config["device"]],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise PlanError(out.stderr.strip() or "barkbench hardware failed")
-    return json.loads(out.stdout)
+        found = {"id": config["hardware"] + isa.folder_suffix(ceiling),
+                 "device": "cuda" if config["device"].startswith("cuda") else "cpu"}
+    else:
+        out = subprocess.run([python, "-m", "barkbench", "hardware", "--device", config["device"]],
+                             capture_output=True, text=True, env=dict(environ))
+        if out.returncode != 0:
+            raise PlanError(out.stderr.strip() or "barkbench hardware failed")
+        found = json.loads(out.stdout)
+    if found["device"] != "cpu" and ceiling != isa.NATIVE:
+        raise PlanError(f"config: cpu_isa {ceiling} caps a CPU's kernels; the jobs run on {found['device']} "
+                        "(set device: cpu to measure this machine's CPU under the ceiling)")
+    return found
 
 
 def ask_hub_once(config: dict, say=to_stderr, timeout_s: float = HUB_TIMEOUT_S, environ=os.environ) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from . import isa
+
 
 def _version(package: str) -> str | None:
     try:
@@ -39,7 +41,7 @@ def cpu_model() -> str:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_features() -> list[str]:
+def native_cpu_features() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -50,14 +52,21 @@ def cpu_features() -> list[str]:
     return []
 
 
+def cpu_features() -> list[str]:
+    """The features the kernels may use: the CPU's, under this process's instruction-set ceiling (barkbench.isa)."""
+    return isa.capped_features(native_cpu_features(), isa.ceiling())
+
+
 def _slug(text: str) -> str:
     text = re.sub(r"\(r\)|\(tm\)|cpu|@.*$|processor", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
 
 
 def hardware(device: torch.device) -> dict:
+    isa.check_took(isa.ceiling() if device.type == "cpu" else None)
     info = {"cpu_model": cpu_model(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
             "cpu_threads": os.cpu_count(), "cpu_features": cpu_features(), "node": platform.node(),
+            "cpu_isa_ceiling": isa.ceiling(), "cpu_features_native": native_cpu_features(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the batch job that measured, under SLURM
             "ram_bytes": psutil.virtual_memory().total,
             "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_driver": None,
@@ -77,10 +86,11 @@ def hardware(device: torch.device) -> dict:
 
 
 def hardware_id(device: torch.device) -> str:
-    """Folder name of a machine's results, e.g. cpu-intel-xeon-platinum-8481c-2c or cuda-nvidia-h100."""
+    """Folder name of a machine's results, e.g. cpu-intel-xeon-platinum-8481c-2t or cuda-nvidia-h100; a CPU under an
+    instruction-set ceiling is its own folder (cpu-intel-xeon-platinum-8481c-2t-avx2)."""
     if device.type == "cuda":
         return "cuda-" + _slug(torch.cuda.get_device_name(device))
-    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}t"
+    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}t{isa.folder_suffix(isa.ceiling())}"
 
 
 def git_commit() -> str | None:

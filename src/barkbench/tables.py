@@ -235,6 +235,7 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         row[f"stage_{st}_floor_s"] = floor if floor is not None else np.nan
     _multiples_of_floors(row)
     row["cpu_features"] = " ".join(rec.hardware.get("cpu_features") or [])
+    row["cpu_isa_ceiling"] = rec.hardware.get("cpu_isa_ceiling") or ""  # barkbench.isa: this CPU run as an older one
     row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan
     for fmt in ("fp32", "bf16", "int8"):
         row[f"gemm_{fmt}_gflop_s"] = cal["gemm_flops_per_s"][fmt] / 1e9 if cal else np.nan
@@ -472,6 +473,7 @@ def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame) -> pd.DataFra
     cpu = runs[(runs["device"] == "cpu") & (runs["variant"] != CONTROL)] if len(runs) else runs
     for (hw, model, bs), g in cpu.groupby(GROUP, sort=False):
         features = next((f.split() for f in g["cpu_features"] if isinstance(f, str)), [])
+        ceiling = next((c for c in g.get("cpu_isa_ceiling", []) if isinstance(c, str) and c), "")
         rel = relative[(relative["hardware"] == hw) & (relative["model"] == model) & (relative["batch_size"] == bs)
                        & (relative["variant"] != CONTROL)] if len(relative) else relative
         ok = rel[rel["fidelity"].isin(["within", "baseline"]) & rel["speedup"].notna()] if len(rel) else rel
@@ -486,7 +488,7 @@ def cpu_guidance_table(runs: pd.DataFrame, relative: pd.DataFrame) -> pd.DataFra
                 cannot[v] = reason
         cell = g[g["variant"] == best["variant"]] if best is not None else g.iloc[:0]
         rows.append({"hardware": hw, "model": model, "batch_size": bs, "cpu_features": " ".join(features),
-                     "fastest_within_limits": best["variant"] if best is not None else None,
+                     "cpu_isa_ceiling": ceiling, "fastest_within_limits": best["variant"] if best is not None else None,
                      "latency_median": cell["latency_gmean"].iloc[0] if len(cell) else np.nan,
                      "speedup": best["speedup"] if best is not None else np.nan,
                      "cannot_pay_off": json.dumps(cannot)})
