@@ -232,3 +232,13 @@ def test_each_records_the_variants_that_cannot_run_here_in_one_process(tmp_path,
         assert cli.main(["each", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("barkbench: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("option", ["--threads", "--tokens"])
+def test_the_fault_suite_refuses_a_count_below_one_before_loading_anything(option, capsys):
+    from barkbench import faults
+
+    with pytest.raises(SystemExit) as exc:
+        faults.main(["synthetic:tiny", option, "0"])
+    assert exc.value.code == 2
+    assert f"{option}: {option[2:]} must be >= 1 (got 0)" in capsys.readouterr().err

@@ -143,10 +143,17 @@ def test_stage_seconds_are_positive_and_within_the_latency(sdpa_run):
     assert it.stages["decode"].tokens[0] == round(it.audio_s[0] * 24_000)
 
 
-def test_decode_steps_are_timed_apart_from_the_prefills(sdpa_run):
+@pytest.mark.parametrize("variant", ["sdpa", "sdpa+devloop"])
+def test_decode_steps_are_timed_apart_from_the_prefills(variant, sdpa_run, tmp_path):
     """Semantic: one generate loop; coarse: one per sliding window of 60 tokens. Each loop's decode steps are its
-    tokens after the prefill's, less the last (no next step ends it)."""
-    result, _, proto = sdpa_run
+    tokens after the prefill's, less the last (no next step ends it). The device-side loop (its own loop, not
+    transformers') marks the same steps on a CPU."""
+    if variant == "sdpa":
+        result, _, proto = sdpa_run
+    else:
+        proto = _protocol()
+        result = runner.run(_request(variant, proto), tmp_path / "bs1.json")
+        assert result.status == "ok", result.reason
     it = result.iterations
     for stage, record in ((s, it.stages[s]) for s in ("semantic", "coarse")):
         loops = -(-record.tokens[0] // 60) if stage == "coarse" else 1

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import jobs, models, variants
+from .jobwrap import positive_int as _positive
 from .protocol import Protocol
 
 
@@ -16,18 +17,6 @@ class UsageError(Exception):
 
 
 EACH_COMMANDS = ("run", "fidelity")  # what `barkbench each` runs in one process
-
-
-def _positive(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer (got {text!r})")
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1 (got {value})")
-        return value
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attention, fidelity, models, references, variants
-from .jobwrap import job_time_limit, now, use_threads
+from .jobwrap import job_time_limit, now, positive_int, use_threads
 from .records import FaultSuite
 
 FAULTS_SCHEMA_VERSION = 1
@@ -283,11 +283,11 @@ def record(model, device: torch.device, tokens: int, rows: list[dict], started_a
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m barkbench.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="synthetic:bark-small")
-    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--tokens", type=positive_int("tokens"), default=8)
     parser.add_argument("--out", help="write the suite's record (JSON) here, atomically")
     parser.add_argument("--offline-fallback", choices=["synthetic"], default=None,
                         help="a hub model that cannot be reached runs as its synthetic twin")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int("threads"), default=None,
                         help="torch intra-op threads (default: all physical cores, whatever OMP_NUM_THREADS says)")
     args = parser.parse_args(argv)
     use_threads(args.threads)

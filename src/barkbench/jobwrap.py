@@ -109,3 +109,18 @@ def run_job(record, job: Job, not_applicable: str | None, work: Callable[[], Non
             record.update(status="failed", **failure(exc))
     record.update(finished_at=now())
     return started
+
+
+def positive_int(name: str):
+    """An argparse type: an integer >= 1, refused with the option's name."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer (got {text!r})")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1 (got {value})")
+        return value
+    return parse

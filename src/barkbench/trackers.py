@@ -69,8 +69,8 @@ class DecodeSteps:
     `prepare_inputs_for_generation` once per step, the first of each generate call its prefill (`starts_loop`;
     the coarse stage runs one generate call per window). A decode step's time is the interval from its start to the
     next step's start in the same loop: the whole step (forward, logits processing, sampling, stopping
-    criteria). The last step of each loop has no next start and is not counted. A loop that does not call
-    `prepare_inputs_for_generation` per step (the device-side loop) gives no decode steps."""
+    criteria). The last step of each loop has no next start and is not counted. A loop of its own (the device-side
+    loop) marks its steps through its `step_marks` hook, on a CPU only."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
@@ -120,6 +120,9 @@ class StageTracker:
         setattr(owner, name, timed)
 
     def _mark_steps(self, owner, steps: DecodeSteps):
+        if hasattr(owner, "step_marks"):  # barkbench.device_decode: its own loop, its own hook
+            owner.step_marks = steps.mark
+            return
         original = getattr(owner, "prepare_inputs_for_generation", None)
         if original is None:  # not a transformers generate loop: no decode steps
             return
@@ -146,6 +149,7 @@ class StageTracker:
         for stage, owner, name, _ in self._owners():
             owner.__dict__.pop(name, None)  # back to the class method
             owner.__dict__.pop("prepare_inputs_for_generation", None)
+            owner.__dict__.pop("step_marks", None)
         return False
 
     def as_dict(self, calls: int | None = None) -> dict:
