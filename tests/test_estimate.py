@@ -111,3 +111,10 @@ def test_what_cannot_fit_is_cut_lowest_priority_first():
     fitted = estimate.estimate(work, {"m": PROBE}, PROTOCOL, budget, fault_cases=12)
     assert not fitted.fits
     assert fitted.cut == ["round2/3", "round2/2", "round2/1", "round2/0", "faults"]  # round 2 after round 1
+
+
+def test_the_check_of_a_variant_that_cannot_pay_off_costs_its_start_only_as_the_check_sets_it_aside():
+    no_bf16 = Probe(startup_s=3.0, load_s=1.0, call_s=10.0, batch_size=1, cpu_features=("avx2",))
+    assert estimate.fidelity_seconds("sdpa+bf16", no_bf16, PROTOCOL) == 3.0
+    native = Probe(**{**no_bf16.to_dict(), "cpu_features": ("avx2", "amx_bf16")})
+    assert estimate.fidelity_seconds("sdpa+bf16", native, PROTOCOL) > 2 * native.load_s + 10.0

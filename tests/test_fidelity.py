@@ -640,3 +640,21 @@ def test_a_fidelity_check_past_its_time_limit_is_recorded_failed(tiny_checkpoint
     report = run_fidelity(TINY, "sdpa", out, "cpu", tokens=4, time_limit_s=0.05, threads=TORCH_THREADS)
     assert report["status"] == "failed" and report["reason"] == "time limit 0 s reached"
     assert FidelityResult.from_json(out).status == "failed"
+
+
+def test_a_workflow_run_sets_aside_the_check_of_a_variant_that_cannot_pay_off_here(tmp_path, monkeypatch):
+    """On a CPU without native bf16, a workflow run (its probe set BARKBENCH_BASELINE_CALL_S) records sdpa+bf16's
+    check as not checked, with why, instead of spending several emulated-bf16 calls on it; a check by hand runs."""
+    from barkbench.protocol import BASELINE_CALL_ENV
+
+    monkeypatch.setattr(fidelity.provenance, "cpu_features", lambda: ["avx2"])
+    bf16, cpu = variants.parse("sdpa+bf16"), torch.device("cpu")
+    assert fidelity.set_aside_in_this_run(bf16, cpu) is None  # by hand
+    monkeypatch.setenv(BASELINE_CALL_ENV, json.dumps({TINY: [1.0, 1]}))
+    report = fidelity.run_fidelity(TINY, "sdpa+bf16", str(tmp_path / "f.json"), device_name="cpu",
+                                   threads=TORCH_THREADS)
+    assert report["status"] == "not_applicable"
+    assert report["reason"].startswith("not checked in this run: bf16 needs avx512_bf16 or amx_bf16 to pay off")
+    assert fidelity.set_aside_in_this_run(variants.parse("sdpa+int8"), cpu) is None  # int8 pays off with AVX2
+    monkeypatch.setattr(fidelity.provenance, "cpu_features", lambda: ["avx2", "avx512f", "amx_bf16"])
+    assert fidelity.set_aside_in_this_run(bf16, cpu) is None

@@ -164,6 +164,8 @@ def run_seconds(variant: str, batch_size: int, probe: Probe, protocol: dict, tim
 
 
 def fidelity_seconds(variant: str, probe: Probe, protocol: dict) -> float:
+    if probe.cpu_features and variants.parse(variant).pays_off_on(probe.cpu_features):
+        return probe.startup_s  # recorded as not checked in this run (fidelity.set_aside_in_this_run)
     # half the check's calls are the baseline's (or its reference simulation's), half the variant's
     calls = FIDELITY_CALLS * (1 + call_factor(variant, probe)) / 2 + _extra(variant, "fidelity_extra")
     return probe.startup_s + min(protocol["time_limit_s"], 2 * probe.load_s + calls * probe.call_at(1))
