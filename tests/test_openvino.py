@@ -23,9 +23,9 @@ def _protocol() -> Protocol:
 
 @pytest.fixture
 def fresh_check():
-    openvino_runtime.unavailable_reason.cache_clear()
+    openvino_runtime._runtime_problem.cache_clear()
     yield
-    openvino_runtime.unavailable_reason.cache_clear()
+    openvino_runtime._runtime_problem.cache_clear()
 
 
 def test_ov_is_not_applicable_when_openvino_cannot_import(fresh_check, monkeypatch, tmp_path):

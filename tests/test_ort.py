@@ -102,7 +102,7 @@ def test_ort_runs_through_the_benchmark(tiny_checkpoint, tmp_path):
 
 
 def test_ort_is_not_applicable_when_onnxruntime_cannot_import(monkeypatch, tmp_path):
-    ort_runtime.unavailable_reason.cache_clear()
+    ort_runtime._runtime_problem.cache_clear()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     try:
         reason = variants.parse("ort").not_applicable_reason(CPU)
@@ -111,4 +111,4 @@ def test_ort_is_not_applicable_when_onnxruntime_cannot_import(monkeypatch, tmp_p
                             tmp_path / "ort" / "bs1.json")
         assert result.status == "not_applicable" and result.reason == reason
     finally:
-        ort_runtime.unavailable_reason.cache_clear()
+        ort_runtime._runtime_problem.cache_clear()

@@ -26,14 +26,17 @@ import torch
 BACKEND = "openvino"
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
-    """Why OpenVINO cannot run here (None: it can): the package, its torch.compile backend and its CPU plugin
-    are checked by compiling and running one op."""
+    """Why OpenVINO cannot run here (None: it can): under an instruction-set ceiling (checked each time: the ceiling
+    is this process's environment), or the package, its torch.compile backend and its CPU plugin, checked once by
+    compiling and running one op."""
     from .isa import uncappable_reason
 
-    if reason := uncappable_reason("OpenVINO's CPU plugin"):
-        return reason
+    return uncappable_reason("OpenVINO's CPU plugin") or _runtime_problem()
+
+
+@functools.cache
+def _runtime_problem() -> str | None:
     try:
         import numpy as np
         import openvino as ov

@@ -37,13 +37,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 AUTO = torch.export.Dim.AUTO
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
-    """Why ONNX Runtime cannot run here (None: it can): the runtime, the exporter's packages and the CPU provider."""
+    """Why ONNX Runtime cannot run here (None: it can): under an instruction-set ceiling (checked each time: the
+    ceiling is this process's environment), or the runtime, the exporter's packages and the CPU provider (once)."""
     from .isa import uncappable_reason
 
-    if reason := uncappable_reason("ONNX Runtime (MLAS)"):
-        return reason
+    return uncappable_reason("ONNX Runtime (MLAS)") or _runtime_problem()
+
+
+@functools.cache
+def _runtime_problem() -> str | None:
     try:
         import numpy as np
         import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
