@@ -86,6 +86,9 @@ def test_floors_missing_where_they_cannot_be_given():
 def test_measure_records_every_figure():
     cal = calibration.measure(budget_s=0.01)
     assert cal["read_bandwidth_bytes_per_s"] > 0 and cal["copy_bandwidth_bytes_per_s"] > 0
+    # the floor's bandwidth is the faster read of the two kernels, each recorded
+    assert set(cal["read_bandwidth_by_kernel"]) == {"sum", "gemv_fp32"}
+    assert cal["read_bandwidth_bytes_per_s"] == max(cal["read_bandwidth_by_kernel"].values())
     assert set(cal["gemm_flops_per_s"]) == {"fp32", "bf16", "int8"}
     assert all(v > 0 for v in cal["gemm_flops_per_s"].values())
     assert cal["threads"] == torch.get_num_threads()

@@ -111,6 +111,7 @@ class Optimization:
     cpu_reason: str | None = None  # why it does not run on CPU even though it could import
     cuda_reason: str | None = None  # why it does not run on CUDA (a CPU-only optimization)
     requires_why: str = ""
+    cpu_conflicts: tuple[str, ...] = ()  # optimizations it cannot combine with on a CPU (why: cpu_reason)
     needs_stack: Callable[[], str | None] | None = None  # why this interpreter's stack cannot run it
     needs_on_device: Callable[[torch.device], str | None] | None = None  # what this machine lacks for it there
     # CPU instruction-set guidance: it pays off on a CPU only with at least one of these features (the
@@ -191,7 +192,19 @@ def _apply_fine_window(model, ctx):
     ctx.notes.append(f"fine model on the real frames rounded up to {WINDOW_MULTIPLE} (not a 1024-frame window)")
 
 
+def _torchao_on_cuda(device: torch.device) -> str | None:
+    problem = availability.package_problem("torchao", device) if device.type == "cuda" else None
+    return problem and f"needs the package 'torchao', {problem}"
+
+
 def _apply_int8_weight_only(model, ctx):
+    if ctx.device.type == "cpu":  # torchao's CPU route reads int8 weights at ~1 GB/s in a decode step
+        from .int8_gemv import quantize_linears
+
+        replaced = sum(quantize_linears(sub) for sub in _transformer_submodels(model))
+        ctx.notes.append(f"{replaced} Linear layers int8 weight-only (barkbench.int8_gemv: a dequantizing "
+                         f"product-and-sum per decode step, for inductor to fuse)")
+        return
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     for sub in _transformer_submodels(model):
@@ -299,10 +312,12 @@ register(Optimization(
     call_factor=0.6, fidelity_extra=0.9,  # its check: the int8 reference simulation and the per-layer check
     pays_off_why="fbgemm/oneDNN int8 GEMMs need at least AVX2; VNNI or AMX make them pay in compute-bound stages"))
 register(Optimization(
-    "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao)",
-    group="quantization", order=20, needs_cuda=True, needs_packages=("torchao",), apply=_apply_int8_weight_only,
-    conflicts=("offload",), reference="int8-weight-only", limit=INT8_WEIGHTS, requires=("compile",),
-    requires_why="uncompiled, torchao dequantizes the weights at every matmul: slower than the bf16 it replaces"))
+    "int8wo", "int8 weight-only quantization of the transformers' Linear layers (torchao on CUDA; on a CPU "
+    "barkbench.int8_gemv, a GEMV inductor fuses)", group="quantization", order=20, apply=_apply_int8_weight_only,
+    needs_on_device=_torchao_on_cuda, conflicts=("offload",), reference="int8-weight-only", limit=INT8_WEIGHTS,
+    cpu_conflicts=("bf16", "fp16"), cpu_reason="on a CPU, its GEMV is written for fp32 activations",
+    requires=("compile",), call_factor=0.5, first_call_extra=2.0, fidelity_extra=0.9,
+    requires_why="uncompiled, it dequantizes the weights at every matmul: slower than the format it replaces"))
 register(Optimization(
     "nf4", "4-bit NF4 weights (bitsandbytes) for the transformers' Linear layers", group="quantization",
     needs_cuda=True, needs_packages=("bitsandbytes",), conflicts=("offload",), reference="nf4", limit=FOUR_BIT,
@@ -371,10 +386,13 @@ class Variant:
         return [o.name for o in self.optimizations]
 
     def not_applicable_reason(self, device: torch.device) -> str | None:
+        names = {o.name for o in self.optimizations}
         for opt in self.optimizations:
             reason = opt.not_applicable_reason(device)
             if reason:
                 return reason
+            if device.type == "cpu" and (clash := names & set(opt.cpu_conflicts)):
+                return f"not applicable on cpu: {opt.name} with {'+'.join(sorted(clash))} ({opt.cpu_reason})"
         return None
 
     def load_kwargs(self, device: torch.device) -> dict:
