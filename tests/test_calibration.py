@@ -113,4 +113,4 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
     assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
     text = fragments.stages_md(runs, tables.calibration_table(runs))
-    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "read bandwidth 10 GB/s" in text
+    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "an fp32 GEMV) 10 GB/s" in text

@@ -118,3 +118,13 @@ def test_the_check_of_a_variant_that_cannot_pay_off_costs_its_start_only_as_the_
     assert estimate.fidelity_seconds("sdpa+bf16", no_bf16, PROTOCOL) == 3.0
     native = Probe(**{**no_bf16.to_dict(), "cpu_features": ("avx2", "amx_bf16")})
     assert estimate.fidelity_seconds("sdpa+bf16", native, PROTOCOL) > 2 * native.load_s + 10.0
+
+
+def test_a_combination_of_lossy_formats_costs_its_costliest_check_and_compilation_adds_its_own():
+    extra = estimate.fidelity_extra
+    # the checks of two lossy formats share their passes: less than both alone, at least the costlier one
+    assert max(extra("sdpa+int8"), extra("sdpa+finewin")) <= extra("sdpa+int8+finewin")
+    assert extra("sdpa+int8+finewin") < extra("sdpa+int8") + extra("sdpa+finewin")
+    # compilation shares nothing with them; an exact variant's check costs no more than the baseline's
+    assert extra("sdpa+int8+compile") == pytest.approx(extra("sdpa+int8") + extra("sdpa+compile"))
+    assert extra("sdpa") == 0.0 < extra("sdpa+compile")

@@ -6,7 +6,7 @@ The cost model's unit is the probe's baseline call `c` (scaled linearly with the
 start (`startup_s`: interpreter, imports, the CPU calibration), its model loads, and its calls. A variant's call is
 `c` times its optimizations' `call_factor` (one that cannot pay off on this CPU, e.g. bf16 without native bf16,
 `SLOW_WITHOUT_PAYOFF` instead), its first call adds their `first_call_extra` (compilation), a fidelity check costs
-`FIDELITY_CALLS` plus their `fidelity_extra`, a fault-suite case `FAULT_CASE_CALLS`. These priors are in baseline
+`FIDELITY_CALLS` plus their `fidelity_extra` (the largest of its lossy formats', whose checks share passes, plus the others'), a fault-suite case `FAULT_CASE_CALLS`. These priors are in baseline
 calls of the machine that runs, so they carry over to a slower or faster one as far as its variants keep their
 ratios; they were fitted on one machine (2-core Sapphire Rapids, synthetic bark-small, bs 1, 32 tokens): the calls
 on its default run, the fidelity checks and the fault suite job by job. Each run keeps its estimate, job by job, beside its results (<results>/<hardware>/estimate.json), so
@@ -135,6 +135,16 @@ def _extra(variant: str, attribute: str) -> float:
     return sum(getattr(o, attribute) for o in variants.parse(variant).optimizations)
 
 
+def fidelity_extra(variant: str) -> float:
+    """What a variant's fidelity check costs beyond the baseline's, in baseline calls. The checks of its lossy
+    formats (those with a reference simulation) share one teacher-forced pass of the candidate and the reference's
+    memo, so they cost the largest of their extras (measured: int8+finewin 1.6 calls, against 0.9 and 1.5 alone);
+    the others (compilation, a static cache's decode lengths) add theirs."""
+    opts = variants.parse(variant).optimizations
+    lossy = [o.fidelity_extra for o in opts if o.reference]
+    return max(lossy, default=0.0) + sum(o.fidelity_extra for o in opts if not o.reference)
+
+
 def call_factor(variant: str, probe: Probe) -> float:
     """A call of `variant` in calls of the baseline: its optimizations' factors; one that cannot pay off on this
     CPU (e.g. bf16 without native bf16) counts `SLOW_WITHOUT_PAYOFF` instead of its factor."""
@@ -167,7 +177,7 @@ def fidelity_seconds(variant: str, probe: Probe, protocol: dict) -> float:
     if probe.cpu_features and variants.parse(variant).pays_off_on(probe.cpu_features):
         return probe.startup_s  # recorded as not checked in this run (fidelity.set_aside_in_this_run)
     # half the check's calls are the baseline's (or its reference simulation's), half the variant's
-    calls = FIDELITY_CALLS * (1 + call_factor(variant, probe)) / 2 + _extra(variant, "fidelity_extra")
+    calls = FIDELITY_CALLS * (1 + call_factor(variant, probe)) / 2 + fidelity_extra(variant)
     return probe.startup_s + min(protocol["time_limit_s"], 2 * probe.load_s + calls * probe.call_at(1))
 
 

@@ -457,7 +457,8 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
             f"prompt per semantic call and per coarse window; the device-side loop marks its own steps on a CPU, and "
             f"on a GPU has none); fine, FLOPs of its passes over the window it runs ÷ GEMM "
             f"throughput of its number format; each run's own calibration, measured on the job's threads before "
-            f"loading (median and range over the {int(r['runs'])} runs): read bandwidth "
+            f"loading (median and range over the {int(r['runs'])} runs): read bandwidth (the faster of a sum and "
+            f"an fp32 GEMV) "
             f"{fig('read_bandwidth_gb_s', 'GB/s')}, GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "
             f"{fig('gemm_bf16_gflop_s', 'GFLOP/s')} bf16, {fig('gemm_int8_gflop_s', 'GFLOP/s')} int8 "
             f"(dynamic int8 Linear).\n\n")

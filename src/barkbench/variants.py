@@ -316,7 +316,7 @@ register(Optimization(
     "barkbench.int8_gemv, a GEMV inductor fuses)", group="quantization", order=20, apply=_apply_int8_weight_only,
     needs_on_device=_torchao_on_cuda, conflicts=("offload",), reference="int8-weight-only", limit=INT8_WEIGHTS,
     cpu_conflicts=("bf16", "fp16"), cpu_reason="on a CPU, its GEMV is written for fp32 activations",
-    requires=("compile",), call_factor=0.5, first_call_extra=2.0, fidelity_extra=0.9,
+    requires=("compile",),  # no estimate priors: it is in no default run
     requires_why="uncompiled, it dequantizes the weights at every matmul: slower than the format it replaces"))
 register(Optimization(
     "nf4", "4-bit NF4 weights (bitsandbytes) for the transformers' Linear layers", group="quantization",
