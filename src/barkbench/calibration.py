@@ -84,8 +84,8 @@ def measure(budget_s: float = 0.1) -> dict:
         "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "method": f"best of repeated calls, {budget_s} s each: sum of a {BANDWIDTH_BYTES >> 20} MiB fp32 tensor and "
-                  f"an fp32 GEMV over it (read: the faster), copy_ of it (read + write), {GEMM_SIZE}^3 torch.mm fp32 and bf16, dynamic int8 Linear "
-                  f"(torch.ao, activations quantized per call)",
+                  f"an fp32 GEMV over it (read: the faster), copy_ of it (read + write), {GEMM_SIZE}^3 torch.mm fp32 "
+                  f"and bf16, dynamic int8 Linear (torch.ao, activations quantized per call)",
     }
 
 

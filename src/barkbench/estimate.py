@@ -6,8 +6,8 @@ The cost model's unit is the probe's baseline call `c` (scaled linearly with the
 start (`startup_s`: interpreter, imports, the CPU calibration), its model loads, and its calls. A variant's call is
 `c` times its optimizations' `call_factor` (one that cannot pay off on this CPU, e.g. bf16 without native bf16,
 `SLOW_WITHOUT_PAYOFF` instead), its first call adds their `first_call_extra` (compilation), a fidelity check costs
-`FIDELITY_CALLS` plus their `fidelity_extra` (the largest of its lossy formats', whose checks share passes, plus the others'), a fault-suite case `FAULT_CASE_CALLS`. These priors are in baseline
-calls of the machine that runs, so they carry over to a slower or faster one as far as its variants keep their
+`FIDELITY_CALLS` plus their `fidelity_extra` (the largest of its lossy formats', whose checks share passes, plus the
+others'), a fault-suite case `FAULT_CASE_CALLS`. These priors are in baseline calls of the machine that runs, so they carry over to a slower or faster one as far as its variants keep their
 ratios; they were fitted on one machine (2-core Sapphire Rapids, synthetic bark-small, bs 1, 32 tokens): the calls
 on its default run, the fidelity checks and the fault suite job by job. Each run keeps its estimate, job by job, beside its results (<results>/<hardware>/estimate.json), so
 its error on another machine can be read off the records' times.

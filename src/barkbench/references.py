@@ -11,8 +11,8 @@ function here, added to `FORMATS`.
   its parameters from the kernel's own `_choose_qparams_per_tensor` and rounded after one fused multiply-add, as
   fbgemm's quantize does (checked layer by layer on synthetic:tiny and synthetic:bark-small, seeds 0 and 1: the
   x86 engine's outputs equal the simulation's to float rounding); products accumulated exactly (int32), bias in fp32.
-- `int8-weight-only`: torchao's Int8WeightOnlyConfig (on a CPU, `barkbench.int8_gemv`): weights per output channel, symmetric (scale = max|w| /
-  127.5 per row), activations unquantized.
+- `int8-weight-only`: torchao's Int8WeightOnlyConfig (on a CPU, `barkbench.int8_gemv`): weights per output channel,
+  symmetric (scale = max|w| / 127.5 per row), activations unquantized.
 - `nf4`: bitsandbytes 4-bit NF4 weights (blocks of 64 with an absmax scale each, the NF4 code book) for the
   transformers' Linear layers except the lm heads, computed in float16 (`bnb_4bit_compute_dtype`).
 - `fine-window`: the fine model's generate on the real frames rounded up to 64 (`barkbench.fine_window`); it
