@@ -37,19 +37,25 @@ def test_both_paths_compute_the_reference_format(rows):
     assert quantized.weight_int8.dtype == torch.int8 and quantized.scale[3] > 10 * quantized.scale[2]
 
 
-def test_the_compiled_gemv_computes_its_input_once():
-    """Inlined into the reduction, a GELU before the GEMV would be recomputed for every output row: the kernel
-    that reads the int8 weights must not contain it."""
-    from torch._inductor.utils import run_and_get_code
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_gemv_computes_its_input_once(threads):
+    """Inlined into the reduction, a GELU before the GEMV would be recomputed for every output row: the loop nest
+    that reads the int8 weights must not contain it (one thread or several: with one, inductor writes no OpenMP)."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
 
     quantized = int8_gemv.Int8WeightOnlyLinear(_linear(n=64))
     step = torch.compile(lambda x: quantized(torch.nn.functional.gelu(x)), fullgraph=True, dynamic=False)
-    with torch.inference_mode():
-        _, codes = run_and_get_code(step, torch.randn(1, 1, 96))
-    loops = [loop.split("#pragma")[0] for code in codes for loop in code.split("#pragma omp for")]
-    reads_int8 = [loop for loop in loops if "Vectorized<int8_t>::loadu" in loop]
-    assert reads_int8 and "erf" in "".join(codes)
-    assert not any("erf" in loop for loop in reads_int8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode(), fresh_cache():  # compiled here, not read back from another test's cache
+            _, codes = run_and_get_code(step, torch.randn(1, 1, 96))
+    finally:
+        torch.set_num_threads(before)
+    nests = [nest for code in codes for nest in code.split("for(int64_t x0=")[1:]]  # each outermost loop nest
+    reads_int8 = [nest for nest in nests if "Vectorized<int8_t>::loadu" in nest]
+    assert reads_int8 and any("erf" in nest for nest in nests)
+    assert not any("erf" in nest for nest in reads_int8)
 
 
 def test_int8wo_runs_on_a_cpu_without_torchao_but_not_with_half_activations():
