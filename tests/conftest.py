@@ -301,3 +301,19 @@ BAD_CONFIGS = [  # refused by barkbench.plan in one line, naming where (test_pla
 def pytest_collection_modifyitems(config, items):
     """The slow (end-to-end) tests first, so that pytest-xdist's workers do not wait on one of them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def assert_compiled_check_passes(variant: str, tmp_path) -> None:
+    """The whole fidelity check of a compiled variant on synthetic:tiny (8 tokens, a fresh dynamo): status ok, its
+    per-layer check run, every measure within the variant's limits."""
+    import json
+
+    import torch
+
+    from barkbench import fidelity
+
+    torch._dynamo.reset()
+    out = tmp_path / "check.json"
+    report = fidelity.run_fidelity(TINY, variant, str(out), device_name="cpu", tokens=8, threads=TORCH_THREADS)
+    assert json.loads(out.read_text())["status"] == "ok", report["reason"]
+    assert report["layers"]["layers"] > 0 and report["within_tolerance"] is True, report["violations"]

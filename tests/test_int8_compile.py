@@ -5,13 +5,12 @@ leaves nothing behind."""
 from __future__ import annotations
 
 import gc
-import json
 
 import pytest
 import torch
 
 from barkbench import calibration, fidelity, int8_compile
-from conftest import PROMPTS, TINY, TORCH_THREADS, load_short_window, stage_tokens
+from conftest import assert_compiled_check_passes, PROMPTS, load_short_window, stage_tokens
 
 PAIR = ("sdpa+int8+static", "sdpa+int8+static+compile")
 
@@ -63,12 +62,7 @@ def test_the_per_layer_check_sees_the_layers_of_uncompiled_int8(loaded):
 
 
 def test_the_whole_fidelity_check_passes(tiny_checkpoint, tmp_path):
-    torch._dynamo.reset()
-    out = tmp_path / "check.json"
-    report = fidelity.run_fidelity(TINY, "sdpa+int8+static+compile", str(out), device_name="cpu", tokens=8,
-                                    threads=TORCH_THREADS)
-    assert json.loads(out.read_text())["status"] == "ok", report["reason"]
-    assert report["layers"]["layers"] > 0 and report["within_tolerance"] is True, report["violations"]
+    assert_compiled_check_passes("sdpa+int8+static+compile", tmp_path)
 
 
 def test_a_dropped_model_leaves_no_layer_behind(tiny_checkpoint):

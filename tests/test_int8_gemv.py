@@ -3,13 +3,12 @@ paths, a GEMV that computes its input once when compiled, the bytes a decode ste
 of the variant on synthetic:tiny."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from barkbench import calibration, fidelity, int8_gemv, references, variants
-from conftest import TINY, TORCH_THREADS, load_short_window
+from barkbench import calibration, int8_gemv, references, variants
+from conftest import assert_compiled_check_passes, load_short_window
 
 CPU = torch.device("cpu")
 
@@ -78,9 +77,4 @@ def test_a_decode_step_reads_the_int8_weights(tiny_checkpoint):
 
 
 def test_the_whole_fidelity_check_passes(tiny_checkpoint, tmp_path):
-    torch._dynamo.reset()
-    out = tmp_path / "check.json"
-    report = fidelity.run_fidelity(TINY, "sdpa+int8wo+static+compile", str(out), device_name="cpu", tokens=8,
-                                    threads=TORCH_THREADS)
-    assert json.loads(out.read_text())["status"] == "ok", report["reason"]
-    assert report["layers"]["layers"] > 0 and report["within_tolerance"] is True, report["violations"]
+    assert_compiled_check_passes("sdpa+int8wo+static+compile", tmp_path)
