@@ -91,7 +91,8 @@ def make_run_json(tmp_path, variant, batch_size, latencies, status="ok", *, reas
             "semantic_tokens": sem,
             # semantic and coarse: three quarters of the stage in 90 decode steps, the rest the prefill
             "stages": {st: {"seconds": [x * f for x in lat], "tokens": [100] * n,
-                            **({"decode_seconds": [0.75 * x * f for x in lat], "decode_steps": [90] * n}
+                            **({"decode_seconds": [0.75 * x * f for x in lat], "decode_steps": [90] * n,
+                                  "decode_cache_positions": [90 * 300] * n}
                                if st in ("semantic", "coarse") else {})} for st, f in stage_share.items()},
         } if ok else None,
         "summary": {"latency_s": summarize(lat)} if ok else None,

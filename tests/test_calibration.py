@@ -54,33 +54,50 @@ def test_stage_work_of_a_variant_follows_its_optimizations(tiny_checkpoint):
     assert eager["fine"]["window_multiple"] is None and eager["fine"]["max_window"] == 1024
     for stage in ("semantic", "coarse"):
         assert int8[stage]["bytes_per_step"] < eager[stage]["bytes_per_step"] / 2
+    # the cache holds the hidden states' dtype: int8 weights leave it fp32, bf16 halves it
+    bf16 = work("sdpa+bf16")
+    for stage in ("semantic", "coarse"):
+        assert int8[stage]["cache_bytes_per_position"] == eager[stage]["cache_bytes_per_position"]
+        assert bf16[stage]["cache_bytes_per_position"] * 2 == eager[stage]["cache_bytes_per_position"]
 
 
 CAL = {"read_bandwidth_bytes_per_s": 1e10, "gemm_flops_per_s": {"fp32": 1e11, "bf16": 4e11, "int8": 8e11}}
-WORK = {"semantic": {"bytes_per_step": 3e8}, "coarse": {"bytes_per_step": 2e8},
+WORK = {"semantic": {"bytes_per_step": 3e8, "cache_bytes_per_position": 1e4},
+        "coarse": {"bytes_per_step": 2e8, "cache_bytes_per_position": 2e4},
         "fine": {"linear_flops_per_frame": 1e8, "attention_flops_per_frame_pair": 1e4, "passes_per_window": 6,
                  "codebooks": 8, "window_multiple": None, "gemm_dtype": "fp32", "max_window": 1024}}
 
 
+COUNTS = {"semantic": 32, "coarse": 96, "fine": 8 * 48}
+POSITIONS = {"semantic": 32 * 300, "coarse": 96 * 700}
+
+
 def test_floors_from_a_calibration():
-    floors = calibration.stage_floors(WORK, CAL, {"semantic": 32, "coarse": 96, "fine": 8 * 48}, 1)
-    assert floors["semantic"] == pytest.approx(3e8 * 32 / 1e10)
-    assert floors["coarse"] == pytest.approx(2e8 * 96 / 1e10)
+    floors = calibration.stage_floors(WORK, CAL, COUNTS, POSITIONS, 1)
+    # the weights once per step, plus the cache positions the steps attend to
+    assert floors["semantic"] == pytest.approx((3e8 * 32 + 1e4 * 32 * 300) / 1e10)
+    assert floors["coarse"] == pytest.approx((2e8 * 96 + 2e4 * 96 * 700) / 1e10)
     # 48 real frames still cost a full 1024-frame window per pass without the fine window
     assert floors["fine"] == pytest.approx(6 * (1e8 * 1024 + 1e4 * 1024 ** 2) / 1e11)
     windowed = {**WORK, "fine": {**WORK["fine"], "window_multiple": 64, "gemm_dtype": "int8"}}
-    floors = calibration.stage_floors(windowed, CAL, {"semantic": 32, "coarse": 96, "fine": 8 * 48}, 2)
+    floors = calibration.stage_floors(windowed, CAL, COUNTS, POSITIONS, 2)
     assert floors["fine"] == pytest.approx(2 * 6 * (1e8 * 64 + 1e4 * 64 ** 2) / 8e11)
 
 
 def test_floors_missing_where_they_cannot_be_given():
-    assert calibration.stage_floors(None, CAL, {"semantic": 32}, 1) == {"semantic": None, "coarse": None, "fine": None}
-    assert calibration.stage_floors(WORK, None, {"semantic": 32}, 1)["semantic"] is None
+    assert calibration.stage_floors(None, CAL, COUNTS, POSITIONS, 1) == {"semantic": None, "coarse": None,
+                                                                         "fine": None}
+    assert calibration.stage_floors(WORK, None, COUNTS, POSITIONS, 1)["semantic"] is None
+    # a record from before the cache positions were counted (or its work without cache bytes): no decode floor
+    # rather than one of the weights alone
+    assert calibration.stage_floors(WORK, CAL, COUNTS, {"semantic": float("nan")}, 1)["semantic"] is None
+    old_work = {**WORK, "semantic": {"bytes_per_step": 3e8}}
+    assert calibration.stage_floors(old_work, CAL, COUNTS, POSITIONS, 1)["semantic"] is None
     # beyond one window generate slides windows: no floor rather than a wrong one
-    assert calibration.stage_floors(WORK, CAL, {"fine": 8 * 1500}, 1)["fine"] is None
+    assert calibration.stage_floors(WORK, CAL, {"fine": 8 * 1500}, {}, 1)["fine"] is None
     # a number format without a calibrated GEMM (fp16 on a CPU)
     fp16 = {**WORK, "fine": {**WORK["fine"], "gemm_dtype": "fp16"}}
-    assert calibration.stage_floors(fp16, CAL, {"fine": 8 * 48}, 1)["fine"] is None
+    assert calibration.stage_floors(fp16, CAL, {"fine": 8 * 48}, {}, 1)["fine"] is None
 
 
 def test_measure_records_every_figure():
@@ -108,9 +125,10 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     # make_run_json: the semantic stage takes 40 % of each 10 s call, three quarters of it in 90 decode steps:
     # the floor is of those steps, against their time (not the prefill's)
     assert row["stage_semantic_decode_s"] == pytest.approx(3.0) and row["stage_semantic_decode_steps"] == 90
-    assert row["stage_semantic_floor_s"] == pytest.approx(3e8 * 90 / 1e10)
-    assert row["stage_semantic_x_floor"] == pytest.approx(3.0 / 2.7)
+    assert row["stage_semantic_decode_cache_positions"] == 90 * 300
+    assert row["stage_semantic_floor_s"] == pytest.approx((3e8 * 90 + 1e4 * 90 * 300) / 1e10)
+    assert row["stage_semantic_x_floor"] == pytest.approx(3.0 / 2.727)
     assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
     assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
     text = fragments.stages_md(runs, tables.calibration_table(runs))
-    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "an fp32 GEMV) 10 GB/s" in text
+    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "(×1.6)" in text and "an fp32 GEMV) 10 GB/s" in text

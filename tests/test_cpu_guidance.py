@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 
 from barkbench import fragments, tables, variants
 from conftest import make_run_json

@@ -649,12 +649,12 @@ def test_a_workflow_run_sets_aside_the_check_of_a_variant_that_cannot_pay_off_he
 
     monkeypatch.setattr(fidelity.provenance, "cpu_features", lambda: ["avx2"])
     bf16, cpu = variants.parse("sdpa+bf16"), torch.device("cpu")
-    assert fidelity.set_aside_in_this_run(bf16, cpu) is None  # by hand
+    assert fidelity.set_aside_in_this_run(bf16, cpu, TINY) is None  # by hand
     monkeypatch.setenv(BASELINE_CALL_ENV, json.dumps({TINY: [1.0, 1]}))
     report = fidelity.run_fidelity(TINY, "sdpa+bf16", str(tmp_path / "f.json"), device_name="cpu",
                                    threads=TORCH_THREADS)
     assert report["status"] == "not_applicable"
     assert report["reason"].startswith("not checked in this run: bf16 needs avx512_bf16 or amx_bf16 to pay off")
-    assert fidelity.set_aside_in_this_run(variants.parse("sdpa+int8"), cpu) is None  # int8 pays off with AVX2
+    assert fidelity.set_aside_in_this_run(variants.parse("sdpa+int8"), cpu, TINY) is None  # int8 pays off with AVX2
     monkeypatch.setattr(fidelity.provenance, "cpu_features", lambda: ["avx2", "avx512f", "amx_bf16"])
-    assert fidelity.set_aside_in_this_run(bf16, cpu) is None
+    assert fidelity.set_aside_in_this_run(bf16, cpu, TINY) is None

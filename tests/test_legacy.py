@@ -3,10 +3,8 @@ the padded-batch check that tells a mask-ignoring attention from a correct one, 
 today" table."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd

@@ -46,7 +46,7 @@ def _checked(config: dict, say=lambda line: None) -> dict:
 
 
 @pytest.mark.parametrize("bad,message", BAD_CONFIGS)
-def test_a_bad_config_is_refused_in_one_line_naming_where(bad, message):
+def test_a_bad_layered_config_is_refused_in_one_line_naming_where(bad, message):
     """What the workflow says before any job runs (three of these go through Snakemake in test_workflow)."""
     import yaml
 

@@ -158,6 +158,12 @@ def test_decode_steps_are_timed_apart_from_the_prefills(variant, sdpa_run, tmp_p
     for stage, record in ((s, it.stages[s]) for s in ("semantic", "coarse")):
         loops = -(-record.tokens[0] // 60) if stage == "coarse" else 1
         assert record.decode_steps == [record.tokens[0] - 2 * loops] * proto.max_iterations, stage
+        # each counted step attends to more positions than the 257-token prompt of a semantic call or coarse window
+        assert all(p > 257 * n for p, n in zip(record.decode_cache_positions, record.decode_steps)), stage
+        if variant != "sdpa":  # its own loop counts the positions transformers' loop counts for the same steps
+            same = sdpa_run[0].iterations.stages[stage]
+            assert same.decode_steps == record.decode_steps, stage
+            assert same.decode_cache_positions == record.decode_cache_positions, stage
         assert all(0 < d < s for d, s in zip(record.decode_seconds, record.seconds)), stage
 
 
@@ -603,9 +609,10 @@ class _Stage:
 
     def generate(self, *args, **kwargs):
         for steps in self.loops:  # transformers' loop: a prefill, then decode steps, each prepared first
-            for i in range(steps):
-                self.prepare_inputs_for_generation(None, is_first_iteration=True) if i == 0 else \
-                    self.prepare_inputs_for_generation(None, next_sequence_length=1)
+            for i in range(steps):  # each handed the sequence so far: 2 rows, a 5-token prompt and i tokens made
+                ids = torch.zeros(2, 5 + i, dtype=torch.long)
+                self.prepare_inputs_for_generation(ids, is_first_iteration=True) if i == 0 else \
+                    self.prepare_inputs_for_generation(ids, next_sequence_length=1)
         return self.out
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
@@ -641,6 +648,10 @@ def test_stage_tracker_counts_and_unwraps():
     assert all(len(r["seconds"]) == 2 and all(x >= 0 for x in r["seconds"]) for r in record.values())
     # decode steps: each loop's steps after its prefill, but its last (no next start ends it)
     assert record["semantic"]["decode_steps"] == [6, 6] and record["coarse"]["decode_steps"] == [20, 20]
+    # and the cache positions those counted steps attend to: 2 rows x (5 + i) for steps i = 1..6 of the semantic
+    # loop; 1..14 and 1..6 of the coarse windows
+    assert record["semantic"]["decode_cache_positions"] == [102, 102]
+    assert record["coarse"]["decode_cache_positions"] == [350 + 102] * 2
     for stage in ("semantic", "coarse"):
         assert all(0 <= d <= s for d, s in zip(record[stage]["decode_seconds"], record[stage]["seconds"]))
     assert "decode_steps" not in record["fine"]

@@ -2,11 +2,12 @@
 throughput) measured in every CPU run on the job's threads, the work of each stage described from the loaded
 model, and the floor they give.
 
-- semantic and coarse decode are memory-bound at batch size 1: every decode step reads the sub-model's weights
-  once (embedding tables excepted: one row per token). Floor = bytes read per step x decode steps / read
-  bandwidth, against the time of the decode steps alone (`trackers.DecodeSteps`); the prefills (a 257-token
-  prompt per semantic call and per coarse window) are the rest of the stage. The KV cache read per step
-  (~20 MB in fp32 at the default lengths) is left out: the floor is a lower bound.
+- semantic and coarse decode are memory-bound: every decode step reads the sub-model's weights once (embedding
+  tables excepted: one row per token), and its attention reads the keys and values of every position so far
+  (per batch row: ~20 MB per step in fp32 at the default lengths, beside bark-small's 93 MB of int8 weights).
+  Floor = (weight bytes x decode steps + cache bytes per position x the positions those steps attend to) / read
+  bandwidth, against the time of the decode steps alone (`trackers.DecodeSteps` counts both); the prefills (a
+  257-token prompt per semantic call and per coarse window) are the rest of the stage.
 - the fine model is compute-bound: FLOPs of its passes over the window / GEMM throughput of its number format
   (fp32, bf16, or int8 as the int8 variants run it: torch.ao dynamic quantized Linear).
 - the EnCodec decode has no floor here (convolutions and an LSTM, well under 1 % of the time).
@@ -123,6 +124,14 @@ def bytes_read_per_step(submodel) -> int:
     return int(total)
 
 
+def cache_bytes_per_position(submodel) -> int:
+    """Bytes of keys and values one cache position holds, over every layer: what a decode step's attention reads
+    per position besides the weights. The cache takes the dtype of the hidden states, which the token embeddings
+    set (never quantized)."""
+    cfg = submodel.config
+    return 2 * cfg.num_layers * cfg.hidden_size * submodel.input_embeds_layer.weight.element_size()
+
+
 def gemm_dtype(submodel) -> str:
     """The number format of the sub-model's matmuls: int8 (torch.ao dynamic), or its Linear weights' dtype (int8
     weight-only: the dequantized copy its GEMMs read)."""
@@ -167,8 +176,10 @@ def stage_work(model) -> dict:
     fine, gen = model.fine_acoustics, model.generation_config
     # generate predicts the codebooks after the coarse ones, one pass each
     passes = int(gen.fine_acoustics_config["n_fine_codebooks"] - gen.coarse_acoustics_config["n_coarse_codebooks"])
-    return {"semantic": {"bytes_per_step": bytes_read_per_step(model.semantic)},
-            "coarse": {"bytes_per_step": bytes_read_per_step(model.coarse_acoustics)},
+    return {"semantic": {"bytes_per_step": bytes_read_per_step(model.semantic),
+                         "cache_bytes_per_position": cache_bytes_per_position(model.semantic)},
+            "coarse": {"bytes_per_step": bytes_read_per_step(model.coarse_acoustics),
+                       "cache_bytes_per_position": cache_bytes_per_position(model.coarse_acoustics)},
             "fine": {**fine_work(fine, passes, isinstance(fine, WindowedBarkFineModel)),
                      "max_window": int(gen.fine_acoustics_config["max_fine_input_length"])}}
 
@@ -176,8 +187,10 @@ def stage_work(model) -> dict:
 # ---------------------------------------------------------------- floors
 
 
-def decode_floor_s(bytes_per_step: float, steps: float, read_bandwidth: float) -> float:
-    return bytes_per_step * steps / read_bandwidth
+def decode_floor_s(work: dict, steps: float, cache_positions: float, read_bandwidth: float) -> float:
+    """Every decode step reads the weights once and its attention reads the cache so far (`cache_positions`: summed
+    over the steps and batch rows)."""
+    return (work["bytes_per_step"] * steps + work["cache_bytes_per_position"] * cache_positions) / read_bandwidth
 
 
 def fine_flops(work: dict, frames: int, batch_size: int) -> float:
@@ -188,18 +201,24 @@ def fine_flops(work: dict, frames: int, batch_size: int) -> float:
     return float(batch_size * work["passes_per_window"] * per_pass)
 
 
-def stage_floors(work: dict | None, calibration: dict | None, stage_steps: dict, batch_size: int) -> dict:
+def _known(x) -> bool:
+    return x is not None and x == x  # not NaN
+
+
+def stage_floors(work: dict | None, calibration: dict | None, stage_steps: dict, cache_positions: dict,
+                 batch_size: int) -> dict:
     """Floor seconds per stage ({semantic, coarse, fine}; None where it cannot be given) from a run's
     recorded stage work and calibration and what each stage counts (medians): semantic and coarse, their
-    decode steps; fine, its codes (frames x codebooks)."""
+    decode steps and the cache positions those read (a record from before positions were counted: no floor);
+    fine, its codes (frames x codebooks)."""
     floors = {"semantic": None, "coarse": None, "fine": None}
     if not work or not calibration:
         return floors
     bandwidth = calibration["read_bandwidth_bytes_per_s"]
     for stage in ("semantic", "coarse"):
-        steps = stage_steps.get(stage)
-        if steps and steps == steps:  # not NaN
-            floors[stage] = decode_floor_s(work[stage]["bytes_per_step"], steps, bandwidth)
+        steps, positions = stage_steps.get(stage), cache_positions.get(stage)
+        if _known(steps) and steps and _known(positions) and "cache_bytes_per_position" in work[stage]:
+            floors[stage] = decode_floor_s(work[stage], steps, positions, bandwidth)
     fine = work["fine"]
     codes = stage_steps.get("fine")
     throughput = calibration["gemm_flops_per_s"].get(fine["gemm_dtype"])

@@ -278,9 +278,10 @@ class DeviceDecoding:
     """Mixin for a Bark causal sub-model: its inner generate loop runs `device_generate`."""
 
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
-    # Called with True before the prefill and False before each decode step, on a CPU only (a CUDA step returns before
+    # Called with True before the prefill and False before each decode step (and the cache positions the step's
+    # attention reads), on a CPU only (a CUDA step returns before
     # its work is done: a host clock per step would time launches): the stage tracker's step marks.
-    step_marks: Callable[[bool], None] | None = None
+    step_marks: Callable[[bool, int], None] | None = None
 
     def _graphed(self) -> bool:
         # A forward replaced on the instance (a step recorder, a compiled forward) is called at every step, uncaptured.
@@ -336,7 +337,7 @@ def device_generate(model, input_ids, logits_processor, stopping_criteria, gener
     state.start(prompt_length)
     mark = model.step_marks if model.device.type == "cpu" else None
     if mark:
-        mark(True)
+        mark(True, batch_size * prompt_length)
     positions = torch.arange(prompt_length, device=input_ids.device)[None]
     prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
     logits = model(**prompt, cache=decoder.cache, position_ids=positions, use_cache=True,
@@ -346,8 +347,8 @@ def device_generate(model, input_ids, logits_processor, stopping_criteria, gener
     for i in range(1, max_new_tokens):
         if stops_early and i % STOP_CHECK_EVERY == 0 and not bool(state.unfinished.any()):
             break
-        if mark:
-            mark(False)
+        if mark:  # step i attends to the prompt and the i tokens made so far
+            mark(False, batch_size * (prompt_length + i))
         decoder.step()
     made = int(state.live_steps) if spec.eos_token_id is not None else max_new_tokens
     return torch.cat([input_ids, state.out[:, :made]], dim=-1)

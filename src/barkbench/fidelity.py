@@ -33,7 +33,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -43,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from . import models, provenance, variants
-from .jobwrap import failure_reason, job_time_limit, now, quiet_transformers, run_job, use_threads
-from .protocol import BASELINE_CALL_ENV
+from .jobwrap import (cannot_pay_off_in_this_run, failure_reason, job_time_limit, now, quiet_transformers, run_job,
+                      use_threads)
 from .records import FidelityResult
 from .trackers import TimeLimit, TimeLimitExceeded
 
@@ -779,21 +778,19 @@ def run_fidelity(model_id: str, variant_name: str, out: str, device_name: str = 
         return {"reason": reason, "error": traceback.format_exc()}
 
     run_job(report, job, variant.not_applicable_reason(device) or base_variant.not_applicable_reason(device)
-            or set_aside_in_this_run(variant, device), work, failure)
+            or set_aside_in_this_run(variant, device, model_id), work, failure)
     if report["tolerance"] is None:
         report["tolerance"] = _tolerance_dict(variants.FLOAT_ROUNDING)
     FidelityResult.from_dict(report, out).save_json(out)
     return report
 
 
-def set_aside_in_this_run(variant: variants.Variant, device: torch.device) -> str | None:
+def set_aside_in_this_run(variant: variants.Variant, device: torch.device, model_id: str) -> str | None:
     """Why a workflow run does not check a variant that cannot pay off on this CPU (None: it checks it). The run's
     processes of such a variant stop after their warm-up call (`runner.cannot_pay_off_here`); its check would take
     several calls of it (emulated bf16 under an AVX2 ceiling: past a job's time limit). A check by hand still runs:
     it is the run's probe ($BARKBENCH_BASELINE_CALL_S) that marks a workflow run."""
-    if device.type != "cpu" or not os.environ.get(BASELINE_CALL_ENV):
-        return None
-    why = variant.pays_off_on(provenance.cpu_features())
+    why = cannot_pay_off_in_this_run(variant, device, model_id)
     return None if why is None else (f"not checked in this run: {why}; its processes stop after their warm-up call "
                                      "(check it on a CPU where it pays off)")
 

@@ -451,8 +451,9 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
         return (f"{fmt_num(r[col + '_median'], 0)} {unit} ({fmt_num(r[col + '_min'], 0)}–"
                 f"{fmt_num(r[col + '_max'], 0)})")
 
-    return (f"Floors: semantic and coarse, weights read per decode step (embedding tables excepted, KV cache left "
-            f"out) × decode steps ÷ read bandwidth, against the decode steps' own time (each step from its start to "
+    return (f"Floors: semantic and coarse, what their decode steps must read ÷ read bandwidth: the weights once per "
+            f"step (embedding tables excepted) and, per step, the keys and values of every position so far (the "
+            f"prompt's and the tokens made; per batch row), against the decode steps' own time (each step from its start to "
             f"the next one's: forward, logits processing, sampling; the rest of the stage is its prefills, a 257-token "
             f"prompt per semantic call and per coarse window; the device-side loop marks its own steps on a CPU, and "
             f"on a GPU has none); fine, FLOPs of its passes over the window it runs ÷ GEMM "

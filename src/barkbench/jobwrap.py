@@ -4,6 +4,7 @@ without loading anything, and a failure inside the work recorded in its record, 
 in one variant never loses the others' results."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .models import ModelSourceError
-from .protocol import DEADLINE_ENV
+from .protocol import BASELINE_CALL_ENV, DEADLINE_ENV
 from .trackers import TimeLimitExceeded
 
 MIN_START_S = 5.0  # less than this left before the deadline: the job does not start
@@ -66,6 +67,22 @@ class Job:
             return None
         deadline = datetime.fromtimestamp(float(os.environ[DEADLINE_ENV]), timezone.utc).isoformat(timespec="seconds")
         return f"run budget exhausted before this job started (deadline {deadline}, {max(self.limit_s, 0):.0f} s left)"
+
+
+def probed_baseline_call(model: str) -> list | None:
+    """The workflow run's probe of the baseline for this model ([seconds of one call, its batch size]); None outside
+    a workflow run (a job by hand) or for a model it did not probe."""
+    return json.loads(os.environ.get(BASELINE_CALL_ENV) or "{}").get(model)
+
+
+def cannot_pay_off_in_this_run(variant, device, model: str) -> str | None:
+    """Why a variant cannot pay off on this CPU (`Variant.pays_off_on`), in a workflow run only: there its processes
+    stop after a warm-up call slower than the probe, and its fidelity check is set aside. None: measure it fully."""
+    from . import provenance
+
+    if device.type != "cpu" or not probed_baseline_call(model):
+        return None
+    return variant.pays_off_on(provenance.cpu_features())
 
 
 def job_time_limit(limit_s: float, now: float) -> Job:

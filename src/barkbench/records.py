@@ -148,12 +148,14 @@ class Summary(_Measure):
 @dataclass(kw_only=True)
 class Stage(_Measure):
     """One generation stage over the timed calls: seconds and tokens per call; semantic and coarse, also the
-    seconds and number of their decode steps per call (`trackers.DecodeSteps`; a None: no steps marked)."""
+    seconds and number of their decode steps per call and the cache positions those steps read
+    (`trackers.DecodeSteps`; a None: no steps marked, or positions not known)."""
 
     seconds: list[float]
     tokens: list[int]
     decode_seconds: list[float | None] | None = OMITTED
     decode_steps: list[int] | None = OMITTED
+    decode_cache_positions: list[int | None] | None = OMITTED
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,6 @@ SIGALRM: a job cut short before min_iterations is recorded as failed, with where
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import tempfile
@@ -24,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from . import calibration, compile_counters, energy, models, provenance, results, variants
-from .jobwrap import Job, failure_reason, job_time_limit, now, quiet_transformers, run_job, secs, use_threads
-from .protocol import BASELINE_CALL_ENV, TIMED_BUDGET_ENV, Protocol
+from .jobwrap import (Job, cannot_pay_off_in_this_run, failure_reason, job_time_limit, now, probed_baseline_call,
+                      quiet_transformers, run_job, secs, use_threads)
+from .protocol import TIMED_BUDGET_ENV, Protocol
 from .records import Iterations, Latency, Memory, RunResult, Stage, Summary, Throughput, Timing
 from .trackers import Clock, PeakRSS, StageTracker, TimeLimit, TimeLimitExceeded, rss_bytes, stage_timer_cost
 
@@ -182,10 +182,10 @@ def cannot_pay_off_here(req: RunRequest, variant: variants.Variant, device: torc
                         warmup_call_s: float) -> str | None:
     """Why a variant that cannot pay off on this CPU (`Optimization.pays_off_on`) is not timed further: its warm-up
     call was slower than the run's probe of the baseline ($BARKBENCH_BASELINE_CALL_S). None: time it."""
-    probed = json.loads(os.environ.get(BASELINE_CALL_ENV) or "{}").get(req.model)
-    why = variant.pays_off_on(provenance.cpu_features()) if device.type == "cpu" else None
-    if not (probed and why):
+    why = cannot_pay_off_in_this_run(variant, device, req.model)
+    if not why:
         return None
+    probed = probed_baseline_call(req.model)
     baseline = probed[0] * req.protocol.batch_size / probed[1]
     if warmup_call_s <= baseline:
         return None

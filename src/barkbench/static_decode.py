@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig
 from transformers.models.bark.modeling_bark import BarkCoarseModel, BarkSemanticModel
 
 from .attention import BarkSdpaAttention

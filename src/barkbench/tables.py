@@ -227,10 +227,15 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         row[f"stage_{st}_decode_s"] = _median(_attr(stages.get(st), "decode_seconds", None))
         steps = [n for n in (_attr(stages.get(st), "decode_steps", None) or []) if n]
         row[f"stage_{st}_decode_steps"] = float(np.median(steps)) if steps else np.nan
+        positions = _attr(stages.get(st), "decode_cache_positions", None) or []
+        row[f"stage_{st}_decode_cache_positions"] = (
+            float(np.median(positions)) if positions and None not in positions else np.nan)
     # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration):
     # semantic and coarse, of their decode steps
     cal = rec.hardware.get("calibration")
-    floors = calibration.stage_floors(rec.model.get("stage_work"), cal, _floor_steps(row), row["batch_size"])
+    floors = calibration.stage_floors(rec.model.get("stage_work"), cal, _floor_steps(row),
+                                      {st: row[f"stage_{st}_decode_cache_positions"] for st in DECODING_STAGES},
+                                      row["batch_size"])
     for st, floor in floors.items():
         row[f"stage_{st}_floor_s"] = floor if floor is not None else np.nan
     _multiples_of_floors(row)
@@ -330,7 +335,8 @@ def _cell_row(g: pd.DataFrame) -> dict:
     for col in ("peak_memory_mb", "samples_per_s", "audio_s_per_s", "rtf", "load_s", "timed_s",
                 "joules_per_sample", "joules_per_audio_s",
                 *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES],
-                *[f"stage_{st}_{x}" for st in DECODING_STAGES for x in ("decode_s", "decode_steps")],
+                *[f"stage_{st}_{x}" for st in DECODING_STAGES
+                  for x in ("decode_s", "decode_steps", "decode_cache_positions")],
                 *[f"stage_{st}_floor_s" for st in FLOOR_STAGES]):
         if col in ok:
             row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan

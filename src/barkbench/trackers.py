@@ -70,24 +70,29 @@ class DecodeSteps:
     the coarse stage runs one generate call per window). A decode step's time is the interval from its start to the
     next step's start in the same loop: the whole step (forward, logits processing, sampling, stopping
     criteria). The last step of each loop has no next start and is not counted. A loop of its own (the device-side
-    loop) marks its steps through its `step_marks` hook, on a CPU only."""
+    loop) marks its steps through its `step_marks` hook, on a CPU only. Each mark also carries the cache positions
+    its step's attention reads (batch rows x sequence length so far, this step's token included): the keys and
+    values a step must read besides the weights (`calibration.stage_floors`)."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
         self.loops: list[list] = []
 
-    def mark(self, first: bool):
+    def mark(self, first: bool, cache_positions: int | None = None):
         if first or not self.loops:
             self.loops.append([])
-        self.loops[-1].append(self.clock.mark())
+        self.loops[-1].append((self.clock.mark(), cache_positions))
 
-    def take(self) -> tuple[float | None, int]:
-        """Seconds and number of the decode steps marked since the last take (None, 0 without any)."""
+    def take(self) -> tuple[float | None, int, int | None]:
+        """Seconds, number and cache positions read of the decode steps marked since the last take (None, 0, None
+        without any; positions None where a step's were not known)."""
         steps = [(a, b) for loop in self.loops for a, b in zip(loop[1:], loop[2:])]
         self.loops.clear()
         if not steps:
-            return None, 0
-        return float(sum(self.clock.seconds(a, b) for a, b in steps)), len(steps)
+            return None, 0, None
+        positions = [a[1] for a, _ in steps]
+        return (float(sum(self.clock.seconds(a[0], b[0]) for a, b in steps)), len(steps),
+                None if None in positions else int(sum(positions)))
 
 
 class StageTracker:
@@ -103,6 +108,7 @@ class StageTracker:
         self.decode: dict[str, DecodeSteps] = {s: DecodeSteps(clock) for s in DECODING_STAGES}
         self.decode_seconds: dict[str, list] = {s: [] for s in DECODING_STAGES}
         self.decode_steps: dict[str, list] = {s: [] for s in DECODING_STAGES}
+        self.decode_cache_positions: dict[str, list] = {s: [] for s in DECODING_STAGES}
 
     def _wrap(self, stage, owner, name, count):
         original = getattr(owner, name)
@@ -112,9 +118,10 @@ class StageTracker:
                 out = original(*args, **kwargs)
             self.tokens[stage].append(int(count(out)))
             if stage in self.decode:
-                seconds, steps = self.decode[stage].take()
+                seconds, steps, positions = self.decode[stage].take()
                 self.decode_seconds[stage].append(seconds)
                 self.decode_steps[stage].append(steps)
+                self.decode_cache_positions[stage].append(positions)
             return out
 
         setattr(owner, name, timed)
@@ -129,7 +136,9 @@ class StageTracker:
 
         @functools.wraps(original)  # generate reads its signature (which inputs the model accepts)
         def marked(*args, **kwargs):
-            steps.mark(starts_loop(kwargs))
+            # generate hands every step the whole sequence so far (the prompt's ids, or placeholders of its length)
+            ids = args[0] if args else kwargs.get("input_ids")
+            steps.mark(starts_loop(kwargs), ids.shape[0] * ids.shape[-1] if ids is not None else None)
             return original(*args, **kwargs)
 
         owner.prepare_inputs_for_generation = marked
@@ -155,10 +164,11 @@ class StageTracker:
     def as_dict(self, calls: int | None = None) -> dict:
         """Per stage, seconds and tokens of the first `calls` calls (all by default: a call cut short
         by the time limit may have timed some stages); semantic and coarse, their decode steps' seconds
-        (None for a call whose loop marks no steps) and number."""
+        (None for a call whose loop marks no steps), number and the cache positions they read."""
         out = {s: {"seconds": self.seconds[s][:calls], "tokens": self.tokens[s][:calls]} for s in STAGES}
         for s in DECODING_STAGES:
-            out[s].update(decode_seconds=self.decode_seconds[s][:calls], decode_steps=self.decode_steps[s][:calls])
+            out[s].update(decode_seconds=self.decode_seconds[s][:calls], decode_steps=self.decode_steps[s][:calls],
+                          decode_cache_positions=self.decode_cache_positions[s][:calls])
         return out
 
 
