@@ -453,8 +453,8 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
 
     return (f"Floors: semantic and coarse, what their decode steps must read ÷ read bandwidth: the weights once per "
             f"step (embedding tables excepted) and, per step, the keys and values of every position so far (the "
-            f"prompt's and the tokens made; per batch row), against the decode steps' own time (each step from its start to "
-            f"the next one's: forward, logits processing, sampling; the rest of the stage is its prefills, a 257-token "
+            f"prompt's and the tokens made; per batch row), against the decode steps' own time (each step from its "
+            f"start to the next one's: forward, logits processing, sampling; the rest of the stage is its prefills, a 257-token "
             f"prompt per semantic call and per coarse window; the device-side loop marks its own steps on a CPU, and "
             f"on a GPU has none); fine, FLOPs of its passes over the window it runs ÷ GEMM "
             f"throughput of its number format; each run's own calibration, measured on the job's threads before "
