@@ -54,34 +54,34 @@ def _work(n_cells=20):
 def test_the_records_of_variants_that_cannot_run_here_cost_one_job_start():
     def seconds(n_records, kind="not_applicable"):
         work = _work()[:-1] + [Work(kind, "fp16", 1, f"fp16/{k}", "m") for k in range(n_records)]
-        return estimate.estimate(work, {"m": PROBE}, PROTOCOL, None, fault_cases=12).seconds
+        return estimate.estimate(work, {"m": PROBE}, PROTOCOL, None, fault_cases={"m": 12}).seconds
 
     assert seconds(0) < seconds(1) == pytest.approx(seconds(30))  # one job writes them all
     assert seconds(30, "not_applicable_job") > seconds(1, "not_applicable_job") > seconds(0)  # one job each
 
 
 def test_a_run_that_fits_keeps_the_protocols_timed_calls():
-    unbounded = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, None, fault_cases=12)
-    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, unbounded.seconds + 1, fault_cases=12)
+    unbounded = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, None, fault_cases={"m": 12})
+    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, unbounded.seconds + 1, fault_cases={"m": 12})
     assert not fitted.shortened and fitted.timed_budget_s == PROTOCOL["budget_s"]
     assert fitted.seconds == unbounded.seconds
 
 
 def test_a_run_over_its_budget_shortens_every_process_and_keeps_every_job():
-    unbounded = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, None, fault_cases=12)
+    unbounded = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, None, fault_cases={"m": 12})
     budget = unbounded.seconds * 0.9
-    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, budget, fault_cases=12)
+    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, budget, fault_cases={"m": 12})
     assert fitted.shortened and fitted.fits
     assert 0 < fitted.timed_budget_s < PROTOCOL["budget_s"]
     assert fitted.seconds <= budget
     assert [p for p, _, _ in fitted.jobs] == [w.path for w in _work()]  # no job left out
     longer = estimate.estimate(_work(), {"m": PROBE}, {**PROTOCOL, "budget_s": fitted.timed_budget_s + 0.2}, None,
-                               fault_cases=12)
+                               fault_cases={"m": 12})
     assert longer.seconds > budget  # the largest budget that fits (to 0.1 s)
 
 
 def test_a_run_that_cannot_fit_says_so():
-    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, 60.0, fault_cases=12)
+    fitted = estimate.estimate(_work(), {"m": PROBE}, PROTOCOL, 60.0, fault_cases={"m": 12})
     assert fitted.shortened and not fitted.fits and fitted.timed_budget_s == 0.0
 
 
@@ -108,7 +108,7 @@ def test_what_cannot_fit_is_cut_lowest_priority_first():
     work += [Work("faults", "", 1, "faults", "m", priority=0)]
     one = estimate.run_seconds("eager", 1, PROBE, PROTOCOL, 0.0)
     budget = estimate.MARGIN * (estimate.REPORT_S + 6.5 * one)  # six processes and a half fit at min_iterations
-    fitted = estimate.estimate(work, {"m": PROBE}, PROTOCOL, budget, fault_cases=12)
+    fitted = estimate.estimate(work, {"m": PROBE}, PROTOCOL, budget, fault_cases={"m": 12})
     assert not fitted.fits
     assert fitted.cut == ["round2/3", "round2/2", "round2/1", "round2/0", "faults"]  # round 2 after round 1
 

@@ -463,6 +463,30 @@ def test_the_suite_stops_at_the_runs_deadline_and_says_what_it_did_not_run(tiny_
     assert "not run, the run's budget spent" in md and "| not run |" in md and "MISSED" not in md
 
 
+def test_a_workflow_run_sets_aside_the_cases_that_cannot_pay_off_here(tiny_checkpoint, tmp_path, monkeypatch):
+    """On a CPU without native bf16, a workflow run's suite (its probe set BARKBENCH_BASELINE_CALL_S) records the
+    bf16 cases as set aside, with why, instead of spending a quarter of an hour on emulated bf16; the run's estimate
+    counts the cases it judges. The other cases here meet a spent budget."""
+    from barkbench import faults, layout
+    from barkbench.fragments import faults_md
+    from barkbench.protocol import BASELINE_CALL_ENV, DEADLINE_ENV
+    from barkbench.tables import faults_table
+
+    monkeypatch.setattr(fidelity.provenance, "cpu_features", lambda: ["avx2"])
+    monkeypatch.setenv(BASELINE_CALL_ENV, json.dumps({TINY: [1.0, 1]}))
+    monkeypatch.setenv(DEADLINE_ENV, str(__import__("time").time() - 1.0))
+    out = tmp_path / "results" / layout.FAULTS.format(hardware="cpu-test", model=layout.slug(TINY))
+    faults.main([TINY, "--tokens", str(TOKENS), "--threads", str(TORCH_THREADS), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    aside = [r["case"] for r in rows if r["not_run"].startswith("set aside in this run: bf16 needs avx512_bf16")]
+    assert aside == ["bf16", "sdpa+bf16", "bf16: softmax without fp32 accumulation"]
+    assert all(r["not_run"] == "run budget exhausted" for r in rows if r["case"] not in aside)
+    assert faults.cases_in_a_workflow_run(["avx2"]) == len(rows) - len(aside)
+    assert faults.cases_in_a_workflow_run(["avx2", "amx_bf16"]) == len(rows)
+    md = faults_md(faults_table([out], tmp_path / "results"))
+    assert "not run, set aside in this run: bf16 needs" in md and "not run, the run's budget spent: sdpa, int8" in md
+
+
 # --- the recorded job --------------------------------------------------------------------------------
 
 def _run(variant, tmp_path):

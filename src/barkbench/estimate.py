@@ -186,6 +186,7 @@ def faults_seconds(cases: int, probe: Probe) -> float:
 
 
 def job_seconds(work: Work, probe: Probe, protocol: dict, timed_budget_s: float, fault_cases: int) -> float:
+    """`fault_cases`: the cases the fault suite judges on this model's machine."""
     if work.kind == "not_applicable":  # one record of the job that writes them all (its start: `estimate`)
         return 0.0
     if work.kind == "not_applicable_job":
@@ -215,17 +216,17 @@ class Estimate:
                 "jobs": [{"path": p, "kind": k, "seconds": s} for p, k, s in self.jobs]}
 
 
-def estimate(work: list[Work], probes: dict, protocol: dict, budget_s: float | None, fault_cases: int,
+def estimate(work: list[Work], probes: dict, protocol: dict, budget_s: float | None, fault_cases: dict,
              legacy_env_pending: bool = False) -> Estimate:
-    """The run's expected seconds (each job by its model's probe in `probes`) with the protocol's timed-call
-    budget; when that exceeds `budget_s` (None: no budget), the largest timed-call budget per process that fits
+    """The run's expected seconds (each job by its model's probe in `probes`; `fault_cases`: per model, the cases
+    its fault suite judges there) with the protocol's timed-call budget; when that exceeds `budget_s` (None: no budget), the largest timed-call budget per process that fits
     it, not below min_iterations' calls (then `fits` is False)."""
     fixed = REPORT_S + (LEGACY_ENV_S if legacy_env_pending else 0.0)
     fixed += sum(probes[m].startup_s - probes[m].calibration_s  # the job that records why (one per model)
                  for m in {w.model for w in work if w.kind == "not_applicable"})
 
     def seconds(w: Work, timed_budget: float) -> float:
-        return job_seconds(w, probes[w.model], protocol, timed_budget, fault_cases)
+        return job_seconds(w, probes[w.model], protocol, timed_budget, fault_cases.get(w.model, 0))
 
     def total(timed_budget: float) -> float:
         return MARGIN * (fixed + sum(seconds(w, timed_budget) for w in work))

@@ -10,6 +10,7 @@ import pandas as pd
 
 from .markdown import callout, fmt_num, fmt_pct, isnum, md_escape, to_pipe_table
 from .provenance import CPU_FEATURES  # the instruction-set extensions that decide the fastest CPU variant
+from .records import FAULT_BUDGET_SPENT
 from .study2023 import PUBLISHED_BASELINE, PUBLISHED_TO_OURS, STUDY
 from .tables import CONTROL, STAGES
 
@@ -710,12 +711,15 @@ def faults_md(faults: pd.DataFrame) -> str:
         ran = g["not_run"].isna() if "not_run" in g else pd.Series(True, index=g.index)
         missed = g[ran & g["fault"] & (g["caught"] == False)]["case"].tolist()  # noqa: E712 (a column of objects)
         failing = g[ran & ~g["fault"] & (g["caught"] == True)]["case"].tolist()  # noqa: E712
-        skipped = g[~ran]["case"].tolist()
+        skipped = g[~ran].groupby("not_run", sort=False)["case"].agg(list) if "not_run" in g else {}
         verdict = ("; ".join([f"**missed: {', '.join(map(md_escape, missed))}**"] * bool(missed)
                              + [f"**correct but outside: {', '.join(map(md_escape, failing))}**"] * bool(failing))
                    or "every fault caught, every correct variant within")
-        if skipped:
-            verdict += f" (of the cases run; not run, the run's budget spent: {', '.join(map(md_escape, skipped))})"
+        if len(skipped):
+            whys = {why: "the run's budget spent" if why == FAULT_BUDGET_SPENT else md_escape(why)
+                    for why, _ in skipped.items()}
+            verdict += " (of the cases run; " + "; ".join(f"not run, {whys[why]}: {', '.join(map(md_escape, cases))}"
+                                                          for why, cases in skipped.items()) + ")"
         table = pd.DataFrame({
             "case": g["case"].map(md_escape), "variant": g["variant"].map(md_escape),
             "kind": g["fault"].map(lambda f: "fault" if f else "correct"),

@@ -469,7 +469,8 @@ class Plan:
         (the seconds left for jobs and report before the run budget ends; None: no budget)."""
         from . import faults
 
-        return estimate.estimate(work, probes, self.protocol, budget_s, len(faults.CASES), legacy_env_pending)
+        cases = {m: faults.cases_in_a_workflow_run(p.cpu_features) for m, p in probes.items()}
+        return estimate.estimate(work, probes, self.protocol, budget_s, cases, legacy_env_pending)
 
 
 # ---------------------------------------------------------------- the run as a whole

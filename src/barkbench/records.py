@@ -326,6 +326,9 @@ class FidelityResult(_Record):
     SCHEMA = staticmethod(_fidelity_schema)
 
 
+FAULT_BUDGET_SPENT = "run budget exhausted"  # a fault case's `not_run` when the run's deadline came before it
+
+
 @dataclass
 class FaultSuite(_Record):
     """The fault suite of one model on one machine (see `barkbench.faults`): per case, how far outside its limits
