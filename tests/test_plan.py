@@ -366,6 +366,23 @@ def test_the_variants_that_cannot_run_here_are_recorded_by_one_job(smoke, tmp_pa
     assert "run" in kinds.values() and not set(together) & set(p.pending_jobs())
 
 
+def test_a_written_fault_suite_is_not_pending(smoke, tmp_path):
+    """The fault suite's rule makes its record once (no retry token): a run that finds it neither counts it in its
+    estimate nor says it is measured again (it is not a run record)."""
+    from barkbench import layout
+
+    smoke["results"] = str(tmp_path / "results")
+    smoke["fidelity"]["faults"] = True
+    p = plan.Plan(smoke, HARDWARE, "cpu")
+    kinds = {w.path: w.kind for w in p.pending_work()}
+    (path,) = [j for j, k in kinds.items() if k == "faults"]
+    assert path.endswith("faults.json") and path in p.faults_jsons([HARDWARE])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"schema_version": 1, "kind": "fault-suite"}))
+    said = []
+    assert "faults" not in {w.kind for w in p.pending_work(say=said.append)} and not said
+
+
 def test_a_failed_or_unreadable_result_gets_a_retry_token(tmp_path):
     said = []
     assert plan.retry_args(str(tmp_path / "absent.json"), said.append) == []

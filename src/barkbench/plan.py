@@ -419,7 +419,8 @@ class Plan:
             if measured and not runs_here[measured]:
                 kind = "not_applicable" if path in recorded_together else "not_applicable_job"
                 priority = NOT_APPLICABLE_PRIORITY if path in recorded_together else priority
-            if not os.path.exists(path) or retry_args(path, say):
+            # the fault suite's rule takes no retry token: its record stands once written (it records no failure)
+            if not os.path.exists(path) or (pattern != layout.FAULTS and retry_args(path, say)):
                 work.append(estimate.Work(kind, measured, batch_size, path, wildcards["model"], priority))
 
         for m in self.models:  # each with the priority its rule gives it (workflow/rules/*.smk)
