@@ -371,7 +371,8 @@ def test_time_limit_during_warm_up_is_recorded_failed(tiny_checkpoint, tmp_path,
     handler = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
     result = runner.run(_request("sdpa", _protocol(time_limit_s=LIMIT_S, do_sample=False)), out)
-    assert time.perf_counter() - start < LIMIT_S + 5  # interrupted, not slept out
+    # interrupted, not slept out (120 s): the limit starts after the CPU calibration, 2-6 s on a 2-core machine
+    assert time.perf_counter() - start < LIMIT_S + 30
     assert result.status == "failed"
     assert result.reason.startswith(f"time limit {LIMIT_S} s reached during warm-up/compilation (first call still "
                                     "running after "), result.reason
