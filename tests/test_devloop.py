@@ -47,6 +47,19 @@ def test_devloop_gives_the_tokens_of_eager_generate(loaded, prompts, do_sample):
         assert torch.equal(tokens[stage], reference[stage]), stage
 
 
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_devloop_over_int8_gives_the_tokens_of_int8_generate(tiny_checkpoint, do_sample):
+    # The loop changes who steps the model, not what a step computes: torch.ao's int8 Linear layers quantize the
+    # same activations whether transformers' loop or the device-side one calls them.
+    reference = _stage_tokens(_load("sdpa+int8"), [PROMPTS[0]], do_sample)
+    over_int8 = _load("sdpa+int8+devloop")
+    tokens = _stage_tokens(over_int8, [PROMPTS[0]], do_sample)
+    assert type(over_int8.model.semantic.layers[0].mlp.in_proj).__module__.startswith("torch.ao")
+    assert hasattr(over_int8.model.semantic, "_device_decoder")  # the loop ran
+    for stage in ("semantic", "coarse", "fine", "audio"):
+        assert torch.equal(tokens[stage], reference[stage]), stage
+
+
 class WarmedUpStep:
     """CPU stand-in for CudaGraphStep: the same warm-up steps before the first real call, then the step itself."""
 
