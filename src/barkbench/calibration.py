@@ -105,7 +105,9 @@ def _linear_weight(module):
 
 def bytes_read_per_step(submodel) -> int:
     """Bytes of weights one decode step reads: every parameter and quantized weight except embedding tables
-    (a step reads one row of those)."""
+    (a step reads one row of those); where another runtime runs the sub-model, the weights it holds."""
+    if (runtime := getattr(submodel, "runtime_weight_bytes", None)) is not None:
+        return int(runtime)
     total = 0
     for module in submodel.modules():
         if isinstance(module, torch.nn.Embedding):

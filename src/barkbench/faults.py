@@ -128,6 +128,22 @@ def fine_head_in_bf16(model) -> None:
     head.forward = lambda x: F.linear(x.to(torch.bfloat16), head.weight.to(torch.bfloat16)).to(x.dtype)
 
 
+def ortint8_scale_off(model) -> None:
+    """ONNX Runtime's int8 graph of the coarse model with one layer's block scales (its first MLP input projection)
+    2 % off, as a wrong scale in an exported weight file would be."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from . import ort_int8
+
+    sub = model.coarse_acoustics
+    graph = copy.deepcopy(sub.int8_graph)
+    scales = next(t for t in graph.graph.initializer if t.name == "layers.0.mlp.in_proj.weight_t_scales")
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * 1.02, scales.name))
+    ort_int8.install(sub, graph, torch.get_num_threads())
+
+
 def static_kv_write_late(model) -> None:
     """The static-cache path writes each decode step's key and value one slot late (the prefill's as it should):
     the step's own token is missing where the mask lets the next steps read it."""
@@ -178,6 +194,9 @@ CASES = [
     Case("bf16: softmax without fp32 accumulation", "bf16", bf16_softmax_accumulation),
     Case("sdpa: padded row's mask off by one", "sdpa", sdpa_mask_off_by_one, "padded batch"),
     Case("exact: one op (fine lm_heads[3], codebook 4) in bf16", "sdpa", fine_head_in_bf16, "fine[4]"),
+    Case("ortint8", "ortint8"),
+    Case("ortint8: one layer's block scales 2 % off", "ortint8", ortint8_scale_off,
+         "layer coarse_acoustics.layers.0.mlp.in_proj"),
     Case("sdpa+static", "sdpa+static"),
     Case("static: a decode step's KV written one slot late", "sdpa+static", static_kv_write_late),
 ]

@@ -550,14 +550,18 @@ class LayerInputs:
     (`references.FakeQuantLinear`), by name: `layers` judges them, so one teacher-forced pass of the candidate
     serves both its distribution stats and its per-layer check."""
 
-    def __init__(self, reference, candidate):
+    def __init__(self, reference, candidate, only=None):
         from .int8_compile import CompilableDynamicLinear
         from .references import FakeQuantLinear
 
         self.candidate, self.seen, self._hooks = candidate, {}, []
-        self.names = [name for name, m in reference.named_modules() if isinstance(m, FakeQuantLinear)]
+        self.names = [name for name, m in reference.named_modules() if isinstance(m, FakeQuantLinear)
+                      and (only is None or name in only)]
+        self.kernels = runtime_kernels(candidate) if only is None else {}
         self._layers = []
         for name in self.names:
+            if name in self.kernels:  # another runtime computes it: no PyTorch layer of that name runs
+                continue
             layer = candidate.get_submodule(name)
             # int8 under compile: the layer that computes is called inside an opaque operator, with its hooks
             self._layers.append((name, layer.linear if isinstance(layer, CompilableDynamicLinear) else layer))
@@ -596,12 +600,26 @@ def judge_layers(baseline, reference, seen: dict, limit: variants.Implementation
             "worst": rows[:5], "outside": [r for r in rows if r["ratio"] > 1.0][:10]}
 
 
+def runtime_kernels(candidate) -> dict:
+    """Layers another runtime computes (`ort_int8.LayerKernels`: a sub-model's `layer_kernels`), by qualified name."""
+    out = {}
+    for prefix in ("semantic", "coarse_acoustics", "fine_acoustics"):
+        for name, kernel in (getattr(getattr(candidate, prefix, None), "layer_kernels", None) or {}).items():
+            out[f"{prefix}.{name}"] = kernel
+    return out
+
+
 def teacher_forced_with_layers(baseline, reference, candidate, device: torch.device,
                                limit: variants.ImplementationLimit, seed: int = 0) -> tuple[dict, dict | None]:
     """The candidate's teacher-forced logits and, from the same pass, its per-layer check (None where the reference
-    simulates no layer: casts only, or exact)."""
+    simulates no layer: casts only, or exact). A layer another runtime computes inside its graph is judged on the
+    input the reference's layer of that name receives, through that runtime's own kernel and weights."""
     with LayerInputs(reference, candidate) as captured:
         logits = teacher_forced_logits(candidate, device, seed)
+    if kernels := {n: k for n, k in captured.kernels.items() if n in captured.names}:
+        with LayerInputs(reference, reference, only=kernels) as inputs:
+            teacher_forced_logits(reference, device, seed)
+        captured.seen.update({name: (x, kernels[name](x)) for name, (x, _) in inputs.seen.items()})
     return logits, (judge_layers(baseline, reference, captured.seen, limit) if captured.names else None)
 
 

@@ -192,6 +192,12 @@ def exported(module: nn.Module, kind: str) -> Path:
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # the job's thread count, as torch's
     options.inter_op_num_threads = 1
@@ -201,7 +207,7 @@ def session(path: Path, threads: int):
     # logits processing, sampling, the cache), and spinning threads took them (a bark-small decode step with
     # PyTorch's per-step work between runs: 49 ms spinning against 30 ms not, on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return options
 
 
 def _numpy(tensor: torch.Tensor):

@@ -13,6 +13,12 @@ function here, added to `FORMATS`.
   x86 engine's outputs equal the simulation's to float rounding); products accumulated exactly (int32), bias in fp32.
 - `int8-weight-only`: torchao's Int8WeightOnlyConfig (on a CPU, `barkbench.int8_gemv`): weights per output channel,
   symmetric (scale = max|w| / 127.5 per row), activations unquantized.
+- `int8-block`: ONNX Runtime's MatMulNBits int8 (`barkbench.ort_int8`) on the semantic and coarse models' Linear layers:
+  weights in blocks of 128 along the input (a shorter input is one block), each block's scale its largest-magnitude
+  value over -128, its values times the inverse scale plus the zero point 128, rounded half up (ONNX Runtime's
+  quantizer, in float32), in [-128, 127]; activations per row and block, scale max|x| / 127, rounded half to even (accuracy level
+  4's int8 dot products); products summed in fp32, bias added after (checked against the kernel layer by layer in
+  tests/test_ort_int8.py).
 - `nf4`: bitsandbytes 4-bit NF4 weights (blocks of 64 with an absmax scale each, the NF4 code book) for the
   transformers' Linear layers except the lm heads, computed in float16 (`bnb_4bit_compute_dtype`).
 - `fine-window`: the fine model's generate on the real frames rounded up to 64 (`barkbench.fine_window`); it
@@ -125,6 +131,42 @@ def int8_weight_only(model) -> None:
         lin, fake_quant_symmetric(lin.weight, per_channel_scale(lin.weight)).to(lin.weight.dtype), None))
 
 
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """`x` (..., K) as (..., blocks, block), zero-padded to whole blocks; and K."""
+    k = x.shape[-1]
+    pad = -k % block
+    return F.pad(x, (0, pad)).reshape(*x.shape[:-1], (k + pad) // block, block), k
+
+
+def int8_block_weight(weight: torch.Tensor, block: int = 128) -> torch.Tensor:
+    w, k = _blocks(weight.detach().float(), block)
+    peak = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
+    scale = peak / -128.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # times the inverse scale, plus the zero point, then half up, each step in float32 (as the quantizer's C++)
+    q = torch.clamp(torch.floor(w * (1.0 / safe) + 128.0 + 0.5), 0, 255) - 128.0
+    return (torch.where(scale == 0, torch.zeros_like(w), q * scale)).reshape(*weight.shape[:-1], -1)[..., :k]
+
+
+def int8_block_activation(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    b, k = _blocks(x.float(), block)
+    scale = b.abs().amax(-1, keepdim=True) / 127.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(b / safe) * scale).reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype)
+
+
+INT8_BLOCK_MODELS = ("semantic", "coarse_acoustics")  # the sub-models barkbench.ort_int8 runs
+
+
+def int8_block(model) -> None:
+    for prefix in INT8_BLOCK_MODELS:
+        sub = getattr(model, prefix)
+        for name, lin in [(n, m) for n, m in sub.named_modules() if isinstance(m, torch.nn.Linear)]:
+            parent, _, attr = name.rpartition(".")
+            setattr(sub.get_submodule(parent) if parent else sub, attr,
+                    FakeQuantLinear(lin, int8_block_weight(lin.weight), int8_block_activation))
+
+
 NF4_SKIP = ("lm_head", "lm_heads")  # the variant's llm_int8_skip_modules
 
 
@@ -141,7 +183,8 @@ def fine_window(model) -> None:
 
 
 FORMATS: dict[str, Callable] = {"bf16": bf16, "fp16": fp16, "int8-dynamic": int8_dynamic,
-                                "int8-weight-only": int8_weight_only, "nf4": nf4, "fine-window": fine_window}
+                                "int8-weight-only": int8_weight_only, "int8-block": int8_block, "nf4": nf4,
+                                "fine-window": fine_window}
 
 
 def simulate(baseline, formats) -> torch.nn.Module:

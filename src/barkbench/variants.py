@@ -278,6 +278,18 @@ def _apply_ort(model, ctx):
                      + ", ".join(f"{k} {p.parent.name}" for k, p in files.items()))
 
 
+def _apply_ort_int8(model, ctx):
+    from . import ort_int8
+
+    weights = ort_int8.use_ort_int8(model, torch.get_num_threads())
+    import onnxruntime
+
+    ctx.notes.append(f"ONNX Runtime {onnxruntime.__version__} (CPU execution provider, {torch.get_num_threads()} "
+                     "intra-op threads) runs the semantic and coarse models' forward as int8 graphs (MatMulNBits "
+                     f"blocks of {ort_int8.BLOCK}, accuracy level {ort_int8.ACCURACY_LEVEL}, in-place key/value "
+                     "buffers): " + ", ".join(f"{k} {v / 1e6:.1f} MB of weights" for k, v in weights.items()))
+
+
 # Per sub-config: a plain "flash_attention_2" reaches codec_config too, and EncodecModel refuses it at load.
 FA2_PER_SUBMODEL = {"semantic_config": "flash_attention_2", "coarse_acoustics_config": "flash_attention_2",
                     "fine_acoustics_config": "flash_attention_2", "codec_config": "eager"}
@@ -374,6 +386,18 @@ register(Optimization(
     # for bark-small's three sub-models) happens in the first process of a run only, then comes from the cache; its
     # fidelity check took 302 s against eager's 20.2 s call (05b8010), 3.5 calls over the check's priors
     call_factor=0.8, first_call_extra=3.0, fidelity_extra=3.4))
+
+register(Optimization(
+    "ortint8", "ONNX Runtime runs the semantic and coarse models as int8 graphs (MatMulNBits: int8 weights and "
+    "activations in blocks of 128; attention over in-place key/value buffers, GroupQueryAttention); the fine model and "
+    "Bark's generate loops stay in PyTorch", group="compile", order=90, apply=_apply_ort_int8,
+    conflicts=("offload", "legacy", "bt", "int8", "int8wo", "nf4", "bf16", "fp16", "static", "devloop"),
+    cuda_reason="runs on ONNX Runtime's CPU execution provider (the model would leave the GPU)",
+    needs_stack=lambda: __import__("barkbench.ort_runtime").ort_runtime.unavailable_reason(),
+    reference="int8-block", limit=INT8_WEIGHTS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
+    pays_off_why="MLAS's int8 kernels need at least AVX2",
+    # priors: ~0.5 of sdpa+finewin on a 2-core AVX2 CPU (its int8 prefills are slower there, its decode steps faster)
+    call_factor=0.5, fidelity_extra=1.0))
 
 
 @dataclass(frozen=True)
