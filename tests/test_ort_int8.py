@@ -138,6 +138,6 @@ def test_spelling_and_conflicts():
     for other in ("int8", "ort", "static", "devloop"):
         with pytest.raises(variants.VariantError):
             variants.parse(f"{other}+ortint8")
-    assert variants.parse("ortint8").limit == variants.INT8_WEIGHTS
+    assert variants.parse("ortint8").limit == variants.INT8_BLOCKS
     assert variants.parse("ortint8").reference_formats == ["int8-block"]
     assert "CPU execution provider" in variants.REGISTRY["ortint8"].cuda_reason

@@ -18,7 +18,8 @@ function here, added to `FORMATS`.
   value over -128, its values times the inverse scale plus the zero point 128, rounded half up (ONNX Runtime's
   quantizer, in float32), in [-128, 127]; activations per row and block, scale max|x| / 127, rounded half to even (accuracy level
   4's int8 dot products); products summed in fp32, bias added after (checked against the kernel layer by layer in
-  tests/test_ort_int8.py).
+  tests/test_ort_int8.py; on an AVX2 CPU the kernel decides a few exact activation ties the other way, which its
+  limit, `variants.INT8_BLOCKS`, allows for).
 - `nf4`: bitsandbytes 4-bit NF4 weights (blocks of 64 with an absmax scale each, the NF4 code book) for the
   transformers' Linear layers except the lm heads, computed in float16 (`bnb_4bit_compute_dtype`).
 - `fine-window`: the fine model's generate on the real frames rounded up to 64 (`barkbench.fine_window`); it
