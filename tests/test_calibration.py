@@ -119,6 +119,7 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     data = json.loads(path.read_text())
     data["hardware"]["calibration"] = CAL
     data["model"]["stage_work"] = WORK
+    data["model"]["decode_matmuls"] = {"semantic": {"seconds": 0.05, "matmuls": 49, "rows": 1}}
     path.write_text(json.dumps(data))
     runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
     row = runs.iloc[0]
@@ -130,5 +131,34 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     assert row["stage_semantic_x_floor"] == pytest.approx(3.0 / 2.727)
     assert row["stage_fine_floor_s"] > 0 and "stage_decode_floor_s" not in runs
     assert row["read_bandwidth_gb_s"] == pytest.approx(10.0)
+    # the matmuls alone of the same 90 steps, against the same floor; a stage without them has none
+    assert row["stage_semantic_matmuls_s"] == pytest.approx(0.05 * 90)
+    assert row["stage_semantic_matmuls_x_floor"] == pytest.approx(4.5 / 2.727)
+    assert row["stage_coarse_matmuls_s"] != row["stage_coarse_matmuls_s"]
     text = fragments.stages_md(runs, tables.calibration_table(runs))
+    assert "semantic matmuls alone s (× floor)" in text and "4.500 (×1.7)" in text
+    assert "coarse matmuls alone" not in text
     assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "(×1.6)" in text and "an fp32 GEMV) 10 GB/s" in text
+
+
+
+@pytest.mark.parametrize("variant", ["eager", "sdpa+int8", "sdpa+finewin+ortint8"])
+def test_decode_matmuls_are_every_weight_matmul_of_a_step_as_the_variant_runs_it(tiny_checkpoint, variant):
+    """One of each weight matmul a decode step runs (the Linear layers of every block and the language-model head),
+    through the variant's own kernels: torch's modules (int8: torch.ao's dynamic Linear, not the float weights it
+    came from), or the runtime's graph of its int8 nodes."""
+    from barkbench.int8_compile import is_dynamic_int8
+
+    eager = load_variant("eager").model
+    model = load_variant(variant).model
+    for name in ("semantic", "coarse_acoustics"):
+        linears = sorted(n for n, m in getattr(eager, name).named_modules() if isinstance(m, torch.nn.Linear))
+        sub = getattr(model, name)
+        timed = calibration.decode_matmuls_seconds(sub, rows=2, budget_s=0.01)
+        assert timed["matmuls"] == len(linears) and timed["rows"] == 2 and timed["seconds"] > 0
+        if variant.endswith("ortint8"):
+            assert sub.matmuls_alone.count == len(linears) and sorted(sub.layer_kernels) == linears
+            continue
+        found = calibration.decode_matmuls(sub)
+        assert sorted(found) == linears
+        assert all(is_dynamic_int8(m) == ("int8" in variant) for m in found.values())

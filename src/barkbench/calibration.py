@@ -126,6 +126,37 @@ def bytes_read_per_step(submodel) -> int:
     return int(total)
 
 
+def decode_matmuls(submodel) -> dict:
+    """Each weight matmul one decode step of `submodel` runs in PyTorch: qualified name -> the module. A Linear, a
+    torch.ao dynamic int8 Linear, an int8 weight-only Linear or a wrapper of one (not its insides)."""
+    out = {}
+    for name, module in submodel.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in out):
+            continue
+        if isinstance(module, (Int8WeightOnlyLinear, CompilableDynamicLinear)) or _linear_weight(module) is not None:
+            out[name] = module
+    return out
+
+
+@torch.inference_mode()
+def decode_matmuls_seconds(submodel, rows: int, budget_s: float = 0.1) -> dict:
+    """One decode step's weight matmuls alone: each called on `rows` random rows (a step of that batch size), back to
+    back, with nothing between them (no attention, norms, logits processing or generate loop); best of repeated
+    passes, on torch's current threads. What the step's matmul kernels cost on matrices of this model's size, between
+    the memory floor (their bytes at the read bandwidth) and the step's measured time. Where another runtime runs
+    the sub-model, its own kernels in one graph (`matmuls_alone`, barkbench.ort_int8)."""
+    if (runtime := getattr(submodel, "matmuls_alone", None)) is not None:
+        return {"seconds": _best_seconds(runtime.step(rows), budget_s), "matmuls": runtime.count, "rows": rows}
+    dtype = submodel.input_embeds_layer.weight.dtype
+    calls = [(m, torch.randn(rows, m.in_features).to(dtype)) for m in decode_matmuls(submodel).values()]
+
+    def step():
+        for module, x in calls:
+            module(x)
+
+    return {"seconds": _best_seconds(step, budget_s), "matmuls": len(calls), "rows": rows}
+
+
 def cache_bytes_per_position(submodel) -> int:
     """Bytes of keys and values one cache position holds, over every layer: what a decode step's attention reads
     per position besides the weights. The cache takes the dtype of the hidden states, which the token embeddings

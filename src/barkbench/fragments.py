@@ -433,6 +433,10 @@ def stages_md(runs: pd.DataFrame, calibration: pd.DataFrame | None = None,
                 cells[f"{st} decode s / floor s (× floor)"] = [
                     f"{fmt_num(d)} / {fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) and isnum(d) else "–"
                     for d, f, x in zip(g[f"stage_{st}_decode_s"], g[f"stage_{st}_floor_s"], g[f"stage_{st}_x_floor"])]
+            if f"stage_{st}_matmuls_s" in g and g[f"stage_{st}_matmuls_s"].notna().any():
+                cells[f"{st} matmuls alone s (× floor)"] = [
+                    f"{fmt_num(m, 3)} (×{fmt_num(x, 1)})" if isnum(m) and isnum(x) else "–"
+                    for m, x in zip(g[f"stage_{st}_matmuls_s"], g[f"stage_{st}_matmuls_x_floor"])]
         if "stage_fine_floor_s" in g and g["stage_fine_floor_s"].notna().any():
             cells["fine floor s (× floor)"] = [f"{fmt_num(f, 3)} (×{fmt_num(x, 1)})" if isnum(f) else "–"
                                                for f, x in zip(g["stage_fine_floor_s"], g["stage_fine_x_floor"])]
@@ -463,7 +467,12 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
             f"an fp32 GEMV) "
             f"{fig('read_bandwidth_gb_s', 'GB/s')}, GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "
             f"{fig('gemm_bf16_gflop_s', 'GFLOP/s')} bf16, {fig('gemm_int8_gflop_s', 'GFLOP/s')} int8 "
-            f"(dynamic int8 Linear).\n\n")
+            f"(dynamic int8 Linear). *Matmuls alone*: the weight matmuls of one decode step, each on one step's "
+            f"rows, back to back with the variant's own kernels and nothing between them (best of repeated passes, "
+            f"measured in each run after loading), times the decode steps: between the floor and the decode time, "
+            f"it tells the kernels' own cost on matrices this size (per-call work and thread hand-offs, which a "
+            f"single large GEMV does not pay) from everything else in a step (attention, norms, logits processing, "
+            f"sampling, `generate`'s loop).\n\n")
 
 
 def _guidance_md(guidance: pd.DataFrame | None, hw: str, model: str) -> str:

@@ -216,19 +216,20 @@ def causal_forward(model, decoder: Decoder):
 
 class LayerKernels(dict):
     """Each int8 layer of a graph as ONNX Runtime computes it (its MatMulNBits node, weights and scales, alone in a
-    session; the module's bias added after, as the graph adds it): module name -> kernel on an input. The fidelity
-    check's per-layer check reads them, since no PyTorch layer of the sub-model runs."""
+    session built on first use; the module's bias added after, as the graph adds it): module name -> kernel on an
+    input. The fidelity check's per-layer check reads them, since no PyTorch layer of the sub-model runs, and so
+    does the calibration's time of a decode step's matmuls alone (`calibration.decode_matmuls_seconds`)."""
 
     def __init__(self, sub, graph, threads: int):
         super().__init__()
         for node in graph.graph.node:
             if node.op_type == "MatMulNBits":  # its output keeps the MatMul's name (the quantizer renames the node)
                 name = node.output[0].removesuffix(".mm")
-                self[name] = functools.partial(self._run, sub.get_submodule(name), node, graph, threads)
+                session = functools.cache(functools.partial(self._session, node, graph, threads))
+                self[name] = functools.partial(self._run, sub.get_submodule(name), node, session)
 
     @staticmethod
-    @torch.inference_mode()
-    def _run(module, node, graph, threads, x: torch.Tensor) -> torch.Tensor:
+    def _session(node, graph, threads):
         import onnxruntime as ort
         from onnx import TensorProto as T
         from onnx import helper
@@ -239,10 +240,52 @@ class LayerKernels(dict):
         body = helper.make_graph([node], node.name, [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
                                  [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], weights)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-        session = ort.InferenceSession(helper.make_model(body, opset_imports=opsets).SerializeToString(),
-                                       session_options(threads), providers=["CPUExecutionProvider"])
-        out = torch.from_numpy(session.run(None, {node.input[0]: x.detach().float().contiguous().numpy()})[0])
+        return ort.InferenceSession(helper.make_model(body, opset_imports=opsets).SerializeToString(),
+                                    session_options(threads), providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    @torch.inference_mode()
+    def _run(module, node, session, x: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(session().run(None, {node.input[0]: x.detach().float().contiguous().numpy()})[0])
         return out if module.bias is None else out + module.bias.detach().float()
+
+
+class MatmulsAlone:
+    """The graph's MatMulNBits nodes alone in one graph, each on an input of its own: one run is what a decode step's
+    matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`)."""
+
+    def __init__(self, graph, threads: int):
+        from onnx import TensorProto as T
+        from onnx import helper
+
+        nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        self.features = sorted({next(a.i for a in n.attribute if a.name == "K") for n in nodes})
+        used = {name for n in nodes for name in n.input[1:]}
+        alone = []
+        for n in nodes:
+            k = next(a.i for a in n.attribute if a.name == "K")
+            alone.append(helper.make_node("MatMulNBits", [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
+                                          domain=n.domain, **{a.name: helper.get_attribute_value(a)
+                                                              for a in n.attribute}))
+        body = helper.make_graph(alone, "matmuls_alone",
+                                 [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in self.features],
+                                 [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
+                                 [t for t in graph.graph.initializer if t.name in used])
+        self.graph = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
+                                                            helper.make_opsetid("com.microsoft", 1)])
+        self.count, self.threads = len(nodes), threads
+
+    def step(self, rows: int):
+        """One run of every matmul on `rows` random rows."""
+        import onnxruntime as ort
+
+        from .ort_runtime import session_options
+
+        session = ort.InferenceSession(self.graph.SerializeToString(), session_options(self.threads),
+                                       providers=["CPUExecutionProvider"])
+        feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32)
+                 for k in self.features}
+        return lambda: session.run(None, feeds)
 
 
 def install(sub, graph, threads: int) -> int:
@@ -251,6 +294,7 @@ def install(sub, graph, threads: int) -> int:
     sub.int8_graph = graph
     sub.runtime_weight_bytes = weight_bytes(graph)
     sub.layer_kernels = LayerKernels(sub, graph, threads)
+    sub.matmuls_alone = MatmulsAlone(graph, threads)
     sub.forward = causal_forward(sub, Decoder(sub, graph, threads))
     return sub.runtime_weight_bytes
 

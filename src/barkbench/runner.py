@@ -141,6 +141,10 @@ def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, de
     # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
     try:
         result.model["stage_work"] = calibration.stage_work(model)
+        if device.type == "cpu":  # a decode step's matmuls alone, on this model's matrices (the floors' companion)
+            result.model["decode_matmuls"] = {
+                stage: calibration.decode_matmuls_seconds(sub, proto.batch_size)
+                for stage, sub in (("semantic", model.semantic), ("coarse", model.coarse_acoustics))}
     except Exception as exc:  # a model the floors do not know (another stack, a foreign layer): no floors, the run goes on
         result.model["stage_work"] = None
         ctx.notes.append(f"no stage floors: {type(exc).__name__}: {exc}"[:300])

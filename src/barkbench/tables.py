@@ -238,6 +238,10 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
                                       row["batch_size"])
     for st, floor in floors.items():
         row[f"stage_{st}_floor_s"] = floor if floor is not None else np.nan
+    matmuls = rec.model.get("decode_matmuls") or {}
+    for st in DECODING_STAGES:  # the decode steps' matmuls alone (calibration.decode_matmuls_seconds), per step
+        one = (matmuls.get(st) or {}).get("seconds")
+        row[f"stage_{st}_matmuls_s"] = one * row[f"stage_{st}_decode_steps"] if one is not None else np.nan
     _multiples_of_floors(row)
     row["cpu_features"] = " ".join(rec.hardware.get("cpu_features") or [])
     row["cpu_isa_ceiling"] = rec.hardware.get("cpu_isa_ceiling") or ""  # barkbench.isa: this CPU run as an older one
@@ -337,7 +341,8 @@ def _cell_row(g: pd.DataFrame) -> dict:
                 *[f"stage_{st}_s" for st in STAGES], *[f"stage_{st}_tokens" for st in STAGES],
                 *[f"stage_{st}_{x}" for st in DECODING_STAGES
                   for x in ("decode_s", "decode_steps", "decode_cache_positions")],
-                *[f"stage_{st}_floor_s" for st in FLOOR_STAGES]):
+                *[f"stage_{st}_floor_s" for st in FLOOR_STAGES],
+                *[f"stage_{st}_matmuls_s" for st in DECODING_STAGES]):
         if col in ok:
             row[col] = float(np.nanmedian(ok[col].astype(float))) if ok[col].notna().any() else np.nan
     _multiples_of_floors(row)  # the cell's multiple of its floor, from the cell's own medians
@@ -355,6 +360,10 @@ def _multiples_of_floors(row) -> None:
         floor = row.get(f"stage_{st}_floor_s")
         measured = row.get(f"stage_{st}_decode_s" if st in DECODING_STAGES else f"stage_{st}_s")
         row[f"stage_{st}_x_floor"] = measured / floor if isnum(floor) and floor > 0 and isnum(measured) else np.nan
+        if st in DECODING_STAGES:
+            alone = row.get(f"stage_{st}_matmuls_s")
+            row[f"stage_{st}_matmuls_x_floor"] = (alone / floor if isnum(floor) and floor > 0 and isnum(alone)
+                                                  else np.nan)
 
 
 def within_of(row) -> stats.Within:
