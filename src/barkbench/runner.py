@@ -141,13 +141,16 @@ def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, de
     # what each stage must at least read or compute, for the report's floors (barkbench.calibration)
     try:
         result.model["stage_work"] = calibration.stage_work(model)
-        if device.type == "cpu":  # a decode step's matmuls alone, on this model's matrices (the floors' companion)
-            result.model["decode_matmuls"] = {
-                stage: calibration.decode_matmuls_seconds(sub, proto.batch_size)
-                for stage, sub in (("semantic", model.semantic), ("coarse", model.coarse_acoustics))}
     except Exception as exc:  # a model the floors do not know (another stack, a foreign layer): no floors, the run goes on
         result.model["stage_work"] = None
         ctx.notes.append(f"no stage floors: {type(exc).__name__}: {exc}"[:300])
+    if device.type == "cpu":  # a decode step's matmuls alone, on this model's matrices (beside the floors)
+        try:
+            result.model["decode_matmuls"] = {
+                stage: calibration.decode_matmuls_seconds(sub, proto.batch_size)
+                for stage, sub in (("semantic", model.semantic), ("coarse", model.coarse_acoustics))}
+        except Exception as exc:
+            ctx.notes.append(f"no matmuls alone: {type(exc).__name__}: {exc}"[:300])
     result.model.update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
