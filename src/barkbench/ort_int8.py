@@ -214,34 +214,38 @@ def causal_forward(model, decoder: Decoder):
     return forward
 
 
+def _session_of(nodes, inputs, outputs, graph, threads: int):
+    """A session that runs `nodes` of `graph` alone (with the initializers they read); nothing of it is kept."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from .ort_runtime import session_options
+
+    used = {name for n in nodes for name in n.input}
+    body = helper.make_graph(nodes, "kernels", inputs, outputs, [t for t in graph.graph.initializer if t.name in used])
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
 class LayerKernels(dict):
     """Each int8 layer of a graph as ONNX Runtime computes it (its MatMulNBits node, weights and scales, alone in a
     session built on first use; the module's bias added after, as the graph adds it): module name -> kernel on an
-    input. The fidelity check's per-layer check reads them, since no PyTorch layer of the sub-model runs, and so
-    does the calibration's time of a decode step's matmuls alone (`calibration.decode_matmuls_seconds`)."""
+    input. The fidelity check's per-layer check reads them, since no PyTorch layer of the sub-model runs."""
 
     def __init__(self, sub, graph, threads: int):
+        from onnx import TensorProto as T
+        from onnx import helper
+
         super().__init__()
         for node in graph.graph.node:
             if node.op_type == "MatMulNBits":  # its output keeps the MatMul's name (the quantizer renames the node)
                 name = node.output[0].removesuffix(".mm")
-                session = functools.cache(functools.partial(self._session, node, graph, threads))
+                session = functools.cache(functools.partial(
+                    _session_of, [node], [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
+                    [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], graph, threads))
                 self[name] = functools.partial(self._run, sub.get_submodule(name), node, session)
-
-    @staticmethod
-    def _session(node, graph, threads):
-        import onnxruntime as ort
-        from onnx import TensorProto as T
-        from onnx import helper
-
-        from .ort_runtime import session_options
-
-        weights = [t for t in graph.graph.initializer if t.name in set(node.input[1:])]
-        body = helper.make_graph([node], node.name, [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
-                                 [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], weights)
-        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-        return ort.InferenceSession(helper.make_model(body, opset_imports=opsets).SerializeToString(),
-                                    session_options(threads), providers=["CPUExecutionProvider"])
 
     @staticmethod
     @torch.inference_mode()
@@ -252,39 +256,30 @@ class LayerKernels(dict):
 
 class MatmulsAlone:
     """The graph's MatMulNBits nodes alone in one graph, each on an input of its own: one run is what a decode step's
-    matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`)."""
+    matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`). Built when
+    timed and dropped after, so the timed calls' memory does not hold a second copy of the weights."""
 
     def __init__(self, graph, threads: int):
-        from onnx import TensorProto as T
-        from onnx import helper
-
-        nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-        self.features = sorted({next(a.i for a in n.attribute if a.name == "K") for n in nodes})
-        used = {name for n in nodes for name in n.input[1:]}
-        alone = []
-        for n in nodes:
-            k = next(a.i for a in n.attribute if a.name == "K")
-            alone.append(helper.make_node("MatMulNBits", [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
-                                          domain=n.domain, **{a.name: helper.get_attribute_value(a)
-                                                              for a in n.attribute}))
-        body = helper.make_graph(alone, "matmuls_alone",
-                                 [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in self.features],
-                                 [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
-                                 [t for t in graph.graph.initializer if t.name in used])
-        self.graph = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
-                                                            helper.make_opsetid("com.microsoft", 1)])
-        self.count, self.threads = len(nodes), threads
+        self.source, self.threads = graph, threads
+        self.count = sum(n.op_type == "MatMulNBits" for n in graph.graph.node)
 
     def step(self, rows: int):
         """One run of every matmul on `rows` random rows."""
-        import onnxruntime as ort
+        from onnx import TensorProto as T
+        from onnx import helper
 
-        from .ort_runtime import session_options
-
-        session = ort.InferenceSession(self.graph.SerializeToString(), session_options(self.threads),
-                                       providers=["CPUExecutionProvider"])
-        feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32)
-                 for k in self.features}
+        nodes, features = [], set()
+        for n in self.source.graph.node:
+            if n.op_type == "MatMulNBits":
+                k = next(a.i for a in n.attribute if a.name == "K")
+                features.add(k)
+                nodes.append(helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
+                                              domain=n.domain,
+                                              **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+        session = _session_of(nodes, [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in features],
+                              [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
+                              self.source, self.threads)
+        feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) for k in features}
         return lambda: session.run(None, feeds)
 
 

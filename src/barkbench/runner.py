@@ -151,6 +151,7 @@ def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, de
                 for stage, sub in (("semantic", model.semantic), ("coarse", model.coarse_acoustics))}
         except Exception as exc:
             ctx.notes.append(f"no matmuls alone: {type(exc).__name__}: {exc}"[:300])
+        models.release_memory()  # its inputs and sessions are gone before the timed calls' memory is sampled
     result.model.update(parameters=models.parameter_count(model), weights_bytes=models.weights_bytes(model))
     kwargs = {**proto.generate_kwargs(), **ctx.generate_kwargs}
 
