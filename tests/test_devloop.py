@@ -60,6 +60,25 @@ def test_devloop_over_int8_gives_the_tokens_of_int8_generate(tiny_checkpoint, do
         assert torch.equal(tokens[stage], reference[stage]), stage
 
 
+@pytest.mark.skipif(__import__("barkbench.ort_runtime").ort_runtime.unavailable_reason() is not None,
+                    reason="needs ONNX Runtime")
+@pytest.mark.parametrize("prompts, do_sample", [CASES[1], CASES[2]])
+def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoint, prompts, do_sample):
+    # ONNX Runtime's int8 graphs keep the keys and values in their own buffers: the loop hands them a cache that only
+    # counts positions (emptied per call, as generate starts a new one), and a step computes what generate's does.
+    from transformers import DynamicCache
+
+    reference = _stage_tokens(_load("sdpa+ortint8"), prompts, do_sample)
+    over_ort = _load("sdpa+devloop+ortint8")
+    tokens = _stage_tokens(over_ort, prompts, do_sample)
+    assert reference["coarse"].shape[-1] > WINDOW  # more than one window: a new sequence in the buffers per window
+    for sub in (over_ort.model.semantic, over_ort.model.coarse_acoustics):
+        _, decoder = sub._device_decoder  # the loop ran
+        assert isinstance(decoder.cache, DynamicCache) and decoder.state.out.shape[0] == len(prompts)
+    for stage in ("semantic", "coarse", "fine", "audio"):
+        assert torch.equal(tokens[stage], reference[stage]), stage
+
+
 class WarmedUpStep:
     """CPU stand-in for CudaGraphStep: the same warm-up steps before the first real call, then the step itself."""
 

@@ -112,7 +112,7 @@ def test_within_its_fidelity_limits(tiny_checkpoint, tmp_path):
     report = fidelity.run_fidelity(TINY, "finewin+ortint8", str(out), device_name="cpu", tokens=8,
                                    threads=TORCH_THREADS)
     assert json.loads(out.read_text())["status"] == "ok", report["reason"]
-    assert report["reference"]["formats"] == ["fine-window", "int8-block"]
+    assert report["reference"]["formats"] == ["int8-block", "fine-window"]
     assert report["within_tolerance"] is True, report["violations"]
     assert report["format_cost"]["reference"]["semantic"]["kl_mean"] > 0  # the simulation is lossy
 
@@ -135,9 +135,39 @@ def test_floor_counts_the_int8_weights(tiny_checkpoint):
 
 
 def test_spelling_and_conflicts():
-    for other in ("int8", "ort", "static", "devloop"):
+    for other in ("int8wo", "ort", "static", "bf16"):
         with pytest.raises(variants.VariantError):
             variants.parse(f"{other}+ortint8")
     assert variants.parse("ortint8").limit == variants.INT8_BLOCKS
     assert variants.parse("ortint8").reference_formats == ["int8-block"]
     assert "CPU execution provider" in variants.REGISTRY["ortint8"].cuda_reason
+
+
+def test_int8_takes_the_fine_model_and_the_reference_follows(tiny_checkpoint):
+    """With int8, ONNX Runtime still runs the semantic and coarse models on graphs built from the fp32 weights, and
+    torch.ao quantizes the fine model only; the reference simulates exactly that: int8 blocks for the semantic and
+    coarse layers, torch.ao's format for the fine model's."""
+    variant = variants.parse("int8+ortint8")
+    assert variant.name == "int8+ortint8"
+    assert variant.reference_formats == ["int8-block", "int8-dynamic"]
+    model = load_variant("int8+ortint8").model
+    for sub in (model.semantic, model.coarse_acoustics):
+        assert ort_int8.runs(sub)
+        assert all(type(m) is torch.nn.Linear for n, m in sub.named_modules() if n.endswith(("proj", "lm_head")))
+    fine_linears = [m for n, m in model.fine_acoustics.named_modules() if n.endswith(("proj", "lm_heads.0"))]
+    assert fine_linears and all(type(m).__module__.startswith("torch.ao") for m in fine_linears)
+    reference = references.simulate(load_variant("eager").model, variant.reference_formats)
+    semantic_layer = reference.semantic.layers[0].mlp.in_proj
+    fine_layer = reference.fine_acoustics.layers[0].mlp.in_proj
+    assert semantic_layer.activation is references.int8_block_activation
+    assert fine_layer.activation is references.fake_quant_activation
+
+
+def test_int8_and_ortint8_within_fidelity_limits(tiny_checkpoint, tmp_path):
+    """int8 on the fine model with ortint8: each layer against its own format's simulation, within the limits."""
+    out = tmp_path / "check.json"
+    report = fidelity.run_fidelity(TINY, "int8+finewin+ortint8", str(out), device_name="cpu", tokens=8,
+                                   threads=TORCH_THREADS)
+    assert json.loads(out.read_text())["status"] == "ok", report["reason"]
+    assert report["reference"]["formats"] == ["int8-block", "int8-dynamic", "fine-window"]
+    assert report["within_tolerance"] is True, report["violations"]

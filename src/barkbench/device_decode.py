@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import (AlternatingCodebooksLogitsProcessor,
                                                     BarkEosPrioritizerLogitsProcessor, LogitNormalization,
                                                     MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor,
@@ -260,13 +260,13 @@ class CudaGraphStep:
 class Decoder:
     """One sub-model's loop for a (batch, cache length, program): cache, state and (on CUDA) its graph."""
 
-    cache: StaticCache
+    cache: StaticCache | DynamicCache
     program: LogitsProgram
     state: DecodeState
     step: Callable[[], None]
 
 
-def model_forward_of(model, cache: StaticCache) -> ModelForward:
+def model_forward_of(model, cache: StaticCache | DynamicCache) -> ModelForward:
     def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=tokens, cache=cache, position_ids=positions, use_cache=True, return_dict=True)
         return out.logits[:, -1].float()
@@ -278,6 +278,8 @@ class DeviceDecoding:
     """Mixin for a Bark causal sub-model: its inner generate loop runs `device_generate`."""
 
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
+    # Set on a sub-model whose forward keeps the keys and values in its own buffers (barkbench.ort_int8).
+    keeps_keys_values: bool = False
     # Called with True before the prefill and False before each decode step (and the cache positions the step's
     # attention reads), on a CPU only (a CUDA step returns before
     # its work is done: a host clock per step would time launches): the stage tracker's step marks.
@@ -296,7 +298,10 @@ class DeviceDecoding:
         if held is not None and held[0] == key:
             held[1].cache.reset()
             return held[1]
-        cache = StaticCache(config=self.config, max_cache_len=cache_length)
+        # A forward that keeps the keys and values in its own buffers (barkbench.ort_int8) reads only the position
+        # count from the cache: a DynamicCache of one value per position, instead of a static cache it never reads.
+        cache = (DynamicCache(config=self.config) if self.keeps_keys_values
+                 else StaticCache(config=self.config, max_cache_len=cache_length))
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
         forward = model_forward_of(self, cache)

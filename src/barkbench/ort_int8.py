@@ -283,6 +283,11 @@ class MatmulsAlone:
         return lambda: session.run(None, feeds)
 
 
+def runs(sub) -> bool:
+    """Whether `sub`'s forward runs on an int8 graph of this module."""
+    return "int8_graph" in vars(sub)
+
+
 def install(sub, graph, threads: int) -> int:
     """Run `sub`'s forward on `graph` (quantized); returns its weight bytes (what a decode step reads besides the
     cache), kept on the sub-model for the floor with the graph and its layers' kernels."""
@@ -291,6 +296,7 @@ def install(sub, graph, threads: int) -> int:
     sub.layer_kernels = LayerKernels(sub, graph, threads)
     sub.matmuls_alone = MatmulsAlone(graph, threads)
     sub.forward = causal_forward(sub, Decoder(sub, graph, threads))
+    sub.keeps_keys_values = True  # the generate cache only counts positions (barkbench.device_decode reads this)
     return sub.runtime_weight_bytes
 
 

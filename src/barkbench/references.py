@@ -11,6 +11,7 @@ function here, added to `FORMATS`.
   its parameters from the kernel's own `_choose_qparams_per_tensor` and rounded after one fused multiply-add, as
   fbgemm's quantize does (checked layer by layer on synthetic:tiny and synthetic:bark-small, seeds 0 and 1: the
   x86 engine's outputs equal the simulation's to float rounding); products accumulated exactly (int32), bias in fp32.
+  It replaces the Linear layers still there: after `int8-block` (applied first, as its variant is), the fine model's.
 - `int8-weight-only`: torchao's Int8WeightOnlyConfig (on a CPU, `barkbench.int8_gemv`): weights per output channel,
   symmetric (scale = max|w| / 127.5 per row), activations unquantized.
 - `int8-block`: ONNX Runtime's MatMulNBits int8 (`barkbench.ort_int8`) on the semantic and coarse models' Linear layers:

@@ -188,9 +188,14 @@ def _apply_int8_dynamic(model, ctx):
     # Linear layers of the three transformers; EnCodec (convolutions, LSTM) stays fp32.
     from torch.ao.quantization import quantize_dynamic
 
-    for sub in _transformer_submodels(model):
+    from .ort_int8 import runs
+
+    # A sub-model another runtime runs (ortint8, applied first) keeps its fp32 Linear layers: nothing calls them.
+    subs = [sub for sub in _transformer_submodels(model) if not runs(sub)]
+    for sub in subs:
         quantize_dynamic(sub, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    ctx.notes.append(f"dynamic int8 Linear (torch.ao, engine {torch.backends.quantized.engine})")
+    which = "" if len(subs) == 3 else " of the " + ", ".join(type(s).__name__ for s in subs)
+    ctx.notes.append(f"dynamic int8 Linear{which} (torch.ao, engine {torch.backends.quantized.engine})")
 
 
 def _apply_fine_window(model, ctx):
@@ -397,9 +402,11 @@ register(Optimization(
 
 register(Optimization(
     "ortint8", "ONNX Runtime runs the semantic and coarse models as int8 graphs (MatMulNBits: int8 weights and "
-    "activations in blocks of 128; attention over in-place key/value buffers, GroupQueryAttention); the fine model and "
-    "Bark's generate loops stay in PyTorch", group="compile", order=90, apply=_apply_ort_int8,
-    conflicts=("offload", "legacy", "bt", "int8", "int8wo", "nf4", "bf16", "fp16", "static", "devloop"),
+    "activations in blocks of 128; attention over in-place key/value buffers, GroupQueryAttention); the fine model (fp32, or "
+    "torch.ao int8 with int8) and Bark's generate loops (or devloop's) stay in PyTorch", group="compile",
+    # applied first: the graphs are built from the fp32 weights, and int8 then quantizes what is left (the fine model)
+    order=15, apply=_apply_ort_int8,
+    conflicts=("offload", "legacy", "bt", "int8wo", "nf4", "bf16", "fp16", "static"),
     cuda_reason="runs on ONNX Runtime's CPU execution provider (the model would leave the GPU)",
     needs_stack=lambda: __import__("barkbench.ort_runtime").ort_runtime.unavailable_reason(),
     reference="int8-block", limit=INT8_BLOCKS, pays_off_with=("avx512_vnni", "avx_vnni", "amx_int8", "avx2"),
