@@ -195,7 +195,7 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def session_options(threads: int):
+def session_options(threads: int, spin_within_runs: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -206,7 +206,10 @@ def session_options(threads: int):
     # Idle intra-op threads sleep instead of spinning: between two runs PyTorch works on the same cores (Bark's
     # logits processing, sampling, the cache), and spinning threads took them (a bark-small decode step with
     # PyTorch's per-step work between runs: 49 ms spinning against 30 ms not, on 2 cores).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # `spin_within_runs` (barkbench.ort_int8's decode steps): spinning while a run lasts, stopped at its end.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_within_runs else "0")
+    if spin_within_runs:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
