@@ -402,7 +402,8 @@ def provenance_md(records: list) -> str:
         ram = h.get("ram_bytes")
         hw_rows[folder] = {
             "hardware folder": md_escape(folder), "machine id (measured)": md_escape(h.get("id")),
-            "node": md_escape(h.get("node")), "CPU": md_escape(h.get("cpu_model")), "cores": h.get("cpu_cores"),
+            "node": md_escape(h.get("node")), "CPU": md_escape(h.get("cpu_model")) + (
+                f" ({md_escape(h['cpu_generation'])})" if h.get("cpu_generation") else ""), "cores": h.get("cpu_cores"),
             "CPU features": md_escape(", ".join(_cpu_features(h))) + (
                 f" (the {md_escape(h['cpu_isa_ceiling'])} ceiling of a CPU with "
                 f"{md_escape(', '.join(h.get('cpu_features_native') or []))})" if h.get("cpu_isa_ceiling") else ""),

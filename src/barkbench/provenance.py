@@ -27,14 +27,31 @@ def versions() -> dict:
                                  "torchao", "bitsandbytes", "flash_attn")}}
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_generation() -> str | None:
+    """The CPU's family and model numbers (e.g. 'family 26 model 2', a Zen 5): under a hypervisor that names the CPU
+    only 'AMD EPYC', they tell apart machines whose kernels and speeds differ."""
+    info = _cpuinfo()
+    if "cpu family" in info and "model" in info:
+        return f"family {info['cpu family']} model {info['model']}"
+    return None
 
 
 # Instruction-set extensions that decide which CPU variant is fastest (native bf16 / int8 matmuls).
@@ -42,14 +59,8 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "am
 
 
 def native_cpu_features() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FEATURES if f in flags]
-    except OSError:
-        pass
-    return []
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def cpu_features() -> list[str]:
@@ -64,7 +75,7 @@ def _slug(text: str) -> str:
 
 def hardware(device: torch.device) -> dict:
     isa.check_took(isa.ceiling() if device.type == "cpu" else None)
-    info = {"cpu_model": cpu_model(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+    info = {"cpu_model": cpu_model(), "cpu_generation": cpu_generation(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
             "cpu_threads": os.cpu_count(), "cpu_features": cpu_features(), "node": platform.node(),
             "cpu_isa_ceiling": isa.ceiling(), "cpu_features_native": native_cpu_features(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the batch job that measured, under SLURM
@@ -90,7 +101,10 @@ def hardware_id(device: torch.device) -> str:
     instruction-set ceiling is its own folder (cpu-intel-xeon-platinum-8481c-2t-avx2)."""
     if device.type == "cuda":
         return "cuda-" + _slug(torch.cuda.get_device_name(device))
-    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}t{isa.folder_suffix(isa.ceiling())}"
+    name = cpu_model()
+    if not re.search(r"\d", name) and cpu_generation():  # a generic name ('AMD EPYC'): its generation tells apart
+        name = f"{name} {cpu_generation()}".replace("family ", "f").replace("model ", "m")
+    return f"cpu-{_slug(name)}-{os.cpu_count()}t{isa.folder_suffix(isa.ceiling())}"
 
 
 def git_commit() -> str | None:
