@@ -63,15 +63,25 @@ def test_devloop_over_int8_gives_the_tokens_of_int8_generate(tiny_checkpoint, do
 @pytest.mark.skipif(__import__("barkbench.ort_runtime").ort_runtime.unavailable_reason() is not None,
                     reason="needs ONNX Runtime")
 @pytest.mark.parametrize("prompts, do_sample", [CASES[1], CASES[2]])
-def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoint, prompts, do_sample):
+def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoint, prompts, do_sample, monkeypatch):
     # ONNX Runtime's int8 graphs keep the keys and values in their own buffers: the loop hands them a cache that only
-    # counts positions (emptied per call, as generate starts a new one), and a step computes what generate's does.
+    # counts positions (emptied per call, as generate starts a new one), and its step (`Decoder.step`: the inputs
+    # bound by address, no attention bias) computes what generate's step through the module's forward does.
     from transformers import DynamicCache
+
+    from barkbench import ort_int8
 
     reference = _stage_tokens(_load("sdpa+ortint8"), prompts, do_sample)
     over_ort = _load("sdpa+devloop+ortint8")
+    steps = []
+    step = ort_int8.Decoder.step
+    monkeypatch.setattr(ort_int8.Decoder, "step", lambda self, *a: steps.append(a[0].shape) or step(self, *a))
     tokens = _stage_tokens(over_ort, prompts, do_sample)
     assert reference["coarse"].shape[-1] > WINDOW  # more than one window: a new sequence in the buffers per window
+    # every decode step of both loops ran on the runtime's own step: one per token after each prefill's first
+    windows = -(-reference["coarse"].shape[-1] // WINDOW)
+    assert len(steps) == (TOKENS - 1) + reference["coarse"].shape[-1] - windows
+    assert all(shape[:2] == (len(prompts), 1) for shape in steps)
     for sub in (over_ort.model.semantic, over_ort.model.coarse_acoustics):
         _, decoder = sub._device_decoder  # the loop ran
         assert isinstance(decoder.cache, DynamicCache) and decoder.state.out.shape[0] == len(prompts)
@@ -264,3 +274,23 @@ def test_devloop_replays_a_cuda_graph_and_matches_sdpa_on_cuda(tiny_checkpoint):
         assert sub._device_decoder[1].step.replays > 0  # the step ran as a CUDA graph
     for stage in ("semantic", "coarse"):
         assert torch.equal(tokens[stage], reference[stage]), stage
+
+
+def test_eos_masked_for_the_whole_call_is_a_suppressed_token(loaded, monkeypatch):
+    """Fixed-length mode masks EOS at every step: the program suppresses it and drops the prioritizer (it can never
+    fire on p(EOS) = 0) instead of masking it by step number; natural length keeps both. The tokens stay generate's
+    (test_devloop_gives_the_tokens_of_eager_generate runs fixed length; the natural-length test above, the rest)."""
+    specs = []
+    from_generate = ProgramSpec.from_generate
+    monkeypatch.setattr(ProgramSpec, "from_generate",
+                        staticmethod(lambda *a, **k: specs.append(from_generate(*a, **k)) or specs[-1]))
+    _stage_tokens(loaded["sdpa+devloop"], [PROMPTS[0]], True)  # fixed length, as the benchmark protocol
+    fixed, steps = specs[0]
+    assert fixed.eos_token_id == 10_000 and fixed.eos_token_id in fixed.suppressed and fixed.min_eos_p is None
+    assert fixed.eos_masked_steps >= steps  # still known, for the loop's stopping checks
+    assert LogitsProgram(fixed, CPU).eos_masked_steps == 0
+    specs.clear()
+    _semantic(loaded["sdpa+devloop"], [PROMPTS[0]], False, max_new_tokens=8, min_new_tokens=4, min_eos_p=0.2)
+    natural, steps = specs[0]
+    assert natural.eos_token_id not in natural.suppressed and natural.min_eos_p == 0.2
+    assert 0 < natural.eos_masked_steps < steps and LogitsProgram(natural, CPU).eos_masked_steps > 0

@@ -137,6 +137,11 @@ class ProgramSpec:
         if "prioritized_eos" in fields and fields.pop("prioritized_eos") != fields.get("eos_token_id"):
             raise NotImplementedError("device decode prioritizes the EOS token of the generation config only")
         fields["eos_masked_steps"] = max(0, fields.get("eos_masked_steps", 0))
+        if eos is not None and fields["eos_masked_steps"] >= max_length - prompt_length:
+            # EOS masked at every step of the call (barkbench's fixed-length mode): a suppressed token, which the
+            # prioritizer never picks (p(EOS) = 0): the same scores, without their per-step ops (8 of ~27)
+            suppressed.add(fields["eos_token_id"])
+            fields.pop("min_eos_p", None)
         fields["suppressed"] = tuple(sorted(suppressed))
         return ProgramSpec(**fields), max_length - prompt_length
 
@@ -158,13 +163,15 @@ class LogitsProgram:
         if spec.eos_token_id is not None:
             self.eos[spec.eos_token_id] = True
         self.eos = self.eos.to(device)
+        # EOS masked by step number, unless it is suppressed at every step anyway
+        self.eos_masked_steps = 0 if spec.eos_token_id in spec.suppressed else spec.eos_masked_steps
 
     def scores(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Processed scores of float32 logits (b, V) at `step` (a (1,) long tensor), as generate's processors."""
         spec = self.spec
         banned = self.banned.index_select(0, (step + self.offset) % 2)  # (1, V)
-        if spec.eos_masked_steps:
-            banned = banned | (self.eos & (step < spec.eos_masked_steps))
+        if self.eos_masked_steps:
+            banned = banned | (self.eos & (step < self.eos_masked_steps))
         scores = logits.masked_fill(banned, -float("inf"))
         if spec.min_eos_p:
             eos = spec.eos_token_id
@@ -278,8 +285,9 @@ class DeviceDecoding:
     """Mixin for a Bark causal sub-model: its inner generate loop runs `device_generate`."""
 
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
-    # Set on a sub-model whose forward keeps the keys and values in its own buffers (barkbench.ort_int8).
-    keeps_keys_values: bool = False
+    # Set on a sub-model that another runtime runs with the keys and values in its own buffers (barkbench.ort_int8):
+    # `(cache) -> ModelForward`, the loop's step on that runtime, the cache counting positions only.
+    decode_forward: Callable[[DynamicCache], ModelForward] | None = None
     # Called with True before the prefill and False before each decode step (and the cache positions the step's
     # attention reads), on a CPU only (a CUDA step returns before
     # its work is done: a host clock per step would time launches): the stage tracker's step marks.
@@ -298,13 +306,14 @@ class DeviceDecoding:
         if held is not None and held[0] == key:
             held[1].cache.reset()
             return held[1]
-        # A forward that keeps the keys and values in its own buffers (barkbench.ort_int8) reads only the position
+        # A runtime that keeps the keys and values in its own buffers (barkbench.ort_int8) reads only the position
         # count from the cache: a DynamicCache of one value per position, instead of a static cache it never reads.
-        cache = (DynamicCache(config=self.config) if self.keeps_keys_values
+        runtime = self.decode_forward
+        cache = (DynamicCache(config=self.config) if runtime
                  else StaticCache(config=self.config, max_cache_len=cache_length))
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
-        forward = model_forward_of(self, cache)
+        forward = runtime(cache) if runtime else model_forward_of(self, cache)
 
         def step():
             decode_step(forward, program, state)
