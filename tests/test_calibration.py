@@ -108,6 +108,12 @@ def test_measure_records_every_figure():
     assert cal["read_bandwidth_bytes_per_s"] == max(cal["read_bandwidth_by_kernel"].values())
     assert set(cal["gemm_flops_per_s"]) == {"fp32", "bf16", "int8"}
     assert all(v > 0 for v in cal["gemm_flops_per_s"].values())
+    # the fp32 GEMM's too: torch's, and MLAS's where ONNX Runtime runs (not under an instruction-set ceiling)
+    from barkbench import ort_runtime
+
+    kernels = {"torch"} | ({"onnxruntime"} if ort_runtime.unavailable_reason() is None else set())
+    assert set(cal["gemm_fp32_by_kernel"]) == kernels
+    assert cal["gemm_flops_per_s"]["fp32"] == max(cal["gemm_fp32_by_kernel"].values())
     assert cal["threads"] == torch.get_num_threads()
 
 

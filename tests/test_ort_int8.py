@@ -164,9 +164,11 @@ def test_int8_takes_the_fine_model_and_the_reference_follows(tiny_checkpoint):
 
 
 def test_int8_and_ortint8_within_fidelity_limits(tiny_checkpoint, tmp_path):
-    """int8 on the fine model with ortint8: each layer against its own format's simulation, within the limits."""
+    """The default config's ortint8 variant: int8 on the fine model, each layer against its own format's simulation,
+    and the device-side loop stepping the graphs, whose every step the check's recorder sees (through the forward):
+    within the limits."""
     out = tmp_path / "check.json"
-    report = fidelity.run_fidelity(TINY, "int8+finewin+ortint8", str(out), device_name="cpu", tokens=8,
+    report = fidelity.run_fidelity(TINY, "sdpa+int8+devloop+finewin+ortint8", str(out), device_name="cpu", tokens=8,
                                    threads=TORCH_THREADS)
     assert json.loads(out.read_text())["status"] == "ok", report["reason"]
     assert report["reference"]["formats"] == ["int8-block", "int8-dynamic", "fine-window"]

@@ -51,9 +51,30 @@ def gemm_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
+def _mlas_matmul(a: torch.Tensor, b: torch.Tensor):
+    """`a @ b` by ONNX Runtime (MLAS's SGEMM) on torch's threads, as a call; None where ONNX Runtime cannot run."""
+    from . import ort_runtime
+
+    if ort_runtime.unavailable_reason() is not None:
+        return None
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    shape = list(a.shape)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("a", "b")],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), ort_runtime.session_options(torch.get_num_threads()),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"a": a.numpy(), "b": b.numpy()}
+    return lambda: session.run(None, feeds)
+
+
 def measure(budget_s: float = 0.1) -> dict:
     """Read bandwidth (a sum and a GEMV over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
-    throughput (1024^3) in fp32, bf16 and dynamic int8 Linear, on torch's current threads. ~5 x budget_s."""
+    throughput (1024^3) in fp32 (torch's and, where it runs, ONNX Runtime's), bf16 and dynamic int8 Linear, on
+    torch's current threads. ~6 x budget_s."""
     start = time.perf_counter()
     x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
     y = torch.empty_like(x)
@@ -66,7 +87,12 @@ def measure(budget_s: float = 0.1) -> dict:
     del x, y, matrix
     a = torch.randn(GEMM_SIZE, GEMM_SIZE)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    fp32_s = _best_seconds(lambda: torch.mm(a, b), budget_s)
+    # As the read, the fp32 GEMM's floor is the fastest kernel's: torch's, or MLAS's where ONNX Runtime runs (on a
+    # 2-core Zen 5: 470 GFLOP/s against torch.mm's 220, where `finewin+ort`'s fine model ran at 0.8x a torch-only floor)
+    fp32_by_kernel = {"torch": _best_seconds(lambda: torch.mm(a, b), budget_s)}
+    if (mlas := _mlas_matmul(a, b)) is not None:
+        fp32_by_kernel["onnxruntime"] = _best_seconds(mlas, budget_s)
+    fp32_s = min(fp32_by_kernel.values())
     a16, b16 = a.bfloat16(), b.bfloat16()
     bf16_s = _best_seconds(lambda: torch.mm(a16, b16), budget_s)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -81,12 +107,14 @@ def measure(budget_s: float = 0.1) -> dict:
         "read_bandwidth_by_kernel": {kernel: BANDWIDTH_BYTES / s for kernel, s in read_s.items()},
         "copy_bandwidth_bytes_per_s": 2 * BANDWIDTH_BYTES / copy_s,
         "gemm_flops_per_s": {"fp32": flops / fp32_s, "bf16": flops / bf16_s, "int8": flops / int8_s},
+        "gemm_fp32_by_kernel": {kernel: flops / s for kernel, s in fp32_by_kernel.items()},
         "seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "method": f"best of repeated calls, {budget_s} s each: sum of a {BANDWIDTH_BYTES >> 20} MiB fp32 tensor and "
                   f"an fp32 GEMV over it (read: the faster), copy_ of it (read + write), {GEMM_SIZE}^3 torch.mm fp32 "
-                  f"and bf16, dynamic int8 Linear (torch.ao, activations quantized per call)",
+                  f"(and ONNX Runtime's MatMul where it runs: the faster) and bf16, dynamic int8 Linear (torch.ao, "
+                  f"activations quantized per call)",
     }
 
 

@@ -285,9 +285,8 @@ class DeviceDecoding:
     """Mixin for a Bark causal sub-model: its inner generate loop runs `device_generate`."""
 
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
-    # Set on a sub-model that another runtime runs with the keys and values in its own buffers (barkbench.ort_int8):
-    # `(cache) -> ModelForward`, the loop's step on that runtime, the cache counting positions only.
-    decode_forward: Callable[[DynamicCache], ModelForward] | None = None
+    # Set on a sub-model whose forward keeps the keys and values in its own buffers (barkbench.ort_int8).
+    keeps_keys_values: bool = False
     # Called with True before the prefill and False before each decode step (and the cache positions the step's
     # attention reads), on a CPU only (a CUDA step returns before
     # its work is done: a host clock per step would time launches): the stage tracker's step marks.
@@ -306,14 +305,13 @@ class DeviceDecoding:
         if held is not None and held[0] == key:
             held[1].cache.reset()
             return held[1]
-        # A runtime that keeps the keys and values in its own buffers (barkbench.ort_int8) reads only the position
+        # A forward that keeps the keys and values in its own buffers (barkbench.ort_int8) reads only the position
         # count from the cache: a DynamicCache of one value per position, instead of a static cache it never reads.
-        runtime = self.decode_forward
-        cache = (DynamicCache(config=self.config) if runtime
+        cache = (DynamicCache(config=self.config) if self.keeps_keys_values
                  else StaticCache(config=self.config, max_cache_len=cache_length))
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
-        forward = runtime(cache) if runtime else model_forward_of(self, cache)
+        forward = model_forward_of(self, cache)
 
         def step():
             decode_step(forward, program, state)

@@ -329,6 +329,9 @@ def _semantic(m, gc, processor, device, prompts, n):
         out = m.semantic.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                   semantic_generation_config=sem_cfg, do_sample=False,
                                   max_new_tokens=n, min_new_tokens=n)
+    if len(rec.calls) != n:  # a step that bypassed the forward would leave fewer steps to compare, silently
+        raise RuntimeError(f"the semantic model's forward ran {len(rec.calls)} times for {n} tokens: the check "
+                           "records one call per token")
     return out, _semantic_steps(rec.calls, sem_cfg.semantic_vocab_size)
 
 

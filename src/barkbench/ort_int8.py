@@ -149,10 +149,6 @@ class Decoder:
     def _bind_buffers(self, batch: int) -> None:
         shape = (batch, self.heads, self.capacity, self.head_dim)
         self.buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
-        # a decode step's inputs besides its hidden state, bound by address (`step`): no padding, so no bias
-        self.no_bias = np.zeros(batch * self.capacity, dtype=np.float32)
-        self.seqlens = np.zeros(batch, dtype=np.int32)
-        self.total = np.zeros((), dtype=np.int32)
         self.binding = self.session.io_binding()
         for i in range(self.layers):
             for j, kind in enumerate(("key", "value")):
@@ -160,31 +156,6 @@ class Decoder:
                 for name in (f"past_{kind}.{i}", f"present_{kind}.{i}"):  # the same memory: updated in place
                     bind = self.binding.bind_input if name.startswith("past") else self.binding.bind_output
                     bind(name, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
-
-    def step(self, hidden: torch.Tensor, cache) -> torch.Tensor:
-        """One decode step of unpadded sequences (the device-side loop's): the hidden state (b, 1, H) of the last
-        tokens of the sequence `run` started with `cache`, whose positions it counts; logits (b, V). The inputs are
-        bound by address, without the copies and the attention bias of `run`, and the module call's arguments and
-        outputs are skipped (bark-small on a 2-core Zen 5, calls alternating with the module-forward step: 0.2 ms, 5 %,
-        less per step, faster in 16 and 17 of 20 pairs of semantic and coarse stages)."""
-        if cache is not self.cache:
-            raise RuntimeError("a decode step continues the sequence of the generate cache that `run` last started")
-        b, total = hidden.shape[0], cache.get_seq_length() + 1
-        if total > self.capacity:
-            raise ValueError(f"{total} positions, past the model's {self.capacity}")
-        hidden = hidden.detach().float().contiguous()
-        self.seqlens.fill(total - 1)
-        self.total.fill(total)
-        logits = torch.empty(b, self.vocab)
-        bind = self.binding.bind_input
-        bind("hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.data_ptr())
-        bind("seqlens_k", "cpu", 0, np.int32, [b], self.seqlens.ctypes.data)
-        bind("total_sequence_length", "cpu", 0, np.int32, [], self.total.ctypes.data)
-        bind("attention_bias", "cpu", 0, np.float32, [b, 1, 1, total], self.no_bias.ctypes.data)
-        self.binding.bind_output(self.logits, "cpu", 0, np.float32, [b, 1, self.vocab], logits.data_ptr())
-        self.session.run_with_iobinding(self.binding)
-        count_positions(cache, b, 1, self.layers)
-        return logits
 
     def run(self, hidden: torch.Tensor, past_length: int, key_mask: torch.Tensor, cache) -> torch.Tensor:
         b, t = hidden.shape[:2]
@@ -208,27 +179,6 @@ class Decoder:
         self.binding.bind_output(self.logits, "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
         self.session.run_with_iobinding(self.binding)
         return logits
-
-
-def count_positions(cache, batch: int, positions: int, layers: int) -> None:
-    """Add `positions` to a generate cache that only counts them (one value each: transformers reads an empty cache as
-    no positions); the keys and values are in the decoder's buffers."""
-    marks = torch.zeros(batch, 1, positions, 1)
-    for i in range(layers):
-        cache.update(marks, marks, i)
-
-
-def decode_forward(model, decoder: Decoder):
-    """The device-side loop's step (barkbench.device_decode): `(cache) -> (tokens (b, 1), positions (1, 1)) -> logits
-    (b, V)`, the embeddings in PyTorch and `Decoder.step`, without the module call, its arguments and its outputs."""
-    def of(cache):
-        def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            hidden = model.input_embeds_layer(tokens) + model.position_embeds_layer(positions)
-            return decoder.step(hidden, cache)
-
-        return forward
-
-    return of
 
 
 def causal_forward(model, decoder: Decoder):
@@ -260,7 +210,11 @@ def causal_forward(model, decoder: Decoder):
         hidden = inputs_embeds + model.position_embeds_layer(position_ids)
         logits = decoder.run(hidden, past_length, attention_mask, cache if use_cache else None)
         if use_cache and cache is not None:
-            count_positions(cache, b, t, decoder.layers)
+            # the cache counts positions only (one value each: transformers reads an empty cache as no positions);
+            # the keys and values are in the decoder's buffers
+            marks = inputs_embeds.new_zeros(b, 1, t, 1)
+            for i in range(decoder.layers):
+                cache.update(marks, marks, i)
         if return_dict is False:
             return (logits, cache) if use_cache else (logits,)
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
@@ -347,9 +301,8 @@ def install(sub, graph, threads: int) -> int:
     sub.runtime_weight_bytes = weight_bytes(graph)
     sub.layer_kernels = LayerKernels(sub, graph, threads)
     sub.matmuls_alone = MatmulsAlone(graph, threads)
-    decoder = Decoder(sub, graph, threads)
-    sub.forward = causal_forward(sub, decoder)
-    sub.decode_forward = decode_forward(sub, decoder)  # the device-side loop's step (barkbench.device_decode)
+    sub.forward = causal_forward(sub, Decoder(sub, graph, threads))
+    sub.keeps_keys_values = True  # the generate cache only counts positions (barkbench.device_decode reads this)
     return sub.runtime_weight_bytes
 
 
