@@ -75,7 +75,8 @@ def _slug(text: str) -> str:
 
 def hardware(device: torch.device) -> dict:
     isa.check_took(isa.ceiling() if device.type == "cpu" else None)
-    info = {"cpu_model": cpu_model(), "cpu_generation": cpu_generation(), "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+    info = {"cpu_model": cpu_model(), "cpu_generation": cpu_generation(),
+            "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
             "cpu_threads": os.cpu_count(), "cpu_features": cpu_features(), "node": platform.node(),
             "cpu_isa_ceiling": isa.ceiling(), "cpu_features_native": native_cpu_features(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the batch job that measured, under SLURM
@@ -101,9 +102,9 @@ def hardware_id(device: torch.device) -> str:
     instruction-set ceiling is its own folder (cpu-intel-xeon-platinum-8481c-2t-avx2)."""
     if device.type == "cuda":
         return "cuda-" + _slug(torch.cuda.get_device_name(device))
-    name = cpu_model()
-    if not re.search(r"\d", name) and cpu_generation():  # a generic name ('AMD EPYC'): its generation tells apart
-        name = f"{name} {cpu_generation()}".replace("family ", "f").replace("model ", "m")
+    name, info = cpu_model(), _cpuinfo()
+    if not re.search(r"\d", name) and "cpu family" in info and "model" in info:  # a generic name ('AMD EPYC'): its
+        name += f" f{info['cpu family']} m{info['model']}"  # family and model numbers tell the generations apart
     return f"cpu-{_slug(name)}-{os.cpu_count()}t{isa.folder_suffix(isa.ceiling())}"
 
 
