@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from barkbench import calibration, fidelity, ort_int8, ort_runtime, references, variants
+from barkbench import calibration, fidelity, models, ort_int8, ort_runtime, references, variants
 from barkbench.protocol import DEFAULT_PROMPTS
 from conftest import SHORT_WINDOW, TINY, TORCH_THREADS, load_short_window, load_variant, stage_tokens
 
@@ -173,3 +173,18 @@ def test_int8_and_ortint8_within_fidelity_limits(tiny_checkpoint, tmp_path):
     assert json.loads(out.read_text())["status"] == "ok", report["reason"]
     assert report["reference"]["formats"] == ["int8-block", "int8-dynamic", "fine-window"]
     assert report["within_tolerance"] is True, report["violations"]
+
+
+def test_holds_the_int8_weights_only(tiny_checkpoint):
+    """The PyTorch weights the graphs replace are freed (nothing calls them), the embeddings stay, and the record's
+    weights count what the process holds: the rest of PyTorch's and each session's int8 weights."""
+    model, fp32 = load_variant("finewin+ortint8").model, load_variant("finewin").model
+    replaced = 0
+    for sub, kept in ((model.semantic, fp32.semantic), (model.coarse_acoustics, fp32.coarse_acoustics)):
+        assert all(t.is_meta for name in ort_int8.REPLACED for t in getattr(sub, name).state_dict().values())
+        assert not sub.input_embeds_layer.weight.is_meta and not sub.position_embeds_layer.weight.is_meta
+        replaced += sum(models.weights_bytes(getattr(kept, name)) for name in ort_int8.REPLACED)
+    held = sum(sub.runtime_weight_bytes for sub in (model.semantic, model.coarse_acoustics))
+    assert held > 0
+    assert models.weights_bytes(model) == models.weights_bytes(fp32) - replaced + held
+    assert models.parameter_count(model) == models.parameter_count(fp32)  # the same weights, in another format

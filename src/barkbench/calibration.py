@@ -177,6 +177,8 @@ def decode_matmuls_seconds(submodel, rows: int, budget_s: float = 0.1) -> dict:
         return {"seconds": _best_seconds(runtime.step(rows), budget_s), "matmuls": runtime.count, "rows": rows}
     dtype = submodel.input_embeds_layer.weight.dtype
     calls = [(m, torch.randn(rows, m.in_features).to(dtype)) for m in decode_matmuls(submodel).values()]
+    if any(t.is_meta for m, _ in calls for t in m.parameters()):  # a matmul on the meta device computes nothing
+        raise ValueError("weights freed (on the meta device): no matmuls to time")
 
     def step():
         for module, x in calls:

@@ -248,12 +248,15 @@ def tensor_bytes(tensor) -> int:
     if hasattr(type(tensor), "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    if tensor.is_meta:  # a module whose weights another runtime holds (barkbench.ort_int8): counted there
+        return 0
     return tensor.numel() * tensor.element_size()
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers (quantized packed weights included via state_dict)."""
-    total = 0
+    """Bytes held by parameters and buffers (quantized packed weights included via state_dict), and the weights
+    another runtime holds for a sub-model it runs (`runtime_weight_bytes`, barkbench.ort_int8)."""
+    total = sum(int(getattr(module, "runtime_weight_bytes", 0)) for module in model.modules())
     for value in model.state_dict().values():
         if isinstance(value, torch.Tensor):
             total += tensor_bytes(value)
