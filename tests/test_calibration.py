@@ -144,27 +144,37 @@ def test_stage_table_shows_floors_and_multiples(tmp_path):
     text = fragments.stages_md(runs, tables.calibration_table(runs))
     assert "semantic matmuls alone s (× floor)" in text and "4.500 (×1.7)" in text
     assert "coarse matmuls alone" not in text
-    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "(×1.6)" in text and "an fp32 GEMV) 10 GB/s" in text
+    assert "semantic decode s / floor s (× floor)" in text and "(×1.1)" in text and "(×1.6)" in text
+    assert "10 GB/s (10–10) between the calls, 10 GB/s (10–10) before loading" in text  # a record without probes
 
 
+def test_floors_take_the_bandwidth_measured_between_the_timed_calls(tmp_path):
+    """A run's read probes around its timed calls set its floors (their median), not the calibration before loading,
+    and the calibration table shows both."""
+    from barkbench import fragments, tables
+    from conftest import make_run_json
 
-@pytest.mark.parametrize("variant", ["eager", "sdpa+int8", "sdpa+finewin+ortint8"])
-def test_decode_matmuls_are_every_weight_matmul_of_a_step_as_the_variant_runs_it(tiny_checkpoint, variant):
-    """One of each weight matmul a decode step runs (the Linear layers of every block and the language-model head),
-    through the variant's own kernels: torch's modules (int8: torch.ao's dynamic Linear, not the float weights it
-    came from), or the runtime's graph of its int8 nodes."""
-    from barkbench.int8_compile import is_dynamic_int8
+    path = make_run_json(tmp_path, "eager", 1, [10.0, 10.0, 10.0, 10.0])
+    data = json.loads(path.read_text())
+    data["hardware"]["calibration"] = CAL  # 10 GB/s before loading
+    data["model"]["stage_work"] = WORK
+    data["iterations"]["read_bandwidth_bytes_per_s"] = [2e10, 3e10, 2e10, 1e10, 2.5e10]  # median 20 GB/s
+    path.write_text(json.dumps(data))
+    runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
+    row = runs.iloc[0]
+    assert row["stage_semantic_floor_s"] == pytest.approx((3e8 * 90 + 1e4 * 90 * 300) / 2e10)
+    assert row["read_bandwidth_gb_s"] == pytest.approx(20.0) and row["read_bandwidth_start_gb_s"] == pytest.approx(10.0)
+    text = fragments.stages_md(runs, tables.calibration_table(runs))
+    assert "20 GB/s (20–20) between the calls, 10 GB/s (10–10) before loading" in text
 
-    eager = load_variant("eager").model
-    model = load_variant(variant).model
-    for name in ("semantic", "coarse_acoustics"):
-        linears = sorted(n for n, m in getattr(eager, name).named_modules() if isinstance(m, torch.nn.Linear))
-        sub = getattr(model, name)
-        timed = calibration.decode_matmuls_seconds(sub, rows=2, budget_s=0.01)
-        assert timed["matmuls"] == len(linears) and timed["rows"] == 2 and timed["seconds"] > 0
-        if variant.endswith("ortint8"):
-            assert sub.matmuls_alone.count == len(linears) and sorted(sub.layer_kernels) == linears
-            continue
-        found = calibration.decode_matmuls(sub)
-        assert sorted(found) == linears
-        assert all(is_dynamic_int8(m) == ("int8" in variant) for m in found.values())
+
+def test_the_read_probe_runs_the_calibrations_faster_read_kernel(monkeypatch):
+    """The probe between timed calls runs the read kernel that was the faster in the calibration, and that one only."""
+    cal = {"read_bandwidth_by_kernel": {"sum": 5e10, "gemv_fp32": 6e10}}
+    assert calibration.fastest_read_kernel(cal) == "gemv_fp32" and calibration.fastest_read_kernel(None) is None
+    ran = []
+    real = calibration._read_kernels
+    monkeypatch.setattr(calibration, "_read_kernels", lambda x: {
+        name: (lambda name=name, read=read: (ran.append(name), read())) for name, read in real(x).items()})
+    assert calibration.read_bandwidth_now("gemv_fp32", reps=2) > 0
+    assert ran == ["gemv_fp32", "gemv_fp32"]

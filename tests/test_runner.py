@@ -51,6 +51,22 @@ def test_result_validates_and_matches_the_file(sdpa_run):
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
+def test_read_bandwidth_probed_around_the_timed_calls_outside_their_memory(sdpa_run, monkeypatch):
+    """A CPU run reads the bandwidth before its first timed call and after each (its floors' bandwidth), and the
+    probe's own buffer never counts in the calls' peak memory."""
+    result, _, _ = sdpa_run
+    probes = result.iterations.read_bandwidth_bytes_per_s
+    assert len(probes) == len(result.iterations.latency_s) + 1 and min(probes) > 0
+    from barkbench import calibration
+    from barkbench.trackers import PeakRSS, anon_rss_bytes
+
+    with PeakRSS(interval_s=0.001) as rss:
+        before = anon_rss_bytes()
+        with rss.paused():
+            calibration.read_bandwidth_now("sum", reps=20)
+    assert rss.peak_anon < before + calibration.BANDWIDTH_BYTES / 2
+
+
 def test_result_describes_the_run(sdpa_run):
     result, _, proto = sdpa_run
     assert result.model["requested"] == TINY
@@ -405,6 +421,7 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     # the interrupted call had timed its semantic, coarse and fine stages: dropped
     assert all(len(r.seconds) == len(r.tokens) == 1 for r in result.iterations.stages.values())
     assert result.iterations.semantic_tokens == [MAX_NEW]
+    assert len(result.iterations.read_bandwidth_bytes_per_s) == 2  # before the kept call and after it
     assert result.timing.job_s >= LIMIT_S
     assert (tmp_path / "r.wav").is_file()
 

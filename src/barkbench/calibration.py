@@ -71,6 +71,33 @@ def _mlas_matmul(a: torch.Tensor, b: torch.Tensor):
     return lambda: session.run(None, feeds)
 
 
+def _read_kernels(x: torch.Tensor) -> dict:
+    """The read kernels over `x` (fp32, BANDWIDTH_BYTES): a sum, and an fp32 GEMV (MKL's, which prefetches)."""
+    matrix, vector = x.view(4096, -1), torch.ones(x.numel() // 4096)
+    return {"sum": lambda: x.sum(), "gemv_fp32": lambda: torch.mv(matrix, vector)}
+
+
+def fastest_read_kernel(calibration: dict | None) -> str | None:
+    """The calibration's faster read kernel (None: no calibration)."""
+    by_kernel = (calibration or {}).get("read_bandwidth_by_kernel")
+    return max(by_kernel, key=by_kernel.get) if by_kernel else None
+
+
+def read_bandwidth_now(kernel: str, reps: int = 3) -> float:
+    """Read bandwidth (bytes/s) now, by one of the calibration's read kernels: the fastest of `reps` passes over a
+    fresh BANDWIDTH_BYTES tensor, freed after (~60 ms). Taken between timed calls, because what the memory gives drifts
+    on a shared machine: on a 2-core cloud VM one process saw 54 GB/s for minutes, then 75 for seconds, and a decode
+    step's matmuls sped up with it (2.1 -> 1.8 ms), so a floor from the job's start can belong to another state."""
+    x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+    read = _read_kernels(x)[kernel]
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - t0)
+    return BANDWIDTH_BYTES / best
+
+
 def measure(budget_s: float = 0.1) -> dict:
     """Read bandwidth (a sum and a GEMV over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
     throughput (1024^3) in fp32 (torch's and, where it runs, ONNX Runtime's), bf16 and dynamic int8 Linear, on
@@ -80,11 +107,9 @@ def measure(budget_s: float = 0.1) -> dict:
     y = torch.empty_like(x)
     # The floor is a lower bound only at the fastest read any kernel achieves: a sum and an fp32 GEMV (MKL's, which
     # prefetches) over the same bytes; either can be the faster on a given machine.
-    matrix, vector = x.view(4096, -1), torch.ones(BANDWIDTH_BYTES // 4 // 4096)
-    read_s = {"sum": _best_seconds(lambda: x.sum(), budget_s),
-              "gemv_fp32": _best_seconds(lambda: torch.mv(matrix, vector), budget_s)}
+    read_s = {kernel: _best_seconds(read, budget_s) for kernel, read in _read_kernels(x).items()}
     copy_s = _best_seconds(lambda: y.copy_(x), budget_s)
-    del x, y, matrix
+    del x, y
     a = torch.randn(GEMM_SIZE, GEMM_SIZE)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE)
     # As the read, the fp32 GEMM's floor is the fastest kernel's: torch's, or MLAS's where ONNX Runtime runs (on a

@@ -160,12 +160,15 @@ class Stage(_Measure):
 
 @dataclass(kw_only=True)
 class Iterations(_Measure):
-    """Per timed call: latency, seconds of audio, semantic tokens; per stage (None: stages not timed)."""
+    """Per timed call: latency, seconds of audio, semantic tokens; per stage (None: stages not timed); on a CPU, the
+    read bandwidth around the calls."""
 
     latency_s: list[float]
     audio_s: list[float]
     semantic_tokens: list[int]
     stages: dict[str, Stage] | None
+    # CPU: the read bandwidth (bytes/s) before the first call and after each (calibration.read_bandwidth_now)
+    read_bandwidth_bytes_per_s: list[float] | None = OMITTED
 
     @classmethod
     def _typed(cls, values: dict) -> dict:

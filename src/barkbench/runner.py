@@ -114,6 +114,7 @@ class Timed:
     peak_rss: PeakRSS
     energy: dict | None = None  # energy.record
     compiled: dict | None = None  # compile_counters.counting of the timed calls (compiled variants)
+    read_bandwidth: list[float] | None = None  # before the first call and after each (CPU)
 
 
 def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
@@ -220,8 +221,10 @@ def stop_reason(proto: Protocol, latencies: list[float], job: Job, warmup_guess:
 
 
 def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device, clock: Clock,
-               job: Job, warmup_guess: float | None = None) -> Timed:
-    """The timed calls, until stop_reason says so or the time limit fires (kept once min_iterations are done)."""
+               job: Job, warmup_guess: float | None = None, read_kernel: str | None = None) -> Timed:
+    """The timed calls, until stop_reason says so or the time limit fires (kept once min_iterations are done). With
+    `read_kernel` (CPU), the read bandwidth before the first call and after each, untimed and unsampled by the peak
+    memory: the floors of the calls' time (barkbench.calibration)."""
     proto = req.protocol
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -233,8 +236,16 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
     wav = None
     counter = energy.counter_for(device)
     counting = compile_counters.counting() if variants.parse(req.variant).compiles else nullcontext()
+    bandwidth: list[float] = []
     with PeakRSS() as rss, counting as compiled, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
+
+        def probe():
+            if read_kernel:
+                with rss.paused():
+                    bandwidth.append(calibration.read_bandwidth_now(read_kernel))
+
         try:
+            probe()
             while (stopped_by := stop_reason(proto, latencies, job, warmup_guess)) is None:
                 if req.fail_with:
                     raise RuntimeError(req.fail_with)
@@ -250,13 +261,15 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
                     wav = wav_bytes(audio[0, : lengths[0]].float().cpu().numpy(), loaded.sample_rate)
                 audio_s.append(float(np.mean(lengths)) / loaded.sample_rate)
                 bar.update()
+                probe()
         except TimeLimitExceeded:
             if len(audio_s) < proto.min_iterations:
                 raise job.exceeded(f"after {len(audio_s)} of min {proto.min_iterations} timed calls") from None
             stopped_by = "time_limit"
     n = len(audio_s)
     return Timed(latencies[:n], audio_s, stages.as_dict(n) if stages else None, wav, stopped_by, rss,
-                 energy.record(counter, joules[:n], proto.batch_size, audio_s), compiled)
+                 energy.record(counter, joules[:n], proto.batch_size, audio_s), compiled,
+                 bandwidth[:n + 1] if read_kernel else None)
 
 
 def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
@@ -278,7 +291,8 @@ def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant,
                            stage_timer_overhead_s=stage_timer_cost(clock) if timed.stages else None)
     result.iterations = Iterations(latency_s=latencies, audio_s=timed.audio_s,
                                    semantic_tokens=timed.stages["semantic"]["tokens"] if timed.stages else [],
-                                   stages={k: Stage(**v) for k, v in timed.stages.items()} if timed.stages else None)
+                                   stages={k: Stage(**v) for k, v in timed.stages.items()} if timed.stages else None,
+                                   read_bandwidth_bytes_per_s=timed.read_bandwidth)
     result.summary = Summary(latency_s=Latency.from_values(latencies))
     cuda = device.type == "cuda"
     result.memory = Memory(peak_rss_bytes=int(timed.peak_rss.peak), peak_anon_rss_bytes=timed.peak_rss.peak_anon,
@@ -306,7 +320,8 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
         guess = None if compiled and len(warmup_s) < 2 else warmup_s[-1]
         early = None if guess is None else cannot_pay_off_here(req, variant, device, guess)
         timed = Timed([], [], None, None, "too_slow", None, None, None) if early else timed_loop(
-            req, loaded, label, device, clock, job, guess)
+            req, loaded, label, device, clock, job, guess,
+            calibration.fastest_read_kernel(result.hardware.get("calibration")) if device.type == "cpu" else None)
     if timed.stopped_by == "too_slow":
         n, need = len(timed.latency_s), req.protocol.min_iterations
         per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]

@@ -231,8 +231,13 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         row[f"stage_{st}_decode_cache_positions"] = (
             float(np.median(positions)) if positions and None not in positions else np.nan)
     # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration):
-    # semantic and coarse, of their decode steps
+    # semantic and coarse, of their decode steps, at the read bandwidth measured between the timed calls (the job's
+    # start calibration where a record has none)
     cal = rec.hardware.get("calibration")
+    probes = _attr(it, "read_bandwidth_bytes_per_s", None)
+    start_bandwidth = cal["read_bandwidth_bytes_per_s"] if cal else None
+    if cal and probes:
+        cal = {**cal, "read_bandwidth_bytes_per_s": float(np.median(probes))}
     floors = calibration.stage_floors(rec.model.get("stage_work"), cal, _floor_steps(row),
                                       {st: row[f"stage_{st}_decode_cache_positions"] for st in DECODING_STAGES},
                                       row["batch_size"])
@@ -245,7 +250,8 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     _multiples_of_floors(row)
     row["cpu_features"] = " ".join(rec.hardware.get("cpu_features") or [])
     row["cpu_isa_ceiling"] = rec.hardware.get("cpu_isa_ceiling") or ""  # barkbench.isa: this CPU run as an older one
-    row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan
+    row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan  # the floors'
+    row["read_bandwidth_start_gb_s"] = start_bandwidth / 1e9 if start_bandwidth else np.nan
     for fmt in ("fp32", "bf16", "int8"):
         row[f"gemm_{fmt}_gflop_s"] = cal["gemm_flops_per_s"][fmt] / 1e9 if cal else np.nan
     row.update({
@@ -468,8 +474,9 @@ def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per hardware: median and range over its runs of the calibration each run measured before loading."""
-    cols = ["read_bandwidth_gb_s"] + [f"gemm_{f}_gflop_s" for f in ("fp32", "bf16", "int8")]
+    """Per hardware: median and range over its runs of the calibration each run measured (the floors' read bandwidth:
+    between the timed calls, each run's median; the rest before loading)."""
+    cols = ["read_bandwidth_gb_s", "read_bandwidth_start_gb_s"] + [f"gemm_{f}_gflop_s" for f in ("fp32", "bf16", "int8")]
     have = runs[runs[cols[0]].notna()] if cols[0] in runs else runs.iloc[0:0]
     rows = []
     for hw, g in have.groupby("hardware", sort=False):

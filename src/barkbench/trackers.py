@@ -195,12 +195,20 @@ class PeakRSS:
         self.peak_anon: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sampling = threading.Lock()
 
     def _sample(self):
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        anon = anon_rss_bytes()
-        if anon is not None:
-            self.peak_anon = max(self.peak_anon or 0, anon)
+        with self._sampling:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            anon = anon_rss_bytes()
+            if anon is not None:
+                self.peak_anon = max(self.peak_anon or 0, anon)
+
+    @contextmanager
+    def paused(self):
+        """No sample while the block runs (memory it allocates and frees again is not the calls')."""
+        with self._sampling:
+            yield
 
     def _run(self):
         while not self._stop.is_set():
