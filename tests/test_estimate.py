@@ -29,6 +29,16 @@ def test_a_process_costs_what_the_runner_does_within_half_a_call(call_s, budget_
     assert abs(predicted - _runner_timed_seconds(call_s, budget_s)) <= call_s / 2 + 1e-9
 
 
+@pytest.mark.parametrize("call_s", [0.7, 2.0, 6.0])
+def test_a_process_pays_a_read_of_the_bandwidth_before_its_first_timed_call_and_after_each(call_s):
+    read = 0.08
+    probe, without = (Probe(startup_s=0.0, load_s=0.0, call_s=call_s, batch_size=1, read_probe_s=r) for r in (read, 0))
+    extra = estimate.run_seconds("eager", 1, probe, PROTOCOL, 20.0) - estimate.run_seconds("eager", 1, without,
+                                                                                             PROTOCOL, 20.0)
+    calls = round(_runner_timed_seconds(call_s, 20.0) / call_s)
+    assert abs(extra - (calls + 1) * read) <= read / 2 + 1e-9
+
+
 def test_a_compiled_variant_pays_its_first_call_and_one_that_cannot_pay_off_is_slower():
     native = Probe(**{**PROBE.to_dict(), "cpu_features": ("avx2", "avx512f", "amx_bf16")})
     plain = estimate.run_seconds("sdpa+bf16", 1, native, PROTOCOL, 20.0)

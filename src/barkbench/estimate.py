@@ -53,6 +53,7 @@ class Probe:
     wall_s: float = 0.0  # the probe's own cost
     calibration_s: float = 0.0  # of startup_s: the CPU calibration a measuring job runs first (a job that
     # records why its variant cannot run here skips it)
+    read_probe_s: float = 0.0  # CPU: one read of the bandwidth, made before the first timed call and after each
 
     def call_at(self, batch_size: int, first: bool = False) -> float:
         return (self.first_call_s if first and self.first_call_s else self.call_s) * batch_size / self.batch_size
@@ -71,11 +72,15 @@ def measure_probe(req, start_only: bool = False) -> dict:
     ready = time.perf_counter()
     device = provenance.resolve_device(req.device)
     variant = variants.parse(req.variant)
-    if device.type == "cpu":
-        calibration.measure()
+    cal = calibration.measure() if device.type == "cpu" else None
     calibrated = time.perf_counter() - ready
     if start_only:
         return {"calibration_s": calibrated}
+    read_probe_s = 0.0
+    if cal is not None:
+        start = time.perf_counter()
+        calibration.read_bandwidth_now(calibration.fastest_read_kernel(cal))
+        read_probe_s = time.perf_counter() - start
     job = runner.job_time_limit(req.protocol.time_limit_s, time.time())
     result = runner.base_result(req, device, variant)
     first = runner.load_model(req, result, variant, device, job)  # may build or read a cold checkpoint
@@ -91,7 +96,7 @@ def measure_probe(req, start_only: bool = False) -> dict:
         calls.append(time.perf_counter() - start)
     return {"calibration_s": calibrated, "first_load_s": first_load_s, "load_s": loaded.load_s,
             "first_call_s": calls[0], "call_s": calls[1], "batch_size": req.protocol.batch_size,
-            "cpu_features": provenance.cpu_features()}
+            "cpu_features": provenance.cpu_features(), "read_probe_s": read_probe_s}
 
 
 def _timed_run(command: list[str], timeout_s: float) -> tuple[float, dict]:
@@ -112,7 +117,7 @@ def run_probe(command: list[str], timeout_s: float) -> Probe:
     return Probe(startup_s=start_s, load_s=inside["load_s"], call_s=inside["call_s"],
                  first_call_s=inside["first_call_s"], batch_size=inside["batch_size"],
                  cpu_features=tuple(inside["cpu_features"]), wall_s=wall + start_s,
-                 calibration_s=started["calibration_s"])
+                 calibration_s=started["calibration_s"], read_probe_s=inside.get("read_probe_s", 0.0))
 
 
 # ---------------------------------------------------------------- the cost model
@@ -170,6 +175,7 @@ def run_seconds(variant: str, batch_size: int, probe: Probe, protocol: dict, tim
         return probe.startup_s + min(limit, probe.load_s + warmup)
     budget = min(timed_budget_s, protocol["budget_s"])
     timed = min(max(protocol["min_iterations"] * call, budget + call / 2), protocol["max_iterations"] * call)
+    timed += (timed / call + 1) * probe.read_probe_s  # the bandwidth read around the timed calls (CPU)
     return probe.startup_s + min(limit, probe.load_s + warmup + timed)
 
 
