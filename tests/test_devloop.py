@@ -63,18 +63,28 @@ def test_devloop_over_int8_gives_the_tokens_of_int8_generate(tiny_checkpoint, do
 @pytest.mark.skipif(__import__("barkbench.ort_runtime").ort_runtime.unavailable_reason() is not None,
                     reason="needs ONNX Runtime")
 @pytest.mark.parametrize("prompts, do_sample", [CASES[1], CASES[2]])
-def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoint, prompts, do_sample):
+def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoint, prompts, do_sample, monkeypatch):
     # ONNX Runtime's int8 graphs keep the keys and values in their own buffers: the loop hands them a cache that only
     # counts positions (emptied per call, as generate starts a new one), and a step computes what generate's does.
+    # A sampled step's draws are made by another thread while the graph runs: the same draws, in the same order.
+    import threading
+
     from transformers import DynamicCache
 
     from barkbench.fidelity import StepRecorder
 
     reference = _stage_tokens(_load("sdpa+ortint8"), prompts, do_sample)
     over_ort = _load("sdpa+devloop+ortint8")
+    drawn_by = []
+    noise = LogitsProgram.noise
+    monkeypatch.setattr(LogitsProgram, "noise", lambda self, *a: (drawn_by.append(threading.current_thread().name),
+                                                                   noise(self, *a))[1])
     # every step through the sub-model's forward, so that a wrapper of it (the fidelity check's recorder) sees it
     with StepRecorder(over_ort.model.semantic) as semantic, StepRecorder(over_ort.model.coarse_acoustics) as coarse:
         tokens = _stage_tokens(over_ort, prompts, do_sample)
+    decode_steps = len(semantic.calls) - 1 + len(coarse.calls) - -(-reference["coarse"].shape[-1] // WINDOW)
+    assert len(drawn_by) == (decode_steps if do_sample else 0)
+    assert all(name.startswith("barkbench-draws") for name in drawn_by)
     assert reference["coarse"].shape[-1] > WINDOW  # more than one window: a new sequence in the buffers per window
     assert [logits.shape[1] for _, _, logits in semantic.calls][1:] == [1] * (TOKENS - 1)  # a prefill, then steps
     assert len(coarse.calls) == reference["coarse"].shape[-1]  # one call per coarse token, prefills included

@@ -28,6 +28,7 @@ runtime (ONNX, OpenVINO) can run the same loop with its own `model_forward(token
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -163,8 +164,10 @@ class LogitsProgram:
         if spec.eos_token_id is not None:
             self.eos[spec.eos_token_id] = True
         self.eos = self.eos.to(device)
-        # EOS masked by step number, unless it is suppressed at every step anyway
-        self.eos_masked_steps = 0 if spec.eos_token_id in spec.suppressed else spec.eos_masked_steps
+        # A sequence can end only if EOS can be chosen: not when it is suppressed at every step (fixed length), where
+        # neither the step mask nor the end-of-sequence bookkeeping has anything to do
+        self.ends = spec.eos_token_id is not None and spec.eos_token_id not in spec.suppressed
+        self.eos_masked_steps = spec.eos_masked_steps if self.ends else 0
 
     def scores(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Processed scores of float32 logits (b, V) at `step` (a (1,) long tensor), as generate's processors."""
@@ -188,13 +191,20 @@ class LogitsProgram:
             scores = scores.log_softmax(dim=-1)
         return scores
 
-    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+    def noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The exponential draws of one sampled step: what torch.multinomial(probs, 1) draws for float32 (b, V) probs."""
+        return torch.empty(batch_size, self.spec.vocab_size, device=device).exponential_(1)
+
+    def choose(self, scores: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Next tokens (b,): argmax, or a draw from softmax(scores) that consumes the RNG as
-        torch.multinomial(probs, 1) does (an exponential race), without its host-side check."""
+        torch.multinomial(probs, 1) does (an exponential race), without its host-side check. `noise`: this step's
+        draws, made beforehand (`noise`); None: drawn here."""
         if not self.spec.do_sample:
             return torch.argmax(scores, dim=-1)
         probs = torch.nn.functional.softmax(scores, dim=-1)
-        return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+        if noise is None:
+            noise = torch.empty_like(probs).exponential_(1)
+        return torch.argmax(probs / noise, dim=-1)
 
 
 @dataclass
@@ -222,11 +232,12 @@ class DecodeState:
         self.live_steps.zero_()
 
 
-def select(logits: torch.Tensor, program: LogitsProgram, state: DecodeState) -> None:
-    """Choose the token of `state.step` from its logits and advance the state (in place)."""
-    tokens = program.choose(program.scores(logits, state.step))
+def select(logits: torch.Tensor, program: LogitsProgram, state: DecodeState, noise: torch.Tensor | None = None) -> None:
+    """Choose the token of `state.step` from its logits (and `noise`, its draws if made beforehand) and advance the
+    state (in place)."""
+    tokens = program.choose(program.scores(logits, state.step), noise)
     spec = program.spec
-    if spec.eos_token_id is not None:
+    if program.ends:
         tokens = torch.where(state.unfinished, tokens, spec.pad_token_id)
         state.live_steps.add_(state.unfinished.any().long())
         state.unfinished.logical_and_(tokens != spec.eos_token_id)
@@ -235,11 +246,27 @@ def select(logits: torch.Tensor, program: LogitsProgram, state: DecodeState) -> 
     state.step.add_(1)
 
 
-def decode_step(model_forward: ModelForward, program: LogitsProgram, state: DecodeState) -> None:
-    """One decode step: forward of the last token, Bark's logits processing, the next token; in place."""
+def _draw_thread() -> ThreadPoolExecutor:
+    global _DRAWS
+    if _DRAWS is None:
+        _DRAWS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="barkbench-draws")
+    return _DRAWS
+
+
+_DRAWS: ThreadPoolExecutor | None = None
+
+
+def decode_step(model_forward: ModelForward, program: LogitsProgram, state: DecodeState,
+                draw_beside: bool = False) -> None:
+    """One decode step: forward of the last token, Bark's logits processing, the next token; in place.
+    `draw_beside` (CPU, sampling): the step's random draws are made by another thread while the forward runs. The RNG
+    is consumed in the same order (a forward in eval mode draws nothing), so the tokens are the same."""
+    noise = None
+    if draw_beside and program.spec.do_sample:
+        noise = _draw_thread().submit(program.noise, state.token.shape[0], state.token.device)
     logits = model_forward(state.token[:, None], state.position)
     state.position.add_(1)
-    select(logits, program, state)
+    select(logits, program, state, None if noise is None else noise.result())
 
 
 class CudaGraphStep:
@@ -287,6 +314,9 @@ class DeviceDecoding:
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
     # Set on a sub-model whose forward keeps the keys and values in its own buffers (barkbench.ort_int8).
     keeps_keys_values: bool = False
+    # Set on a sub-model whose CPU forward leaves room for a step's random draws beside it (decode_step's
+    # `draw_beside`; barkbench.ort_int8, where it was measured to pay).
+    draws_beside_forward: bool = False
     # Called with True before the prefill and False before each decode step (and the cache positions the step's
     # attention reads), on a CPU only (a CUDA step returns before
     # its work is done: a host clock per step would time launches): the stage tracker's step marks.
@@ -312,9 +342,10 @@ class DeviceDecoding:
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
         forward = model_forward_of(self, cache)
+        draw_beside = self.draws_beside_forward and device.type == "cpu"
 
         def step():
-            decode_step(forward, program, state)
+            decode_step(forward, program, state, draw_beside)
 
         if graphed:
             step = CudaGraphStep(step)
@@ -355,14 +386,14 @@ def device_generate(model, input_ids, logits_processor, stopping_criteria, gener
     logits = model(**prompt, cache=decoder.cache, position_ids=positions, use_cache=True,
                    return_dict=True).logits[:, -1].float()
     select(logits, program, state)
-    stops_early = spec.eos_token_id is not None and spec.eos_masked_steps < max_new_tokens
+    stops_early = program.ends and spec.eos_masked_steps < max_new_tokens
     for i in range(1, max_new_tokens):
         if stops_early and i % STOP_CHECK_EVERY == 0 and not bool(state.unfinished.any()):
             break
         if mark:  # step i attends to the prompt and the i tokens made so far
             mark(False, batch_size * (prompt_length + i))
         decoder.step()
-    made = int(state.live_steps) if spec.eos_token_id is not None else max_new_tokens
+    made = int(state.live_steps) if program.ends else max_new_tokens
     return torch.cat([input_ids, state.out[:, :made]], dim=-1)
 
 

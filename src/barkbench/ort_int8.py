@@ -213,11 +213,10 @@ def causal_forward(model, decoder: Decoder):
         hidden = inputs_embeds + model.position_embeds_layer(position_ids)
         logits = decoder.run(hidden, past_length, attention_mask, cache if use_cache else None)
         if use_cache and cache is not None:
-            # the cache counts positions only (one value each: transformers reads an empty cache as no positions);
-            # the keys and values are in the decoder's buffers
+            # the cache counts positions only, in its first layer (one value each: `get_seq_length` reads that layer,
+            # and transformers reads an empty cache as no positions); the keys and values are in the decoder's buffers
             marks = inputs_embeds.new_zeros(b, 1, t, 1)
-            for i in range(decoder.layers):
-                cache.update(marks, marks, i)
+            cache.update(marks, marks, 0)
         if return_dict is False:
             return (logits, cache) if use_cache else (logits,)
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
@@ -319,6 +318,10 @@ def install(sub, graph, threads: int) -> int:
     sub.matmuls_alone = MatmulsAlone(graph, threads)
     sub.forward = causal_forward(sub, Decoder(sub, graph, threads))
     sub.keeps_keys_values = True  # the generate cache only counts positions (barkbench.device_decode reads this)
+    # Under the device-side loop, a sampled step's draws are made beside the run: bark-small's step 3.42 -> 3.28 ms on a
+    # 2-core Zen 5 (faster in 12 of 12 alternating calls; the same tokens), where torch.ao's int8 forward got slower
+    # (5.59 -> 5.64 ms, 1 of 12): its OpenMP threads want both cores, the session's memory-bound run leaves room
+    sub.draws_beside_forward = True
     release_replaced(sub)
     return sub.runtime_weight_bytes
 
