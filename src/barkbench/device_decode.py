@@ -27,6 +27,7 @@ runtime (ONNX, OpenVINO) can run the same loop with its own `model_forward(token
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -246,14 +247,9 @@ def select(logits: torch.Tensor, program: LogitsProgram, state: DecodeState, noi
     state.step.add_(1)
 
 
+@functools.cache
 def _draw_thread() -> ThreadPoolExecutor:
-    global _DRAWS
-    if _DRAWS is None:
-        _DRAWS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="barkbench-draws")
-    return _DRAWS
-
-
-_DRAWS: ThreadPoolExecutor | None = None
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="barkbench-draws")
 
 
 def decode_step(model_forward: ModelForward, program: LogitsProgram, state: DecodeState,
