@@ -95,6 +95,32 @@ def test_devloop_over_ortint8_gives_the_tokens_of_ortint8_generate(tiny_checkpoi
         assert torch.equal(tokens[stage], reference[stage]), stage
 
 
+@pytest.mark.skipif(__import__("barkbench.ort_runtime").ort_runtime.unavailable_reason() is not None,
+                    reason="needs ONNX Runtime")
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_the_ortint8_steps_skip_the_module_forward(tiny_checkpoint, do_sample, monkeypatch):
+    # Unwrapped, the loop's steps go straight to the session (the sub-model's `step_forward`): the module forward runs
+    # the prompts only (one per call, one per coarse window), and the tokens are generate's.
+    from barkbench import ort_int8
+
+    reference = _stage_tokens(_load("sdpa+ortint8"), [PROMPTS[0]], do_sample)
+    over_ort = _load("sdpa+devloop+ortint8")
+    runs = []
+    run = ort_int8.Decoder.run
+    monkeypatch.setattr(ort_int8.Decoder, "run", lambda self, hidden, *a: (runs.append(hidden.shape[1]),
+                                                                         run(self, hidden, *a))[1])
+    tokens = _stage_tokens(over_ort, [PROMPTS[0]], do_sample)
+    windows = -(-reference["coarse"].shape[-1] // WINDOW)
+    assert windows > 1 and len(runs) == 1 + windows and min(runs) > 1  # prompts only
+    for stage in ("semantic", "coarse", "fine", "audio"):
+        assert torch.equal(tokens[stage], reference[stage]), stage
+    # the cache counts the prompt's positions only: a module forward cannot continue the sequence unnoticed
+    semantic = over_ort.model.semantic
+    _, decoder = semantic._device_decoder
+    with pytest.raises(RuntimeError, match="buffers hold"), torch.inference_mode():
+        semantic(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=decoder.cache, use_cache=True)
+
+
 class WarmedUpStep:
     """CPU stand-in for CudaGraphStep: the same warm-up steps before the first real call, then the step itself."""
 

@@ -310,6 +310,10 @@ class DeviceDecoding:
     use_cuda_graph: bool = True  # on a CUDA device; off: the same step, launched eagerly
     # Set on a sub-model whose forward keeps the keys and values in its own buffers (barkbench.ort_int8).
     keeps_keys_values: bool = False
+    # Set on a sub-model with a one-token forward of its own for the loop's steps (cache -> ModelForward, or None
+    # where the module's forward must see each step; barkbench.ort_int8); otherwise the steps call the module
+    # (`model_forward_of`).
+    step_forward: Callable[[StaticCache | DynamicCache], ModelForward | None] | None = None
     # Set on a sub-model whose CPU forward leaves room for a step's random draws beside it (decode_step's
     # `draw_beside`; barkbench.ort_int8, where it was measured to pay).
     draws_beside_forward: bool = False
@@ -326,7 +330,9 @@ class DeviceDecoding:
         device = self.device
         graphed = self._graphed()
         # Kept while the key matches: a CUDA graph replays against these very buffers.
-        key = (batch_size, cache_length, out_length, spec, torch.is_inference_mode_enabled(), graphed)
+        # (and the instance's forward: one replaced since, such as a step recorder, is called at every step)
+        key = (batch_size, cache_length, out_length, spec, torch.is_inference_mode_enabled(), graphed,
+               vars(self).get("forward"))
         held = getattr(self, "_device_decoder", None)
         if held is not None and held[0] == key:
             held[1].cache.reset()
@@ -337,7 +343,7 @@ class DeviceDecoding:
                  else StaticCache(config=self.config, max_cache_len=cache_length))
         program = LogitsProgram(spec, device)
         state = DecodeState.empty(batch_size, out_length, device)
-        forward = model_forward_of(self, cache)
+        forward = (self.step_forward and self.step_forward(cache)) or model_forward_of(self, cache)
         draw_beside = self.draws_beside_forward and device.type == "cpu"
 
         def step():

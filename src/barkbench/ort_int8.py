@@ -145,9 +145,12 @@ class Decoder:
         self.layers, self.heads, self.head_dim = len(model.layers), cfg.num_heads, cfg.hidden_size // cfg.num_heads
         self.capacity = int(cfg.block_size)  # the position embeddings' length: no sequence is longer
         self.logits, self.vocab = self.session.get_outputs()[0].name, int(cfg.output_vocab_size)
+        self.hidden_size = int(cfg.hidden_size)
         self.buffers: list[np.ndarray] = []
         self.binding = None
         self.cache = None  # the generate cache whose positions the buffers hold
+        self.length = 0  # how many positions the buffers hold
+        self.padded = False  # whether the sequence's prompt has padded keys
 
     def _bind_buffers(self, batch: int) -> None:
         shape = (batch, self.heads, self.capacity, self.head_dim)
@@ -159,6 +162,11 @@ class Decoder:
                 for name in (f"past_{kind}.{i}", f"present_{kind}.{i}"):  # the same memory: updated in place
                     bind = self.binding.bind_input if name.startswith("past") else self.binding.bind_output
                     bind(name, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+        # a one-token step's inputs and logits (`step_forward`), at fixed addresses; a zero bias for unpadded keys
+        self.step_hidden = torch.empty(batch, 1, self.hidden_size)
+        self.step_logits = torch.empty(batch, 1, self.vocab)
+        self.step_seqlens, self.step_total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
+        self.zero_bias = np.zeros(batch * self.capacity, dtype=np.float32)
 
     def run(self, hidden: torch.Tensor, past_length: int, key_mask: torch.Tensor, cache) -> torch.Tensor:
         b, t = hidden.shape[:2]
@@ -169,9 +177,9 @@ class Decoder:
             if not self.buffers or self.buffers[0].shape[0] != b:
                 self._bind_buffers(b)
             self.cache = cache
-        elif cache is None or cache is not self.cache:
-            raise RuntimeError("this forward continues the sequence of the generate cache it last started; a past "
-                               "from another cache is not in its key/value buffers")
+            self.padded = not bool(key_mask.all())
+        else:
+            self._check_continues(cache, past_length)
         bias = torch.zeros(b, 1, t, total)
         bias.masked_fill_(~key_mask.bool()[:, None, None, :], torch.finfo(torch.float32).min)
         self.binding.bind_cpu_input("hidden", hidden.detach().float().contiguous().numpy())
@@ -181,7 +189,54 @@ class Decoder:
         logits = torch.empty(b, t, self.vocab)  # written by the run (its shape changes between calls: bound each time)
         self.binding.bind_output(self.logits, "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
         self.session.run_with_iobinding(self.binding)
+        self.length = total
         return logits
+
+    def _check_continues(self, cache, past_length: int) -> None:
+        if cache is None or cache is not self.cache:
+            raise RuntimeError("this forward continues the sequence of the generate cache it last started; a past "
+                               "from another cache is not in its key/value buffers")
+        if past_length != self.length:
+            raise RuntimeError(f"the cache counts {past_length} positions, the key/value buffers hold {self.length} "
+                               "(a one-token step of the device-side loop does not count its positions in the cache)")
+
+    def step_forward(self, sub, module_forward, cache):
+        """The device-side loop's forward (`barkbench.device_decode.ModelForward`: tokens (b, 1), positions (1, 1) ->
+        logits (b, V)) for the steps after the prompt that `cache` started: the graph's run of `run`, on inputs bound
+        at fixed addresses, without the module forward's per-call tensors, checks and output record (~0.15 ms of a
+        ~3.5 ms step, bark-small on a 2-core Zen 5; the same tokens). The buffers count the positions: `cache` keeps
+        the prompt's only. The returned logits are overwritten by the next step. None while `sub`'s forward is no
+        longer `module_forward` (a wrapper, such as the fidelity check's step recorder, is to see every step)."""
+        if vars(sub).get("forward") is not module_forward:
+            return None
+        token_table, position_table = sub.input_embeds_layer.weight, sub.position_embeds_layer.weight
+
+        def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            position = self.length
+            self._check_continues(cache, position)
+            if int(positions) != position:
+                raise RuntimeError(f"a step at position {int(positions)} after {position} positions")
+            if self.padded:  # device_generate refuses padded prompts: no bias is built here
+                raise NotImplementedError("the one-token step runs unpadded sequences only")
+            b, total = tokens.shape[0], position + 1
+            if total > self.capacity:
+                raise ValueError(f"{total} positions, past the model's {self.capacity}")
+            # the embeddings as the module forward adds them (a gather each, then one add)
+            torch.add(torch.nn.functional.embedding(tokens, token_table), position_table[position],
+                      out=self.step_hidden)
+            self.step_seqlens[:] = position
+            self.step_total[...] = total
+            bind = self.binding
+            bind.bind_input("hidden", "cpu", 0, np.float32, [b, 1, self.hidden_size], self.step_hidden.data_ptr())
+            bind.bind_input("seqlens_k", "cpu", 0, np.int32, [b], self.step_seqlens.ctypes.data)
+            bind.bind_input("total_sequence_length", "cpu", 0, np.int32, [], self.step_total.ctypes.data)
+            bind.bind_input("attention_bias", "cpu", 0, np.float32, [b, 1, 1, total], self.zero_bias.ctypes.data)
+            bind.bind_output(self.logits, "cpu", 0, np.float32, [b, 1, self.vocab], self.step_logits.data_ptr())
+            self.session.run_with_iobinding(bind)
+            self.length = total
+            return self.step_logits[:, -1]
+
+        return forward
 
 
 def causal_forward(model, decoder: Decoder):
@@ -316,8 +371,10 @@ def install(sub, graph, threads: int) -> int:
     sub.runtime_weight_bytes = weight_bytes(graph)
     sub.layer_kernels = LayerKernels(sub, graph, threads)
     sub.matmuls_alone = MatmulsAlone(graph, threads)
-    sub.forward = causal_forward(sub, Decoder(sub, graph, threads))
+    decoder = Decoder(sub, graph, threads)
+    sub.forward = causal_forward(sub, decoder)
     sub.keeps_keys_values = True  # the generate cache only counts positions (barkbench.device_decode reads this)
+    sub.step_forward = functools.partial(decoder.step_forward, sub, sub.forward)  # the device-side loop's steps
     # Under the device-side loop, a sampled step's draws are made beside the run: bark-small's step 3.42 -> 3.28 ms on a
     # 2-core Zen 5 (faster in 12 of 12 alternating calls; the same tokens), where torch.ao's int8 forward got slower
     # (5.59 -> 5.64 ms, 1 of 12): its OpenMP threads want both cores, the session's memory-bound run leaves room
