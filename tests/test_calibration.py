@@ -168,6 +168,42 @@ def test_floors_take_the_bandwidth_measured_between_the_timed_calls(tmp_path):
     assert "20 GB/s (20–20) between the calls, 10 GB/s (10–10) before loading" in text
 
 
+def test_the_fine_floor_takes_the_gemm_measured_between_the_timed_calls(tmp_path):
+    """A run's GEMM probes of its fine format set its fine floor (their median), not the calibration before loading;
+    the other formats keep the start figures, and the calibration table shows the probed format's between the calls."""
+    from barkbench import fragments, tables
+    from conftest import make_run_json
+
+    path, other = (make_run_json(tmp_path, "eager", 1, [10.0, 10.0, 10.0, 10.0], process=k) for k in (1, 2))
+    for p, gemm in ((path, [2e11, 4e11, 3e11]), (other, None)):  # probed: median 300 GFLOP/s; the other, none
+        data = json.loads(p.read_text())
+        data["hardware"]["calibration"] = CAL  # fp32 100 GFLOP/s before loading
+        data["model"]["stage_work"] = WORK  # fine in fp32
+        if gemm:
+            data["iterations"]["fine_gemm_flops_per_s"] = gemm
+        p.write_text(json.dumps(data))
+    probed, start = (tables.runs_table(tables.read_runs([p], tmp_path / "results"), "eager").iloc[0]
+                     for p in (path, other))
+    assert probed["stage_fine_floor_s"] == pytest.approx(start["stage_fine_floor_s"] / 3)
+    assert probed["gemm_fp32_between_gflop_s"] == pytest.approx(300) and probed["gemm_fp32_gflop_s"] == pytest.approx(100)
+    assert start["gemm_fp32_between_gflop_s"] != start["gemm_fp32_between_gflop_s"]  # none measured
+    assert probed["gemm_bf16_between_gflop_s"] != probed["gemm_bf16_between_gflop_s"]  # not the fine stage's format
+    runs = tables.runs_table(tables.read_runs([path], tmp_path / "results"), "eager")
+    text = fragments.stages_md(runs, tables.calibration_table(runs))
+    assert "after each (the fine floors take each run's median of these; over the runs whose fine stage has it): " \
+           "300 GFLOP/s (300–300) fp32." in text
+
+
+def test_the_gemm_probe_runs_the_formats_kernels():
+    """The probe between timed calls times the fine format's own kernels (an unknown format is refused), and a run's
+    fine format is the stage work's where a kernel here has it."""
+    assert calibration.gemm_rate_now("int8", reps=1) > 0
+    with pytest.raises(ValueError, match="no GEMM kernel for 'fp16'"):
+        calibration.gemm_rate_now("fp16")
+    assert calibration.fine_gemm_format(WORK) == "fp32" and calibration.fine_gemm_format(None) is None
+    assert calibration.fine_gemm_format({"fine": {**WORK["fine"], "gemm_dtype": "fp16"}}) is None
+
+
 def test_the_read_probe_runs_the_calibrations_faster_read_kernel(monkeypatch):
     """The probe between timed calls runs the read kernel that was the faster in the calibration, and that one only."""
     cal = {"read_bandwidth_by_kernel": {"sum": 5e10, "gemv_fp32": 6e10}}

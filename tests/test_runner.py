@@ -57,6 +57,9 @@ def test_read_bandwidth_probed_around_the_timed_calls_outside_their_memory(sdpa_
     result, _, _ = sdpa_run
     probes = result.iterations.read_bandwidth_bytes_per_s
     assert len(probes) == len(result.iterations.latency_s) + 1 and min(probes) > 0
+    gemm = result.iterations.fine_gemm_flops_per_s  # and the GEMM throughput of the fine stage's format (sdpa: fp32)
+    assert result.model["stage_work"]["fine"]["gemm_dtype"] == "fp32"
+    assert len(gemm) == len(probes) and min(gemm) > 0
     from barkbench import calibration
     from barkbench.trackers import PeakRSS, anon_rss_bytes
 
@@ -422,6 +425,7 @@ def test_time_limit_during_timed_calls(tiny_checkpoint, tmp_path, monkeypatch, m
     assert all(len(r.seconds) == len(r.tokens) == 1 for r in result.iterations.stages.values())
     assert result.iterations.semantic_tokens == [MAX_NEW]
     assert len(result.iterations.read_bandwidth_bytes_per_s) == 2  # before the kept call and after it
+    assert len(result.iterations.fine_gemm_flops_per_s) == 2
     assert result.timing.job_s >= LIMIT_S
     assert (tmp_path / "r.wav").is_file()
 

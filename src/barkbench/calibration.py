@@ -98,6 +98,52 @@ def read_bandwidth_now(kernel: str, reps: int = 3) -> float:
     return BANDWIDTH_BYTES / best
 
 
+GEMM_FORMATS = ("fp32", "bf16", "int8")  # the number formats with a GEMM kernel here (a fine floor)
+
+
+def _gemm_kernels(fmt: str) -> dict:
+    """The GEMM kernels (GEMM_SIZE^3) of one number format, as calls: fp32 torch.mm and, where ONNX Runtime runs,
+    MLAS's; bf16 torch.mm; int8 torch.ao's dynamic Linear (activations quantized per call)."""
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    if fmt == "fp32":
+        kernels = {"torch": lambda: torch.mm(a, b)}
+        if (mlas := _mlas_matmul(a, b)) is not None:
+            kernels["onnxruntime"] = mlas
+        return kernels
+    if fmt == "bf16":
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        return {"torch": lambda: torch.mm(a16, b16)}
+    if fmt == "int8":
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        with warnings.catch_warnings():  # torch.ao's deprecation notice: the calibration measures what int8 runs today
+            warnings.simplefilter("ignore", UserWarning)
+            qlinear = DynamicLinear(GEMM_SIZE, GEMM_SIZE, dtype=torch.qint8)
+        return {"torch.ao": lambda: qlinear(a)}
+    raise ValueError(f"no GEMM kernel for {fmt!r} (one of {', '.join(GEMM_FORMATS)})")
+
+
+def fine_gemm_format(work: dict | None) -> str | None:
+    """The number format of the fine stage's GEMMs in a stage work (`stage_work`), where a kernel here has it."""
+    fmt = ((work or {}).get("fine") or {}).get("gemm_dtype")
+    return fmt if fmt in GEMM_FORMATS else None
+
+
+def gemm_rate_now(fmt: str, reps: int = 3) -> float:
+    """GEMM throughput (FLOP/s) of one number format now: its kernels built afresh (freed after), one warm-up call
+    each, then the fastest of `reps` calls of any (fp32 on a 2-core Zen 5: ~60 ms). Taken between timed calls for the
+    fine floor, as the read bandwidth for the decode floors: on that machine the start calibrations' int8 GEMM
+    ranged 685-1788 GFLOP/s over one run's jobs."""
+    best = float("inf")
+    for kernel in _gemm_kernels(fmt).values():
+        kernel()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - t0)
+    return gemm_flops(GEMM_SIZE, GEMM_SIZE, GEMM_SIZE) / best
+
+
 def measure(budget_s: float = 0.1) -> dict:
     """Read bandwidth (a sum and a GEMV over a 256 MiB fp32 tensor), copy bandwidth (bytes read + written) and GEMM
     throughput (1024^3) in fp32 (torch's and, where it runs, ONNX Runtime's), bf16 and dynamic int8 Linear, on
@@ -110,29 +156,17 @@ def measure(budget_s: float = 0.1) -> dict:
     read_s = {kernel: _best_seconds(read, budget_s) for kernel, read in _read_kernels(x).items()}
     copy_s = _best_seconds(lambda: y.copy_(x), budget_s)
     del x, y
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    b = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    # As the read, the fp32 GEMM's floor is the fastest kernel's: torch's, or MLAS's where ONNX Runtime runs (on a
+    # As the read, a format's GEMM floor is its fastest kernel's: fp32, torch's or MLAS's where ONNX Runtime runs (on a
     # 2-core Zen 5: 470 GFLOP/s against torch.mm's 220, where `finewin+ort`'s fine model ran at 0.8x a torch-only floor)
-    fp32_by_kernel = {"torch": _best_seconds(lambda: torch.mm(a, b), budget_s)}
-    if (mlas := _mlas_matmul(a, b)) is not None:
-        fp32_by_kernel["onnxruntime"] = _best_seconds(mlas, budget_s)
-    fp32_s = min(fp32_by_kernel.values())
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    bf16_s = _best_seconds(lambda: torch.mm(a16, b16), budget_s)
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    with warnings.catch_warnings():  # torch.ao's deprecation notice: the calibration measures what int8 runs today
-        warnings.simplefilter("ignore", UserWarning)
-        qlinear = DynamicLinear(GEMM_SIZE, GEMM_SIZE, dtype=torch.qint8)
-    int8_s = _best_seconds(lambda: qlinear(a), budget_s)
+    by_kernel = {fmt: {kernel: _best_seconds(call, budget_s) for kernel, call in _gemm_kernels(fmt).items()}
+                 for fmt in GEMM_FORMATS}
     flops = gemm_flops(GEMM_SIZE, GEMM_SIZE, GEMM_SIZE)
     return {
         "read_bandwidth_bytes_per_s": BANDWIDTH_BYTES / min(read_s.values()),
         "read_bandwidth_by_kernel": {kernel: BANDWIDTH_BYTES / s for kernel, s in read_s.items()},
         "copy_bandwidth_bytes_per_s": 2 * BANDWIDTH_BYTES / copy_s,
-        "gemm_flops_per_s": {"fp32": flops / fp32_s, "bf16": flops / bf16_s, "int8": flops / int8_s},
-        "gemm_fp32_by_kernel": {kernel: flops / s for kernel, s in fp32_by_kernel.items()},
+        "gemm_flops_per_s": {fmt: flops / min(seconds.values()) for fmt, seconds in by_kernel.items()},
+        "gemm_fp32_by_kernel": {kernel: flops / s for kernel, s in by_kernel["fp32"].items()},
         "seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(), "quantized_engine": torch.backends.quantized.engine,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

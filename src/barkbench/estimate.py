@@ -53,7 +53,8 @@ class Probe:
     wall_s: float = 0.0  # the probe's own cost
     calibration_s: float = 0.0  # of startup_s: the CPU calibration a measuring job runs first (a job that
     # records why its variant cannot run here skips it)
-    read_probe_s: float = 0.0  # CPU: one read of the bandwidth, made before the first timed call and after each
+    read_probe_s: float = 0.0  # CPU: one read of the bandwidth and of the fine format's GEMM (fp32, the baseline's),
+    # made before the first timed call and after each
 
     def call_at(self, batch_size: int, first: bool = False) -> float:
         return (self.first_call_s if first and self.first_call_s else self.call_s) * batch_size / self.batch_size
@@ -80,6 +81,7 @@ def measure_probe(req, start_only: bool = False) -> dict:
     if cal is not None:
         start = time.perf_counter()
         calibration.read_bandwidth_now(calibration.fastest_read_kernel(cal))
+        calibration.gemm_rate_now("fp32")
         read_probe_s = time.perf_counter() - start
     job = runner.job_time_limit(req.protocol.time_limit_s, time.time())
     result = runner.base_result(req, device, variant)
@@ -175,7 +177,7 @@ def run_seconds(variant: str, batch_size: int, probe: Probe, protocol: dict, tim
         return probe.startup_s + min(limit, probe.load_s + warmup)
     budget = min(timed_budget_s, protocol["budget_s"])
     timed = min(max(protocol["min_iterations"] * call, budget + call / 2), protocol["max_iterations"] * call)
-    timed += (timed / call + 1) * probe.read_probe_s  # the bandwidth read around the timed calls (CPU)
+    timed += (timed / call + 1) * probe.read_probe_s  # the bandwidth and GEMM reads around the timed calls (CPU)
     return probe.startup_s + min(limit, probe.load_s + warmup + timed)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .markdown import callout, fmt_num, fmt_pct, isnum, md_escape, to_pipe_table
+from .calibration import GEMM_FORMATS
 from .provenance import CPU_FEATURES  # the instruction-set extensions that decide the fastest CPU variant
 from .records import FAULT_BUDGET_SPENT
 from .study2023 import PUBLISHED_BASELINE, PUBLISHED_TO_OURS, STUDY
@@ -457,6 +458,12 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
         return (f"{fmt_num(r[col + '_median'], 0)} {unit} ({fmt_num(r[col + '_min'], 0)}–"
                 f"{fmt_num(r[col + '_max'], 0)})")
 
+    measured = [f"{fig(f'gemm_{fmt}_between_gflop_s', 'GFLOP/s')} {fmt}" for fmt in GEMM_FORMATS
+                if isnum(r.get(f"gemm_{fmt}_between_gflop_s_median"))]
+    between = ("; the fine stage's own format again before the first timed call and after each (the fine floors take "
+               f"each run's median of these; over the runs whose fine stage has it): {', '.join(measured)}"
+               if measured else "")
+
     return (f"Floors: semantic and coarse, what their decode steps must read ÷ read bandwidth: the weights once per "
             f"step (embedding tables excepted) and, per step, the keys and values of every position so far (the "
             f"prompt's and the tokens made; per batch row), against the decode steps' own time (each step from its "
@@ -470,7 +477,7 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
             f"{fig('read_bandwidth_gb_s', 'GB/s')} between the calls, {fig('read_bandwidth_start_gb_s', 'GB/s')} "
             f"before loading; GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "
             f"{fig('gemm_bf16_gflop_s', 'GFLOP/s')} bf16, {fig('gemm_int8_gflop_s', 'GFLOP/s')} int8 "
-            f"(dynamic int8 Linear). *Matmuls alone*: the weight matmuls of one decode step, each on one step's "
+            f"(dynamic int8 Linear) before loading{between}. *Matmuls alone*: the weight matmuls of one decode step, each on one step's "
             f"rows, back to back with the variant's own kernels and nothing between them (best of repeated passes, "
             f"measured in each run after loading), times the decode steps: between the floor and the decode time, "
             f"it tells the kernels' own cost on matrices this size (per-call work and thread hand-offs, which a "

@@ -161,7 +161,7 @@ class Stage(_Measure):
 @dataclass(kw_only=True)
 class Iterations(_Measure):
     """Per timed call: latency, seconds of audio, semantic tokens; per stage (None: stages not timed); on a CPU, the
-    read bandwidth around the calls."""
+    read bandwidth and the fine stage's GEMM throughput around the calls."""
 
     latency_s: list[float]
     audio_s: list[float]
@@ -169,6 +169,9 @@ class Iterations(_Measure):
     stages: dict[str, Stage] | None
     # CPU: the read bandwidth (bytes/s) before the first call and after each (calibration.read_bandwidth_now)
     read_bandwidth_bytes_per_s: list[float] | None = OMITTED
+    # CPU: the GEMM throughput (FLOP/s) of the fine stage's number format, as the read bandwidth
+    # (calibration.gemm_rate_now)
+    fine_gemm_flops_per_s: list[float] | None = OMITTED
 
     @classmethod
     def _typed(cls, values: dict) -> dict:

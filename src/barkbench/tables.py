@@ -231,13 +231,17 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
         row[f"stage_{st}_decode_cache_positions"] = (
             float(np.median(positions)) if positions and None not in positions else np.nan)
     # the machine's floor of each stage, from this run's own calibration and stage work (barkbench.calibration):
-    # semantic and coarse, of their decode steps, at the read bandwidth measured between the timed calls (the job's
-    # start calibration where a record has none)
+    # semantic and coarse, of their decode steps, at the read bandwidth measured between the timed calls, and fine at
+    # the GEMM throughput of its format measured there (the job's start calibration where a record has none)
     cal = rec.hardware.get("calibration")
     probes = _attr(it, "read_bandwidth_bytes_per_s", None)
     start_bandwidth = cal["read_bandwidth_bytes_per_s"] if cal else None
     if cal and probes:
         cal = {**cal, "read_bandwidth_bytes_per_s": float(np.median(probes))}
+    gemm_probes, fine_format = _attr(it, "fine_gemm_flops_per_s", None), calibration.fine_gemm_format(
+        rec.model.get("stage_work"))
+    if cal and gemm_probes and fine_format:
+        cal = {**cal, "gemm_flops_per_s": {**cal["gemm_flops_per_s"], fine_format: float(np.median(gemm_probes))}}
     floors = calibration.stage_floors(rec.model.get("stage_work"), cal, _floor_steps(row),
                                       {st: row[f"stage_{st}_decode_cache_positions"] for st in DECODING_STAGES},
                                       row["batch_size"])
@@ -252,8 +256,10 @@ def run_row(folder: str, path: Path, rec: RunResult, baseline: str) -> dict:
     row["cpu_isa_ceiling"] = rec.hardware.get("cpu_isa_ceiling") or ""  # barkbench.isa: this CPU run as an older one
     row["read_bandwidth_gb_s"] = cal["read_bandwidth_bytes_per_s"] / 1e9 if cal else np.nan  # the floors'
     row["read_bandwidth_start_gb_s"] = start_bandwidth / 1e9 if start_bandwidth else np.nan
-    for fmt in ("fp32", "bf16", "int8"):
-        row[f"gemm_{fmt}_gflop_s"] = cal["gemm_flops_per_s"][fmt] / 1e9 if cal else np.nan
+    for fmt in calibration.GEMM_FORMATS:  # before loading, and the fine floor's where this run's fine stage has it
+        row[f"gemm_{fmt}_gflop_s"] = rec.hardware["calibration"]["gemm_flops_per_s"][fmt] / 1e9 if cal else np.nan
+        row[f"gemm_{fmt}_between_gflop_s"] = (cal["gemm_flops_per_s"][fmt] / 1e9 if cal and gemm_probes
+                                              and fmt == fine_format else np.nan)
     row.update({
         "semantic_len_median": float(np.median(sem)) if sem else np.nan,
         "wav": str(path.parent / wav) if wav else None,
@@ -474,9 +480,11 @@ def absolute_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per hardware: median and range over its runs of the calibration each run measured (the floors' read bandwidth:
-    between the timed calls, each run's median; the rest before loading)."""
-    cols = ["read_bandwidth_gb_s", "read_bandwidth_start_gb_s"] + [f"gemm_{f}_gflop_s" for f in ("fp32", "bf16", "int8")]
+    """Per hardware: median and range over its runs of the calibration each run measured (the floors' read bandwidth,
+    and each format's GEMM over the runs whose fine stage has it: between the timed calls, each run's median; the
+    rest before loading)."""
+    cols = (["read_bandwidth_gb_s", "read_bandwidth_start_gb_s"]
+            + [f"gemm_{f}_{when}gflop_s" for f in calibration.GEMM_FORMATS for when in ("", "between_")])
     have = runs[runs[cols[0]].notna()] if cols[0] in runs else runs.iloc[0:0]
     rows = []
     for hw, g in have.groupby("hardware", sort=False):
