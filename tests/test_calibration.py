@@ -198,6 +198,10 @@ def test_the_gemm_probe_runs_the_formats_kernels():
     """The probe between timed calls times the fine format's own kernels (an unknown format is refused), and a run's
     fine format is the stage work's where a kernel here has it."""
     assert calibration.gemm_rate_now("int8", reps=1) > 0
+    assert calibration.gemm_rate_now("fp32", "torch", reps=1) > 0
+    cal = {"gemm_fp32_by_kernel": {"torch": 2e11, "onnxruntime": 4e11}}
+    assert calibration.fastest_gemm_kernel(cal, "fp32") == "onnxruntime"
+    assert calibration.fastest_gemm_kernel(cal, "int8") is None and calibration.fastest_gemm_kernel(None, "fp32") is None
     with pytest.raises(ValueError, match="no GEMM kernel for 'fp16'"):
         calibration.gemm_rate_now("fp16")
     assert calibration.fine_gemm_format(WORK) == "fp32" and calibration.fine_gemm_format(None) is None

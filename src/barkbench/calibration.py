@@ -129,17 +129,28 @@ def fine_gemm_format(work: dict | None) -> str | None:
     return fmt if fmt in GEMM_FORMATS else None
 
 
-def gemm_rate_now(fmt: str, reps: int = 3) -> float:
-    """GEMM throughput (FLOP/s) of one number format now: its kernels built afresh (freed after), one warm-up call
-    each, then the fastest of `reps` calls of any (fp32 on a 2-core Zen 5: ~60 ms). Taken between timed calls for the
-    fine floor, as the read bandwidth for the decode floors: on that machine the start calibrations' int8 GEMM
-    ranged 685-1788 GFLOP/s over one run's jobs."""
+def fastest_gemm_kernel(calibration: dict | None, fmt: str) -> str | None:
+    """The calibration's faster fp32 GEMM kernel (torch's or ONNX Runtime's); None for the other formats (one kernel
+    each) or without a calibration."""
+    by_kernel = (calibration or {}).get("gemm_fp32_by_kernel") if fmt == "fp32" else None
+    return max(by_kernel, key=by_kernel.get) if by_kernel else None
+
+
+def gemm_rate_now(fmt: str, kernel: str | None = None, reps: int = 3) -> float:
+    """GEMM throughput (FLOP/s) of one number format now: its kernels (`kernel`: that one only, as
+    `fastest_gemm_kernel` names it) built afresh and freed after, one warm-up call each, then the fastest of `reps`
+    calls (on a 2-core Zen 5: ~15 ms, fp32 by ONNX Runtime ~25). Taken between timed calls for the fine floor, as the
+    read bandwidth for the decode floors: on that machine the start calibrations' int8 GEMM ranged 685-1788 GFLOP/s
+    over one run's jobs."""
+    kernels = _gemm_kernels(fmt)
+    if kernel is not None:
+        kernels = {kernel: kernels[kernel]}
     best = float("inf")
-    for kernel in _gemm_kernels(fmt).values():
-        kernel()
+    for call in kernels.values():
+        call()
         for _ in range(reps):
             t0 = time.perf_counter()
-            kernel()
+            call()
             best = min(best, time.perf_counter() - t0)
     return gemm_flops(GEMM_SIZE, GEMM_SIZE, GEMM_SIZE) / best
 

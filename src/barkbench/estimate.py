@@ -81,7 +81,7 @@ def measure_probe(req, start_only: bool = False) -> dict:
     if cal is not None:
         start = time.perf_counter()
         calibration.read_bandwidth_now(calibration.fastest_read_kernel(cal))
-        calibration.gemm_rate_now("fp32")
+        calibration.gemm_rate_now("fp32", calibration.fastest_gemm_kernel(cal, "fp32"))
         read_probe_s = time.perf_counter() - start
     job = runner.job_time_limit(req.protocol.time_limit_s, time.time())
     result = runner.base_result(req, device, variant)

@@ -223,10 +223,10 @@ def stop_reason(proto: Protocol, latencies: list[float], job: Job, warmup_guess:
 
 def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device, clock: Clock,
                job: Job, warmup_guess: float | None = None, read_kernel: str | None = None,
-               gemm_format: str | None = None) -> Timed:
+               gemm: tuple[str, str | None] | None = None) -> Timed:
     """The timed calls, until stop_reason says so or the time limit fires (kept once min_iterations are done). With
-    `read_kernel` (CPU), the read bandwidth before the first call and after each, and with `gemm_format` the GEMM
-    throughput of that number format (the fine stage's), untimed and unsampled by the peak memory: the floors of the
+    `read_kernel` (CPU), the read bandwidth before the first call and after each, and with `gemm` (a number format, the
+    fine stage's, and its kernel) that GEMM's throughput, untimed and unsampled by the peak memory: the floors of the
     calls' time (barkbench.calibration)."""
     proto = req.protocol
     if device.type == "cuda":
@@ -240,15 +240,15 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
     counter = energy.counter_for(device)
     counting = compile_counters.counting() if variants.parse(req.variant).compiles else nullcontext()
     bandwidth: list[float] = []
-    gemm: list[float] = []
+    gemm_rates: list[float] = []
     with PeakRSS() as rss, counting as compiled, tqdm(total=proto.max_iterations, desc=label, file=sys.stderr) as bar:
 
         def probe():
             if read_kernel:
                 with rss.paused():
                     bandwidth.append(calibration.read_bandwidth_now(read_kernel))
-                    if gemm_format:
-                        gemm.append(calibration.gemm_rate_now(gemm_format))
+                    if gemm:
+                        gemm_rates.append(calibration.gemm_rate_now(*gemm))
 
         try:
             probe()
@@ -275,7 +275,7 @@ def timed_loop(req: RunRequest, loaded: Loaded, label: str, device: torch.device
     n = len(audio_s)
     return Timed(latencies[:n], audio_s, stages.as_dict(n) if stages else None, wav, stopped_by, rss,
                  energy.record(counter, joules[:n], proto.batch_size, audio_s), compiled,
-                 bandwidth[:n + 1] if read_kernel else None, gemm[:n + 1] if read_kernel and gemm_format else None)
+                 bandwidth[:n + 1] if read_kernel else None, gemm_rates[:n + 1] if read_kernel and gemm else None)
 
 
 def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant, device: torch.device, clock: Clock,
@@ -326,11 +326,11 @@ def measure(req: RunRequest, result: RunResult, variant: variants.Variant, devic
         # the last warm-up call predicts a timed one, except a compiled variant's only one (it compiled)
         guess = None if compiled and len(warmup_s) < 2 else warmup_s[-1]
         early = None if guess is None else cannot_pay_off_here(req, variant, device, guess)
-        cpu = device.type == "cpu"
+        cal = result.hardware.get("calibration") if device.type == "cpu" else None
+        fine_format = calibration.fine_gemm_format(result.model.get("stage_work")) if cal else None
         timed = Timed([], [], None, None, "too_slow", None, None, None) if early else timed_loop(
-            req, loaded, label, device, clock, job, guess,
-            calibration.fastest_read_kernel(result.hardware.get("calibration")) if cpu else None,
-            calibration.fine_gemm_format(result.model.get("stage_work")) if cpu else None)
+            req, loaded, label, device, clock, job, guess, calibration.fastest_read_kernel(cal),
+            (fine_format, calibration.fastest_gemm_kernel(cal, fine_format)) if fine_format else None)
     if timed.stopped_by == "too_slow":
         n, need = len(timed.latency_s), req.protocol.min_iterations
         per_call = float(np.median(timed.latency_s)) if n else warmup_s[-1]
