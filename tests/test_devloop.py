@@ -175,6 +175,19 @@ def test_natural_length_stops_and_pads_as_generate(loaded, min_eos_p, do_sample)
     assert tokens.shape == reference.shape and torch.equal(tokens, reference)
 
 
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_eos_masked_for_the_first_steps_ends_as_generate(loaded, do_sample):
+    # min_new_tokens masks EOS for the first steps only; with min_eos_p = 1e-4 every greedy row takes EOS at the first
+    # step it may: exactly where the mask ends
+    reference = _semantic(loaded["eager"], PROMPTS, do_sample, max_new_tokens=40, min_eos_p=1.0e-4, min_new_tokens=6)
+    assert not (reference[:, :6] == 10_000).any()  # (generate returns the new tokens only)
+    if not do_sample:
+        assert (reference[:, 6] == 10_000).all()
+    tokens = _semantic(loaded["sdpa+devloop"], PROMPTS, do_sample, max_new_tokens=40, min_eos_p=1.0e-4,
+                       min_new_tokens=6)
+    assert tokens.shape == reference.shape and torch.equal(tokens, reference)
+
+
 def test_an_unsupported_logits_processor_is_refused(loaded):
     with pytest.raises(NotImplementedError, match="RepetitionPenaltyLogitsProcessor"):
         _semantic(loaded["sdpa+devloop"], [PROMPTS[0]], False, max_new_tokens=4, repetition_penalty=1.3)
