@@ -48,17 +48,35 @@ def test_every_sub_model_matches_pytorch_to_fp32_rounding(eager, on_ort):
         assert rel <= variants.FLOAT_ROUNDING.logits_max_rel, (name, rel)
 
 
-def test_sub_models_run_on_onnx_runtime(on_ort):
-    """The forwards are ONNX Runtime's: with the PyTorch blocks broken, the outputs do not change."""
-    model = on_ort.model
-    ids = torch.randint(0, 10_000, (1, 7))
-    before = model.semantic(input_ids=ids).logits
-    saved = model.semantic.layers[0].mlp.in_proj.weight.data.clone()
-    model.semantic.layers[0].mlp.in_proj.weight.data.zero_()
-    try:
-        assert torch.equal(model.semantic(input_ids=ids).logits, before)
-    finally:
-        model.semantic.layers[0].mlp.in_proj.weight.data.copy_(saved)
+def test_holds_the_onnx_runtime_weights_only(eager, on_ort):
+    """The PyTorch weights each graph replaces are freed: on the meta device nothing computes, so the logits that
+    still come are ONNX Runtime's. The token embeddings stay. The record's weights count the sessions' instead, and a
+    decode step's bytes and matmuls alone are the graph's: the same weights as PyTorch's, by an independent count."""
+    from barkbench import calibration, models
+
+    model, fp32 = on_ort.model, eager.model
+    subs = {"semantic": (model.semantic, fp32.semantic), "coarse": (model.coarse_acoustics, fp32.coarse_acoustics),
+            "fine": (model.fine_acoustics, fp32.fine_acoustics)}
+    replaced = held = 0
+    for kind, (sub, kept) in subs.items():
+        assert all(t.is_meta for name in ort_runtime.REPLACED[kind] for t in getattr(sub, name).state_dict().values())
+        embeddings = sub.input_embeds_layers if kind == "fine" else sub.input_embeds_layer
+        assert not any(t.is_meta for t in embeddings.state_dict().values())
+        replaced += sum(models.weights_bytes(getattr(kept, name)) for name in ort_runtime.REPLACED[kind])
+        held += sub.runtime_weight_bytes
+        # the session holds the same fp32 parameters (the fine heads stacked into one), and a few constants
+        params = sum(p.numel() * p.element_size() for name in ort_runtime.REPLACED[kind]
+                     for p in getattr(kept, name).parameters())
+        assert abs(sub.runtime_weight_bytes - params) <= 0.01 * params, kind
+    logits = model.semantic(input_ids=torch.randint(0, 10_000, (1, 7))).logits
+    assert logits.shape[-1] == model.semantic.config.output_vocab_size and torch.isfinite(logits).all()
+    assert models.weights_bytes(model) == models.weights_bytes(fp32) - replaced + held
+    for kind in ("semantic", "coarse"):
+        sub, kept = subs[kind]
+        pytorch_read = calibration.bytes_read_per_step(kept)  # every parameter but the embedding tables
+        assert abs(calibration.bytes_read_per_step(sub) - pytorch_read) <= 0.001 * pytorch_read
+        alone = calibration.decode_matmuls_seconds(sub, rows=1, budget_s=0.01)
+        assert alone["matmuls"] == len(calibration.decode_matmuls(kept)) and alone["seconds"] > 0
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -71,9 +89,10 @@ def test_generate_gives_the_same_tokens(eager, on_ort, do_sample):
         assert torch.equal(got[stage], ref[stage]), stage
 
 
-def test_export_is_cached_per_weights(on_ort):
-    """A second export of the same weights reuses the cached file; one changed weight is a new export key."""
-    sub = on_ort.model.coarse_acoustics
+def test_export_is_cached_per_weights(eager, on_ort):
+    """A second export of the same weights reuses the cached file (the variant's, whose PyTorch weights it freed);
+    one changed weight is a new export key."""
+    sub = eager.model.coarse_acoustics
     path = ort_runtime.exported(sub, "coarse")
     stamp = path.stat().st_mtime_ns
     assert ort_runtime.exported(sub, "coarse") == path and path.stat().st_mtime_ns == stamp

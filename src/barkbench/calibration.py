@@ -203,8 +203,10 @@ def _linear_weight(module):
 
 def bytes_read_per_step(submodel) -> int:
     """Bytes of weights one decode step reads: every parameter and quantized weight except embedding tables
-    (a step reads one row of those); where another runtime runs the sub-model, the weights it holds."""
-    if (runtime := getattr(submodel, "runtime_weight_bytes", None)) is not None:
+    (a step reads one row of those); where another runtime runs the sub-model, those of its graph
+    (`runtime_read_bytes`, or all it holds)."""
+    runtime = getattr(submodel, "runtime_read_bytes", None) or getattr(submodel, "runtime_weight_bytes", None)
+    if runtime is not None:
         return int(runtime)
     total = 0
     for module in submodel.modules():

@@ -123,6 +123,19 @@ def weight_bytes(graph) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer))
 
 
+def weight_matmuls(graph) -> list:
+    """The graph's weight matmuls, with the input features of each: `MatMulNBits` (int8), and `MatMul` on a constant
+    2-D weight (fp32, `barkbench.ort_runtime`'s exported graphs). Attention's matmuls (two computed inputs) are not."""
+    initializers = {t.name: t for t in graph.graph.initializer}
+    out = []
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            out.append((n, next(a.i for a in n.attribute if a.name == "K")))
+        elif n.op_type == "MatMul" and len(getattr(initializers.get(n.input[1]), "dims", ())) == 2:
+            out.append((n, int(initializers[n.input[1]].dims[0])))
+    return out
+
+
 def session_options(threads: int):
     """`ort_runtime.session_options`, with the intra-op threads spinning within a run and stopped at its end: a decode
     step runs ~120 operators, each handed to the thread pool, and a sleeping worker is woken for each (bark-small's
@@ -320,30 +333,31 @@ class LayerKernels(dict):
 
 
 class MatmulsAlone:
-    """The graph's MatMulNBits nodes alone in one graph, each on an input of its own: one run is what a decode step's
-    matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`). Built when
-    timed and dropped after, so the timed calls' memory does not hold a second copy of the weights."""
+    """The graph's weight matmuls (`weight_matmuls`) alone in one graph, each on an input of its own: one run is what
+    a decode step's matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`).
+    Built when timed and dropped after, so the timed calls' memory does not hold a second copy of the weights.
+    `path`: the graph's file, read again when timed instead of kept (an fp32 graph holds every weight)."""
 
-    def __init__(self, graph, threads: int):
-        self.source, self.threads = graph, threads
-        self.count = sum(n.op_type == "MatMulNBits" for n in graph.graph.node)
+    def __init__(self, graph, threads: int, path=None):
+        self.source, self.path, self.threads = (None if path else graph), path, threads
+        self.count = len(weight_matmuls(graph))
 
     def step(self, rows: int):
         """One run of every matmul on `rows` random rows."""
+        import onnx
         from onnx import TensorProto as T
         from onnx import helper
 
+        source = self.source if self.source is not None else onnx.load(str(self.path))
         nodes, features = [], set()
-        for n in self.source.graph.node:
-            if n.op_type == "MatMulNBits":
-                k = next(a.i for a in n.attribute if a.name == "K")
-                features.add(k)
-                nodes.append(helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
-                                              domain=n.domain,
-                                              **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+        for n, k in weight_matmuls(source):
+            features.add(k)
+            nodes.append(helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
+                                          domain=n.domain,
+                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
         session = _session_of(nodes, [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in features],
                               [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
-                              self.source, self.threads)
+                              source, self.threads)
         feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) for k in features}
         return lambda: session.run(None, feeds)
 
@@ -356,11 +370,12 @@ def runs(sub) -> bool:
 REPLACED = ("layers", "layernorm_final", "lm_head")  # what the graph computes: the embeddings stay in PyTorch
 
 
-def release_replaced(sub) -> None:
-    """Free the PyTorch weights the graph replaces: nothing calls those modules any more, and kept they made the
+def release_replaced(sub, names=REPLACED) -> None:
+    """Free the PyTorch weights a graph replaces: nothing calls those modules any more, and kept they made the
     process hold bark-small's fp32 semantic and coarse weights (~0.6 GB) beside the int8 ones it reads. They stay on
-    the meta device: shapes without memory (the modules' structure still names the layers)."""
-    for name in REPLACED:
+    the meta device: shapes without memory (the modules' structure still names the layers, and the floors count
+    their sizes)."""
+    for name in names:
         getattr(sub, name).to("meta")
 
 

@@ -292,11 +292,42 @@ def fine_forward(model, runner):
     return forward
 
 
+# What each graph computes, freed from PyTorch once its session runs: all but the token embeddings, which stay (a gather)
+REPLACED = {"semantic": ("position_embeds_layer", "layers", "layernorm_final", "lm_head"),
+            "fine": ("position_embeds_layer", "layers", "layernorm_final", "lm_heads")}
+REPLACED["coarse"] = REPLACED["semantic"]
+
+
+def read_bytes(graph) -> int:
+    """Bytes of the graph's initializers a decode step reads: all but the tables it only gathers rows from (the
+    position embeddings: one row per token)."""
+    from onnx import numpy_helper
+
+    uses: dict[str, set] = {}
+    for n in graph.graph.node:
+        for i, name in enumerate(n.input):
+            uses.setdefault(name, set()).add("gathered" if n.op_type == "Gather" and i == 0 else n.op_type)
+    return int(sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer
+                   if uses.get(t.name) != {"gathered"}))
+
+
 def use_ort(model, threads: int) -> dict[str, Path]:
-    """Run the semantic, coarse and fine models' forward in ONNX Runtime; returns the ONNX file of each."""
+    """Run the semantic, coarse and fine models' forward in ONNX Runtime; returns the ONNX file of each. The PyTorch
+    weights each graph replaces are freed: kept, bark-small's process held its fp32 weights twice (peak memory
+    3.4-3.7 GB against eager's 2.3). The sub-models keep what the floors and records need: the weights their session
+    holds and a decode step reads, and their matmuls alone in this runtime."""
+    import onnx
+
+    from . import ort_int8
+
     files = {}
     for kind, sub, make in (("semantic", model.semantic, causal_forward), ("coarse", model.coarse_acoustics,
                             causal_forward), ("fine", model.fine_acoustics, fine_forward)):
         files[kind] = exported(sub, kind)
         sub.forward = make(sub, session(files[kind], threads))
+        graph = onnx.load(str(files[kind]))
+        sub.runtime_weight_bytes, sub.runtime_read_bytes = ort_int8.weight_bytes(graph), read_bytes(graph)
+        sub.matmuls_alone = ort_int8.MatmulsAlone(graph, threads, path=files[kind])
+        del graph
+        ort_int8.release_replaced(sub, REPLACED[kind])
     return files
