@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .markdown import callout, fmt_num, fmt_pct, isnum, md_escape, to_pipe_table
 from .calibration import GEMM_FORMATS
+from .markdown import callout, fmt_num, fmt_pct, isnum, md_escape, to_pipe_table
 from .provenance import CPU_FEATURES  # the instruction-set extensions that decide the fastest CPU variant
 from .records import FAULT_BUDGET_SPENT
 from .study2023 import PUBLISHED_BASELINE, PUBLISHED_TO_OURS, STUDY
@@ -477,8 +477,8 @@ def _calibration_md(calibration: pd.DataFrame | None, hw: str) -> str:
             f"{fig('read_bandwidth_gb_s', 'GB/s')} between the calls, {fig('read_bandwidth_start_gb_s', 'GB/s')} "
             f"before loading; GEMM {fig('gemm_fp32_gflop_s', 'GFLOP/s')} fp32, "
             f"{fig('gemm_bf16_gflop_s', 'GFLOP/s')} bf16, {fig('gemm_int8_gflop_s', 'GFLOP/s')} int8 "
-            f"(dynamic int8 Linear) before loading{between}. *Matmuls alone*: the weight matmuls of one decode step, each on one step's "
-            f"rows, back to back with the variant's own kernels and nothing between them (best of repeated passes, "
+            f"(dynamic int8 Linear) before loading{between}. *Matmuls alone*: the weight matmuls of one decode step, "
+            f"each on one step's rows, back to back with the variant's own kernels and nothing between them (best of repeated passes, "
             f"measured in each run after loading), times the decode steps: between the floor and the decode time, "
             f"it tells the kernels' own cost on matrices this size (per-call work and thread hand-offs, which a "
             f"single large GEMV does not pay) from everything else in a step (attention, norms, logits processing, "

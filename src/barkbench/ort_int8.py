@@ -26,6 +26,8 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .ort_runtime import MatmulsAlone, release_replaced, session_of, weight_bytes
+
 BLOCK = 128  # MatMulNBits block along the input dimension (the quantizer pads a shorter input to one block)
 ACCURACY_LEVEL = 4  # int8 activations per block, int8 dot products (MLAS)
 OPSET = 18
@@ -114,26 +116,6 @@ def quantized_graph(model):
     # A copy of what it holds: the quantizer's message keeps the memory of the fp32 weights it removed (bark-small's
     # semantic graph: 466 MB of process memory for 91 MB of initializers, against 91 MB for the copy)
     return onnx.load_from_string(quantized.SerializeToString())
-
-
-def weight_bytes(graph) -> int:
-    """Bytes of the graph's initializers: what one decode step reads besides the cache (no embedding tables here)."""
-    from onnx import numpy_helper
-
-    return int(sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer))
-
-
-def weight_matmuls(graph) -> list:
-    """The graph's weight matmuls, with the input features of each: `MatMulNBits` (int8), and `MatMul` on a constant
-    2-D weight (fp32, `barkbench.ort_runtime`'s exported graphs). Attention's matmuls (two computed inputs) are not."""
-    initializers = {t.name: t for t in graph.graph.initializer}
-    out = []
-    for n in graph.graph.node:
-        if n.op_type == "MatMulNBits":
-            out.append((n, next(a.i for a in n.attribute if a.name == "K")))
-        elif n.op_type == "MatMul" and len(getattr(initializers.get(n.input[1]), "dims", ())) == 2:
-            out.append((n, int(initializers[n.input[1]].dims[0])))
-    return out
 
 
 def session_options(threads: int):
@@ -292,19 +274,6 @@ def causal_forward(model, decoder: Decoder):
     return forward
 
 
-def _session_of(nodes, inputs, outputs, graph, threads: int):
-    """A session that runs `nodes` of `graph` alone (with the initializers they read); nothing of it is kept."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    used = {name for n in nodes for name in n.input}
-    body = helper.make_graph(nodes, "kernels", inputs, outputs, [t for t in graph.graph.initializer if t.name in used])
-    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
-                                                   helper.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                providers=["CPUExecutionProvider"])
-
-
 class LayerKernels(dict):
     """Each int8 layer of a graph as ONNX Runtime computes it (its MatMulNBits node, weights and scales, alone in a
     session built on first use; the module's bias added after, as the graph adds it): module name -> kernel on an
@@ -319,7 +288,7 @@ class LayerKernels(dict):
             if node.op_type == "MatMulNBits":  # its output keeps the MatMul's name (the quantizer renames the node)
                 name = node.output[0].removesuffix(".mm")
                 session = functools.cache(functools.partial(
-                    _session_of, [node], [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
+                    session_of, [node], [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
                     [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], graph, threads))
                 bias = sub.get_submodule(name).bias
                 bias = None if bias is None else bias.detach().float().clone()  # the module's weights are freed
@@ -332,51 +301,12 @@ class LayerKernels(dict):
         return out if bias is None else out + bias
 
 
-class MatmulsAlone:
-    """The graph's weight matmuls (`weight_matmuls`) alone in one graph, each on an input of its own: one run is what
-    a decode step's matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`).
-    Built when timed and dropped after, so the timed calls' memory does not hold a second copy of the weights.
-    `path`: the graph's file, read again when timed instead of kept (an fp32 graph holds every weight)."""
-
-    def __init__(self, graph, threads: int, path=None):
-        self.source, self.path, self.threads = (None if path else graph), path, threads
-        self.count = len(weight_matmuls(graph))
-
-    def step(self, rows: int):
-        """One run of every matmul on `rows` random rows."""
-        import onnx
-        from onnx import TensorProto as T
-        from onnx import helper
-
-        source = self.source if self.source is not None else onnx.load(str(self.path))
-        nodes, features = [], set()
-        for n, k in weight_matmuls(source):
-            features.add(k)
-            nodes.append(helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
-                                          domain=n.domain,
-                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
-        session = _session_of(nodes, [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in features],
-                              [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
-                              source, self.threads)
-        feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) for k in features}
-        return lambda: session.run(None, feeds)
-
-
 def runs(sub) -> bool:
     """Whether `sub`'s forward runs on an int8 graph of this module."""
     return "int8_graph" in vars(sub)
 
 
 REPLACED = ("layers", "layernorm_final", "lm_head")  # what the graph computes: the embeddings stay in PyTorch
-
-
-def release_replaced(sub, names=REPLACED) -> None:
-    """Free the PyTorch weights a graph replaces: nothing calls those modules any more, and kept they made the
-    process hold bark-small's fp32 semantic and coarse weights (~0.6 GB) beside the int8 ones it reads. They stay on
-    the meta device: shapes without memory (the modules' structure still names the layers, and the floors count
-    their sizes)."""
-    for name in names:
-        getattr(sub, name).to("meta")
 
 
 def install(sub, graph, threads: int) -> int:
@@ -394,7 +324,7 @@ def install(sub, graph, threads: int) -> int:
     # 2-core Zen 5 (faster in 12 of 12 alternating calls; the same tokens), where torch.ao's int8 forward got slower
     # (5.59 -> 5.64 ms, 1 of 12): its OpenMP threads want both cores, the session's memory-bound run leaves room
     sub.draws_beside_forward = True
-    release_replaced(sub)
+    release_replaced(sub, REPLACED)
     return sub.runtime_weight_bytes
 
 

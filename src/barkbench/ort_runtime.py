@@ -29,6 +29,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -48,14 +49,12 @@ def unavailable_reason() -> str | None:
 @functools.cache
 def _runtime_problem() -> str | None:
     try:
-        import numpy as np
         import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
         import onnxruntime as ort
         import onnxscript  # noqa: F401
 
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "not applicable here: ONNX Runtime has no CPU execution provider"
-        del np
     except Exception as exc:
         return f"not applicable here: ONNX Runtime or the ONNX exporter is not usable ({type(exc).__name__}: {exc})"[:300]
     return None
@@ -318,16 +317,88 @@ def use_ort(model, threads: int) -> dict[str, Path]:
     holds and a decode step reads, and their matmuls alone in this runtime."""
     import onnx
 
-    from . import ort_int8
-
     files = {}
     for kind, sub, make in (("semantic", model.semantic, causal_forward), ("coarse", model.coarse_acoustics,
                             causal_forward), ("fine", model.fine_acoustics, fine_forward)):
         files[kind] = exported(sub, kind)
         sub.forward = make(sub, session(files[kind], threads))
         graph = onnx.load(str(files[kind]))
-        sub.runtime_weight_bytes, sub.runtime_read_bytes = ort_int8.weight_bytes(graph), read_bytes(graph)
-        sub.matmuls_alone = ort_int8.MatmulsAlone(graph, threads, path=files[kind])
+        sub.runtime_weight_bytes, sub.runtime_read_bytes = weight_bytes(graph), read_bytes(graph)
+        sub.matmuls_alone = MatmulsAlone(graph, threads, path=files[kind])
         del graph
-        ort_int8.release_replaced(sub, REPLACED[kind])
+        release_replaced(sub, REPLACED[kind])
     return files
+
+
+# --- what the floors and records ask of a graph (`ort` and `ortint8`) ---------------------------------------------
+
+def weight_bytes(graph) -> int:
+    """Bytes of the graph's initializers (what its session holds)."""
+    from onnx import numpy_helper
+
+    return int(sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer))
+
+
+def weight_matmuls(graph) -> list:
+    """The graph's weight matmuls, with the input features of each: `MatMulNBits` (int8), and `MatMul` on a constant
+    2-D weight (fp32, the exported graphs of `use_ort`). Attention's matmuls (two computed inputs) are not."""
+    initializers = {t.name: t for t in graph.graph.initializer}
+    out = []
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            out.append((n, next(a.i for a in n.attribute if a.name == "K")))
+        elif n.op_type == "MatMul" and len(getattr(initializers.get(n.input[1]), "dims", ())) == 2:
+            out.append((n, int(initializers[n.input[1]].dims[0])))
+    return out
+
+
+def release_replaced(sub, names) -> None:
+    """Free the PyTorch modules `names` of `sub` whose weights a graph holds: nothing calls them any more, and kept
+    they made the process hold its weights twice (`ortint8`: bark-small's fp32 semantic and coarse weights, ~0.6 GB,
+    beside the int8 ones it reads). They stay on the meta device: shapes without memory (the modules' structure
+    still names the layers, and the floors count their sizes)."""
+    for name in names:
+        getattr(sub, name).to("meta")
+
+
+def session_of(nodes, inputs, outputs, graph, threads: int):
+    """A session that runs `nodes` of `graph` alone (with the initializers they read; intra-op threads spinning within
+    its runs, as `ort_int8`'s); nothing of it is kept."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    used = {name for n in nodes for name in n.input}
+    body = helper.make_graph(nodes, "kernels", inputs, outputs, [t for t in graph.graph.initializer if t.name in used])
+    model = helper.make_model(body, opset_imports=list(graph.opset_import))
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads, spin_within_runs=True),
+                                providers=["CPUExecutionProvider"])
+
+
+class MatmulsAlone:
+    """The graph's weight matmuls (`weight_matmuls`) alone in one graph, each on an input of its own: one run is what
+    a decode step's matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`,
+    for `ort` and `ortint8`). Built when timed and dropped after, so the timed calls' memory does not hold a second copy of the weights.
+    `path`: the graph's file, read again when timed instead of kept (an fp32 graph holds every weight)."""
+
+    def __init__(self, graph, threads: int, path=None):
+        self.source, self.path, self.threads = (None if path else graph), path, threads
+        self.count = len(weight_matmuls(graph))
+
+    def step(self, rows: int):
+        """One run of every matmul on `rows` random rows."""
+        import onnx
+        from onnx import TensorProto as T
+        from onnx import helper
+
+        source = self.source if self.source is not None else onnx.load(str(self.path))
+        nodes, features = [], set()
+        for n, k in weight_matmuls(source):
+            features.add(k)
+            nodes.append(helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], list(n.output), name=n.name,
+                                          domain=n.domain,
+                                          **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+        session = session_of(nodes, [helper.make_tensor_value_info(f"x{k}", T.FLOAT, ["rows", k]) for k in features],
+                              [helper.make_tensor_value_info(n.output[0], T.FLOAT, None) for n in nodes],
+                              source, self.threads)
+        feeds = {f"x{k}": np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) for k in features}
+        return lambda: session.run(None, feeds)

@@ -115,7 +115,7 @@ class Timed:
     energy: dict | None = None  # energy.record
     compiled: dict | None = None  # compile_counters.counting of the timed calls (compiled variants)
     read_bandwidth: list[float] | None = None  # before the first call and after each (CPU)
-    gemm: list[float] | None = None  # the fine stage's format's GEMM throughput, as read_bandwidth
+    fine_gemm: list[float] | None = None  # the GEMM throughput of the fine stage's format, as read_bandwidth
 
 
 def load_model(req: RunRequest, result: RunResult, variant: variants.Variant, device: torch.device, job: Job) -> Loaded:
@@ -299,7 +299,7 @@ def summarize_run(result: RunResult, req: RunRequest, variant: variants.Variant,
                                    semantic_tokens=timed.stages["semantic"]["tokens"] if timed.stages else [],
                                    stages={k: Stage(**v) for k, v in timed.stages.items()} if timed.stages else None,
                                    read_bandwidth_bytes_per_s=timed.read_bandwidth,
-                                   fine_gemm_flops_per_s=timed.gemm)
+                                   fine_gemm_flops_per_s=timed.fine_gemm)
     result.summary = Summary(latency_s=Latency.from_values(latencies))
     cuda = device.type == "cuda"
     result.memory = Memory(peak_rss_bytes=int(timed.peak_rss.peak), peak_anon_rss_bytes=timed.peak_rss.peak_anon,
