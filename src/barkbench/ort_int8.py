@@ -14,7 +14,8 @@ cache, with the same int8 weights). Padded keys (left-padded batches) are masked
 `BarkModel.generate` keeps its loops (prompts, windows, logits processing, sampling); only the sub-models' forward
 changes. The token and position embeddings stay in PyTorch (gathers). `generate`'s cache then only counts positions
 (one value per position): the keys and values live in the buffers, which a call without a past starts again.
-The number format is simulated by `references.int8_block` (the fidelity check's reference).
+Under the device-side loop, the steps after the prompt skip the module forward (`Decoder.step_forward`) and the
+buffers alone count their positions. The number format is simulated by `references.int8_block` (the fidelity check's reference).
 """
 from __future__ import annotations
 
