@@ -202,3 +202,11 @@ def test_torchao_int8_weights_count_as_int8():
     before = models.weights_bytes(linear)
     torchao.quantize_(linear, torchao.Int8WeightOnlyConfig())
     assert models.weights_bytes(linear) < 0.6 * before
+
+
+def test_tied_weights_count_once():
+    """A tensor two modules share (Bark's fine heads and embeddings) is held once, and counted once."""
+    untied = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    tied = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    tied[1].weight = tied[0].weight
+    assert models.weights_bytes(tied) == models.weights_bytes(untied) // 2

@@ -254,12 +254,13 @@ def tensor_bytes(tensor) -> int:
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers (quantized packed weights included via state_dict), and the weights
-    another runtime holds for a sub-model it runs (`runtime_weight_bytes`, barkbench.ort_int8)."""
+    """Bytes held by parameters and buffers (quantized packed weights included via state_dict), each tensor once (Bark's
+    fine heads are tied to its embeddings: 23 MB of bark-small's, counted twice by a plain sum), and the weights
+    another runtime holds for a sub-model it runs (`runtime_weight_bytes`, barkbench.ort_int8, barkbench.ort_runtime)."""
     total = sum(int(getattr(module, "runtime_weight_bytes", 0)) for module in model.modules())
-    for value in model.state_dict().values():
-        if isinstance(value, torch.Tensor):
-            total += tensor_bytes(value)
+    held = {id(value): value for value in model.state_dict(keep_vars=True).values() if isinstance(value, torch.Tensor)}
+    for value in held.values():
+        total += tensor_bytes(value)
     for module in model.modules():  # torch.ao dynamic quantized Linear keeps its int8 weight packed
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(packed, "_weight_bias"):
