@@ -108,15 +108,15 @@ def test_export_is_cached_per_weights(eager, on_ort):
     path = ort_runtime.exported(sub, "coarse")
     stamp = path.stat().st_mtime_ns
     assert ort_runtime.exported(sub, "coarse") == path and path.stat().st_mtime_ns == stamp
-    key = ort_runtime._fingerprint(sub, "coarse")
+    key = ort_runtime.fingerprint(sub, "coarse")
     weight = sub.layers[1].attn.out_proj.weight.data
     saved = weight[0, 0].item()
     weight[0, 0] += 1.0
     try:
-        assert ort_runtime._fingerprint(sub, "coarse") != key
+        assert ort_runtime.fingerprint(sub, "coarse") != key
     finally:
         weight[0, 0] = saved
-    assert ort_runtime._fingerprint(sub, "coarse") == key
+    assert ort_runtime.fingerprint(sub, "coarse") == key
 
 
 def _protocol() -> Protocol:

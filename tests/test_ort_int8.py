@@ -188,3 +188,45 @@ def test_holds_the_int8_weights_only(tiny_checkpoint):
     assert held > 0
     assert models.weights_bytes(model) == models.weights_bytes(fp32) - replaced + held
     assert models.parameter_count(model) == models.parameter_count(fp32)  # the same weights, in another format
+
+
+def _graphs_held() -> int:
+    import gc
+
+    import onnx
+
+    gc.collect()
+    return sum(isinstance(o, onnx.ModelProto) for o in gc.get_objects())
+
+
+def test_holds_no_graph_beside_its_sessions(tiny_checkpoint):
+    """The process holds each graph's weights once, in its session: the graph's message (as large as its weights) is
+    not kept beside it, where it counted in the run's peak memory. The layers' kernels still run (they read the file
+    again on first use)."""
+    before = _graphs_held()
+    model = load_variant("finewin+ortint8").model
+    assert _graphs_held() == before
+    for sub in (model.semantic, model.coarse_acoustics):
+        name, kernel = next(iter(sub.layer_kernels.items()))
+        x = torch.randn(2, sub.get_submodule(name).in_features)
+        assert kernel(x).shape == (2, sub.get_submodule(name).out_features)
+
+
+def test_the_quantized_graph_is_cached_per_weights(tiny_checkpoint, monkeypatch):
+    """A second process with the same weights loads the quantized file instead of quantizing again; one changed
+    weight is a new file."""
+    sub = load_variant("finewin").model.coarse_acoustics
+    path = ort_int8.quantized_file(sub, "coarse")
+    stamp = path.stat().st_mtime_ns
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    def refuse(self):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(MatMulNBitsQuantizer, "process", refuse)
+    assert ort_int8.quantized_file(sub, "coarse") == path and path.stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        sub.layers[0].mlp.in_proj.weight[0, 0] += 1.0
+    with pytest.raises(AssertionError, match="quantized again"):
+        ort_int8.quantized_file(sub, "coarse")

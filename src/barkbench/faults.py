@@ -138,7 +138,7 @@ def ortint8_scale_off(model) -> None:
     from . import ort_int8
 
     sub = model.coarse_acoustics
-    graph = copy.deepcopy(sub.int8_graph)
+    graph = copy.deepcopy(ort_int8.load_graph(sub.int8_graph_source))  # the variant's file is left as it is
     scales = next(t for t in graph.graph.initializer if t.name == "layers.0.mlp.in_proj.weight_t_scales")
     scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * 1.02, scales.name))
     ort_int8.install(sub, graph, torch.get_num_threads())

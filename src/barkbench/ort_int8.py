@@ -2,7 +2,8 @@
 decode step (read the int8 weights and the keys and values so far once, nothing else), with ONNX Runtime's own
 operators.
 
-Each sub-model becomes one graph, built from its weights with `onnx.helper`: layer norms, the Linear layers as
+Each sub-model becomes one graph, built from its weights with `onnx.helper` (quantized once per weights into the
+barkbench cache, `quantized_file`): layer norms, the Linear layers as
 `MatMulNBits` (int8 weights in blocks of 128 along the input, symmetric, quantized by ONNX Runtime's own
 `MatMulNBitsQuantizer`; accuracy level 4: activations quantized to int8 per block and int8 dot products), exact GELU,
 and attention as `GroupQueryAttention` (as many key and value heads as query heads) over a key/value buffer per layer
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .ort_runtime import MatmulsAlone, release_replaced, session_of, weight_bytes
+from .ort_runtime import MatmulsAlone, fingerprint, release_replaced, session_of, weight_bytes
 
 BLOCK = 128  # MatMulNBits block along the input dimension (the quantizer pads a shorter input to one block)
 ACCURACY_LEVEL = 4  # int8 activations per block, int8 dot products (MLAS)
@@ -119,6 +121,33 @@ def quantized_graph(model):
     return onnx.load_from_string(quantized.SerializeToString())
 
 
+def quantized_file(model, kind: str) -> Path:
+    """`quantized_graph` of a Bark causal model (`kind`: semantic or coarse), written into the barkbench cache the first
+    time these weights are seen (atomically). The processes that run it load the file: none quantizes again (bark-small:
+    ~10 s for the semantic model, ~2 s for the coarse), none holds the graph's message beside its session."""
+    import onnx
+
+    from .cache import build_dir, cache_dir
+
+    key = fingerprint(model, kind, code=(graph, quantized_graph), packages=("onnx", "onnxruntime", "transformers"),
+                      settings=f"opset {OPSET} block {BLOCK} accuracy {ACCURACY_LEVEL}")
+    target = cache_dir() / "onnx-int8" / f"{kind}-{key}"
+
+    def build(staged: Path) -> None:
+        staged.mkdir(parents=True)
+        onnx.save(quantized_graph(model), str(staged / "model.onnx"))
+
+    build_dir(target, build, complete="model.onnx")
+    return target / "model.onnx"
+
+
+def load_graph(source):
+    """A graph (`onnx.ModelProto`) from itself or its file."""
+    import onnx
+
+    return onnx.load(str(source)) if isinstance(source, (str, Path)) else source
+
+
 def session_options(threads: int):
     """`ort_runtime.session_options`, with the intra-op threads spinning within a run and stopped at its end: a decode
     step runs ~120 operators, each handed to the thread pool, and a sleeping worker is woken for each (bark-small's
@@ -130,13 +159,14 @@ def session_options(threads: int):
 
 
 class Decoder:
-    """One sub-model's session and its in-place key/value buffers (one per layer and kind, for one batch)."""
+    """One sub-model's session and its in-place key/value buffers (one per layer and kind, for one batch). `graph`: the
+    graph or its file."""
 
     def __init__(self, model, graph, threads: int):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(graph.SerializeToString(), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        source = str(graph) if isinstance(graph, (str, Path)) else graph.SerializeToString()
+        self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         cfg = model.config
         self.layers, self.heads, self.head_dim = len(model.layers), cfg.num_heads, cfg.hidden_size // cfg.num_heads
         self.capacity = int(cfg.block_size)  # the position embeddings' length: no sequence is longer
@@ -278,19 +308,23 @@ def causal_forward(model, decoder: Decoder):
 class LayerKernels(dict):
     """Each int8 layer of a graph as ONNX Runtime computes it (its MatMulNBits node, weights and scales, alone in a
     session built on first use; the module's bias added after, as the graph adds it): module name -> kernel on an
-    input. The fidelity check's per-layer check reads them, since no PyTorch layer of the sub-model runs."""
+    input. The fidelity check's per-layer check reads them, since no PyTorch layer of the sub-model runs. `source`:
+    the graph or its file, read again on a kernel's first use (a timed process never uses them)."""
 
-    def __init__(self, sub, graph, threads: int):
+    def __init__(self, sub, graph, source, threads: int):
+        import onnx
         from onnx import TensorProto as T
         from onnx import helper
 
         super().__init__()
+        read = functools.cache(functools.partial(load_graph, source))
         for node in graph.graph.node:
             if node.op_type == "MatMulNBits":  # its output keeps the MatMul's name (the quantizer renames the node)
                 name = node.output[0].removesuffix(".mm")
-                session = functools.cache(functools.partial(
-                    session_of, [node], [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
-                    [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], graph, threads))
+                node = onnx.NodeProto.FromString(node.SerializeToString())  # a reference would keep the whole graph
+                session = functools.cache(lambda node=node: session_of(
+                    [node], [helper.make_tensor_value_info(node.input[0], T.FLOAT, None)],
+                    [helper.make_tensor_value_info(node.output[0], T.FLOAT, None)], read(), threads))
                 bias = sub.get_submodule(name).bias
                 bias = None if bias is None else bias.detach().float().clone()  # the module's weights are freed
                 self[name] = functools.partial(self._run, bias, node, session)
@@ -304,20 +338,24 @@ class LayerKernels(dict):
 
 def runs(sub) -> bool:
     """Whether `sub`'s forward runs on an int8 graph of this module."""
-    return "int8_graph" in vars(sub)
+    return "int8_graph_source" in vars(sub)
 
 
 REPLACED = ("layers", "layernorm_final", "lm_head")  # what the graph computes: the embeddings stay in PyTorch
 
 
-def install(sub, graph, threads: int) -> int:
-    """Run `sub`'s forward on `graph` (quantized); returns its weight bytes (what a decode step reads besides the
-    cache), kept on the sub-model for the floor and the record's weights with the graph and its layers' kernels."""
-    sub.int8_graph = graph
+def install(sub, source, threads: int) -> int:
+    """Run `sub`'s forward on a quantized graph (`source`: the graph or, as the variant installs it, its file: the
+    process then holds the session's weights only); returns its weight bytes (what a decode step reads besides the
+    cache), kept on the sub-model for the floor and the record's weights with its layers' kernels."""
+    graph = load_graph(source)
+    sub.int8_graph_source = source
     sub.runtime_weight_bytes = weight_bytes(graph)
-    sub.layer_kernels = LayerKernels(sub, graph, threads)
-    sub.matmuls_alone = MatmulsAlone(graph, threads)
-    decoder = Decoder(sub, graph, threads)
+    sub.layer_kernels = LayerKernels(sub, graph, source, threads)
+    file = source if isinstance(source, (str, Path)) else None
+    sub.matmuls_alone = MatmulsAlone(graph, threads, path=file)
+    decoder = Decoder(sub, source, threads)
+    del graph
     sub.forward = causal_forward(sub, decoder)
     sub.keeps_keys_values = True  # the generate cache only counts positions (barkbench.device_decode reads this)
     sub.step_forward = functools.partial(decoder.step_forward, sub, sub.forward)  # the device-side loop's steps
@@ -331,5 +369,5 @@ def install(sub, graph, threads: int) -> int:
 
 def use_ort_int8(model, threads: int) -> dict[str, int]:
     """Run the semantic and coarse models' forward as int8 ONNX Runtime graphs; returns the weight bytes of each."""
-    return {kind: install(sub, quantized_graph(sub), threads)
+    return {kind: install(sub, quantized_file(sub, kind), threads)
             for kind, sub in (("semantic", model.semantic), ("coarse", model.coarse_acoustics))}

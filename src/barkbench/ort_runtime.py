@@ -129,14 +129,16 @@ class FineGraph(nn.Module):
 EXPORT_OPSET = 18
 
 
-def _fingerprint(module: nn.Module, kind: str) -> str:
-    """What an exported graph depends on: its weights and config, the graph code and the exporter's versions."""
+def fingerprint(module: nn.Module, kind: str, code=None, packages=("torch", "onnx", "onnxscript", "transformers"),
+                 settings: str = f"opset {EXPORT_OPSET}") -> str:
+    """What a graph built from `module` depends on: its weights and config, the code that builds it (`code`; by
+    default this module's export) and settings, and the versions of `packages`."""
     import importlib.metadata as md
 
-    h = hashlib.sha256(f"opset {EXPORT_OPSET}".encode())
-    for code in (_attention, _block, CausalGraph, FineGraph, _example_inputs):  # what the graph is made of
-        h.update(inspect.getsource(code).encode())
-    for package in ("torch", "onnx", "onnxscript", "transformers"):
+    h = hashlib.sha256(settings.encode())
+    for part in code or (_attention, _block, CausalGraph, FineGraph, _example_inputs):  # what the graph is made of
+        h.update(inspect.getsource(part).encode())
+    for package in packages:
         h.update(f"{package}={md.version(package)}".encode())
     h.update(f"{kind}:{module.config.to_json_string()}".encode())
     for name, tensor in sorted(module.state_dict().items()):
@@ -165,7 +167,7 @@ def exported(module: nn.Module, kind: str) -> Path:
     first time these weights are seen (atomically: a half-written export is never used)."""
     from .cache import build_dir, cache_dir
 
-    target = cache_dir() / "onnx" / f"{kind}-{_fingerprint(module, kind)}"
+    target = cache_dir() / "onnx" / f"{kind}-{fingerprint(module, kind)}"
     graph = (FineGraph if kind == "fine" else CausalGraph)(module).eval()
 
     def build(staged: Path) -> None:
