@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .ort_runtime import MatmulsAlone, fingerprint, release_replaced, session_of, weight_bytes
+from .ort_runtime import MatmulsAlone, fingerprint, load_graph, release_replaced, session_of, weight_bytes
 
 BLOCK = 128  # MatMulNBits block along the input dimension (the quantizer pads a shorter input to one block)
 ACCURACY_LEVEL = 4  # int8 activations per block, int8 dot products (MLAS)
@@ -139,13 +139,6 @@ def quantized_file(model, kind: str) -> Path:
 
     build_dir(target, build, complete="model.onnx")
     return target / "model.onnx"
-
-
-def load_graph(source):
-    """A graph (`onnx.ModelProto`) from itself or its file."""
-    import onnx
-
-    return onnx.load(str(source)) if isinstance(source, (str, Path)) else source
 
 
 def session_options(threads: int):
@@ -352,8 +345,7 @@ def install(sub, source, threads: int) -> int:
     sub.int8_graph_source = source
     sub.runtime_weight_bytes = weight_bytes(graph)
     sub.layer_kernels = LayerKernels(sub, graph, source, threads)
-    file = source if isinstance(source, (str, Path)) else None
-    sub.matmuls_alone = MatmulsAlone(graph, threads, path=file)
+    sub.matmuls_alone = MatmulsAlone(graph, threads, source=source)
     decoder = Decoder(sub, source, threads)
     del graph
     sub.forward = causal_forward(sub, decoder)

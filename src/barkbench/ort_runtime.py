@@ -326,13 +326,20 @@ def use_ort(model, threads: int) -> dict[str, Path]:
         sub.forward = make(sub, session(files[kind], threads))
         graph = onnx.load(str(files[kind]))
         sub.runtime_weight_bytes, sub.runtime_read_bytes = weight_bytes(graph), read_bytes(graph)
-        sub.matmuls_alone = MatmulsAlone(graph, threads, path=files[kind])
+        sub.matmuls_alone = MatmulsAlone(graph, threads, source=files[kind])
         del graph
         release_replaced(sub, REPLACED[kind])
     return files
 
 
 # --- what the floors and records ask of a graph (`ort` and `ortint8`) ---------------------------------------------
+
+def load_graph(source):
+    """A graph (`onnx.ModelProto`) from itself or its file."""
+    import onnx
+
+    return onnx.load(str(source)) if isinstance(source, (str, Path)) else source
+
 
 def weight_bytes(graph) -> int:
     """Bytes of the graph's initializers (what its session holds)."""
@@ -380,19 +387,19 @@ class MatmulsAlone:
     """The graph's weight matmuls (`weight_matmuls`) alone in one graph, each on an input of its own: one run is what
     a decode step's matmuls cost in this runtime, without the ops between them (`calibration.decode_matmuls_seconds`,
     for `ort` and `ortint8`). Built when timed and dropped after, so the timed calls' memory does not hold a second copy of the weights.
-    `path`: the graph's file, read again when timed instead of kept (an fp32 graph holds every weight)."""
+    `source`: the graph or its file (`load_graph`); a file is read again when timed instead of kept (an fp32 graph
+    holds every weight)."""
 
-    def __init__(self, graph, threads: int, path=None):
-        self.source, self.path, self.threads = (None if path else graph), path, threads
+    def __init__(self, graph, threads: int, source=None):
+        self.source, self.threads = (graph if source is None else source), threads
         self.count = len(weight_matmuls(graph))
 
     def step(self, rows: int):
         """One run of every matmul on `rows` random rows."""
-        import onnx
         from onnx import TensorProto as T
         from onnx import helper
 
-        source = self.source if self.source is not None else onnx.load(str(self.path))
+        source = load_graph(self.source)
         nodes, features = [], set()
         for n, k in weight_matmuls(source):
             features.add(k)
